@@ -1,0 +1,3 @@
+from gptswarm.cli import main
+
+main()

@@ -1,0 +1,1 @@
+"""The shared GPT core: model, tokenizers, data shards, tasks, trainer, checkpoints."""
