@@ -85,6 +85,21 @@ def peak_flops(device):
     return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
 
 
+@torch.no_grad()
+def evaluate_loss(model, batches, device="cpu", autocast=contextlib.nullcontext):
+    """Mean loss over (x, y) batches, weighted by the number of unmasked targets."""
+    model.eval()
+    total, count = 0.0, 0
+    for x, y in batches:
+        x, y = x.to(device), y.to(device)
+        with autocast():
+            _, loss = model(x, y)
+        n = int((y != -1).sum())
+        total += loss.item() * n
+        count += n
+    return total / max(count, 1)
+
+
 class Trainer:
     def __init__(self, model, cfg, device="cpu"):
         self.cfg = cfg
@@ -141,19 +156,8 @@ class Trainer:
         self.train_seconds += time.perf_counter() - t0
         return total
 
-    @torch.no_grad()
     def evaluate(self, batches):
-        """Mean loss over (x, y) batches, weighted by the number of unmasked targets."""
-        self.model.eval()
-        total, count = 0.0, 0
-        for x, y in batches:
-            x, y = x.to(self.device), y.to(self.device)
-            with self.autocast():
-                _, loss = self.model(x, y)
-            n = int((y != -1).sum())
-            total += loss.item() * n
-            count += n
-        return total / max(count, 1)
+        return evaluate_loss(self.model, batches, self.device, self.autocast)
 
     def mfu(self, tokens_per_second):
         peak = peak_flops(self.device)

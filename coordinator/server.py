@@ -1,0 +1,198 @@
+"""The Coordinator: one object that owns the ledger, the hivemind peer (DHT bootstrap + averaging
+aggregator), the gRPC server and the round loop. start() / shutdown()."""
+
+import logging
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from gptswarm.averaging import SwarmAverager, start_dht
+from gptswarm.coordinator import run as runs
+from gptswarm.coordinator.ledger import Ledger
+from gptswarm.coordinator.service import make_server
+from gptswarm.mingpt_core import checkpoint
+from gptswarm.mingpt_core.data import eval_batches
+from gptswarm.mingpt_core.trainer import evaluate_loss
+from gptswarm.outer import outer_step
+
+log = logging.getLogger("gptswarm.coordinator")
+
+
+class Coordinator:
+    def __init__(self, state_dir, token=None, listen="0.0.0.0:7733", dht_listen="0.0.0.0:0", announce_host=None,
+                 heartbeat_interval=2.0, averaging_timeout=60.0, matchmaking_time=5.0, round_timeout=600.0,
+                 lease_seconds=120.0, eval_tokens=65536):
+        self.state_dir = Path(state_dir)
+        self.token_arg = token
+        self.listen, self.dht_listen, self.announce_host = listen, dht_listen, announce_host
+        self.heartbeat_interval = heartbeat_interval
+        self.averaging_timeout = averaging_timeout
+        self.matchmaking_time = matchmaking_time
+        self.round_timeout = round_timeout
+        self.lease_seconds = lease_seconds
+        self.eval_tokens = eval_tokens
+        self.lock = threading.RLock()  # round state
+        self._stop = threading.Event()
+        self.server = self.dht = self.averager = self.thread = None
+
+    # --- lifecycle ---
+
+    def start(self):
+        self.settings = runs.load_run(self.state_dir)
+        self.token = runs.swarm_token(self.state_dir, self.token_arg)
+        self.shard_set = runs.read_shards(self.state_dir)
+        self.train_shards = self.shard_set.split("train")
+        self.val_shards = self.shard_set.split("val")
+        self.model, self.tokenizer, meta, self.momentum = runs.load_theta(self.state_dir / "checkpoints" / "latest")
+        self.theta = theta_views(self.model)
+        self.round = int(meta.get("round", 0))
+        self.tokens_trained = int(meta.get("tokens_trained", 0))
+        self.theta_hash = checkpoint.state_hash(self.theta)
+        self.phase = "training"
+        self.finished = self.tokens_trained >= self.settings.max_tokens
+        self.val_loss = meta.get("val_loss")
+
+        self.ledger = Ledger(self.state_dir / "ledger.sqlite", self.lease_seconds)
+        self.ledger.add_shards([(s.sha256, len(s)) for s in self.train_shards])
+        self.ledger.recover(self.round, self.theta_hash)
+        self.round_started_at = time.time()
+
+        # hivemind first, then gRPC (gRPC objects created before hivemind forks print warnings)
+        self.averaging_prefix = f"gptswarm-{self.settings.run_id}"
+        self.dht = start_dht(self.dht_listen, announce_host=self.announce_host)
+        self.initial_peers = [str(m) for m in self.dht.get_visible_maddrs()]
+        self.averager = SwarmAverager(self.dht, self.theta, self.averaging_prefix, self.settings.compression,
+                                      client_mode=False, matchmaking_time=self.matchmaking_time)
+        self.server, self.port = make_server(self, self.listen)
+        self.thread = threading.Thread(target=self._round_loop, name="rounds", daemon=True)
+        self.thread.start()
+        log.info("coordinator of run %s listening on %s, round %d", self.settings.run_id, self.listen, self.round)
+        return self
+
+    def shutdown(self):
+        self._stop.set()
+        if self.thread is not None:
+            self.thread.join(timeout=self.averaging_timeout + 10)
+        if self.server is not None:
+            self.server.stop(grace=2).wait()
+        if self.averager is not None:
+            self.averager.shutdown()
+        if self.dht is not None:
+            self.dht.shutdown()
+        if getattr(self, "ledger", None) is not None:
+            self.ledger.close()
+
+    # --- what the service asks ---
+
+    def add_worker(self, name, device, peer_id, client_mode):
+        with self.lock:
+            started = self.phase == "averaging" or self.ledger.round_tokens(self.round) > 0
+            return self.ledger.add_worker(name, device, peer_id, client_mode, self.round, started)
+
+    def may_train(self, worker, round_):
+        with self.lock:
+            if self.finished:
+                return False, "the run is finished"
+            if worker["eligible_round"] > self.round:
+                return False, "waiting for the round: joined while this round was under way"
+            if self.phase != "training":
+                return False, "waiting for the round: averaging in progress"
+            if round_ != self.round:
+                return False, f"round {round_} is over; the current round is {self.round}"
+            return True, ""
+
+    def round_view(self):
+        with self.lock:
+            return {"round": self.round, "phase": self.phase, "theta_hash": self.theta_hash,
+                    "tokens_trained": self.tokens_trained, "finished": self.finished}
+
+    def round_result(self, round_, worker_id):
+        with self.lock:
+            if round_ >= self.round:
+                return {"state": self.phase if round_ == self.round else "training", "included": False,
+                        "theta_hash": "", "detail": "round in progress"}
+        rows = {r["round"]: r for r in self.ledger.query("SELECT * FROM rounds WHERE round IN (?, ?)",
+                                                         (round_, round_ + 1))}
+        if round_ not in rows or round_ + 1 not in rows:
+            return {"state": "failed", "included": False, "theta_hash": self.theta_hash,
+                    "detail": "unknown round: resynchronize from the latest checkpoint"}
+        return {"state": rows[round_]["state"], "included": self.ledger.included(round_, worker_id),
+                "theta_hash": rows[round_ + 1]["theta_hash"] or "", "detail": rows[round_]["detail"] or ""}
+
+    def open_checkpoint(self):
+        """Open the latest checkpoint's files (safe against the round loop replacing them)."""
+        with self.lock:
+            d = self.state_dir / "checkpoints" / "latest"
+            files = [(p.name, open(p, "rb")) for p in sorted(d.iterdir())]
+            return files, self.round, self.theta_hash
+
+    # --- rounds ---
+
+    def _round_loop(self):
+        while not self._stop.wait(min(0.5, self.heartbeat_interval / 2)):
+            try:
+                self.ledger.expire()
+                if self.finished:
+                    continue
+                tokens = self.ledger.round_tokens(self.round)
+                late = time.time() - self.round_started_at > self.round_timeout
+                if tokens >= self.settings.tokens_per_round or (tokens > 0 and late):
+                    self._finish_round()
+            except Exception:  # the coordinator must outlive any one bad round
+                log.exception("round %d failed", self.round)
+                with self.lock:
+                    self.phase = "training"
+
+    def _finish_round(self):
+        r = self.round
+        with self.lock:
+            self.phase = "averaging"
+        self.ledger.set_round_state(r, "averaging")
+        log.info("round %d: %d tokens trained, averaging", r, self.ledger.round_tokens(r))
+        t0 = time.time()
+        zeros = {k: torch.zeros_like(v) for k, v in self.theta.items()}  # the coordinator adds no gradient
+        outcome = self.averager.average(zeros, weight=0.0, round_=r, worker_id="coordinator",
+                                        timeout=self.averaging_timeout)
+        seconds = time.time() - t0
+        members = {m["worker_id"]: m for m in outcome.members if m.get("worker_id") != "coordinator"}
+        included = {w: (int(m["tokens"]), "") for w, m in members.items() if w not in outcome.rejected}
+        excluded = {w: (int(members.get(w, {}).get("tokens", 0)), reason) for w, reason in outcome.rejected.items()}
+        if outcome.ok and included:
+            outer_step(self.theta, self.momentum, outcome.averaged, self.settings.outer_lr, self.settings.outer_momentum)
+            tokens = sum(t for t, _ in included.values())
+            self.tokens_trained += tokens
+            self.val_loss = self.evaluate()
+            losses = [w["loss"] for w in map(self.ledger.worker, included) if w and w["loss"] is not None]
+            loss = sum(losses) / len(losses) if losses else None
+            runs.save_theta(self.state_dir, self.model, self.tokenizer, self.settings, r + 1, self.tokens_trained,
+                            self.momentum, {"val_loss": self.val_loss, "train_loss": loss})
+            self.ledger.finish_round(r, "done", included, excluded, seconds, loss, self.val_loss,
+                                     outcome.bytes_sent)
+            log.info("round %d done: %d worker(s), %d tokens, val loss %.4f, averaging %.1f s", r, len(included),
+                     tokens, self.val_loss, seconds)
+        else:
+            detail = outcome.error or "no worker joined the averaging group"
+            self.ledger.finish_round(r, "failed", {}, excluded, seconds, detail=detail)
+            log.warning("round %d failed: %s", r, detail)
+        new_hash = checkpoint.state_hash(self.theta)
+        self.ledger.start_round(r + 1, new_hash)
+        with self.lock:
+            self.round, self.theta_hash, self.phase = r + 1, new_hash, "training"
+            self.round_started_at = time.time()
+            self.finished = self.tokens_trained >= self.settings.max_tokens
+        if self.finished:
+            self.ledger.event("finished", f"run reached its budget of {self.settings.max_tokens} tokens")
+
+    def evaluate(self):
+        bs = self.model.config.block_size
+        batch = 64
+        limit = max(1, self.eval_tokens // (bs * batch))
+        batches = (b for _, b in zip(range(limit), eval_batches(self.val_shards, self.shard_set, bs, batch)))
+        return round(evaluate_loss(self.model, batches), 4)
+
+
+def theta_views(model):
+    """{name: tensor} sharing storage with the model's weights (the tied head appears once)."""
+    return {k: v for k, v in model.state_dict().items() if k != checkpoint.TIED}

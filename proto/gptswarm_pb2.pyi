@@ -1,0 +1,223 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable
+from typing import ClassVar as _ClassVar, Optional as _Optional
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class JoinRequest(_message.Message):
+    __slots__ = ("protocol_version", "token", "name", "device", "peer_id", "client_mode", "software_version")
+    PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_MODE_FIELD_NUMBER: _ClassVar[int]
+    SOFTWARE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    protocol_version: int
+    token: str
+    name: str
+    device: str
+    peer_id: str
+    client_mode: bool
+    software_version: str
+    def __init__(self, protocol_version: _Optional[int] = ..., token: _Optional[str] = ..., name: _Optional[str] = ..., device: _Optional[str] = ..., peer_id: _Optional[str] = ..., client_mode: _Optional[bool] = ..., software_version: _Optional[str] = ...) -> None: ...
+
+class JoinResponse(_message.Message):
+    __slots__ = ("worker_id", "session", "run_id", "protocol_version")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    session: str
+    run_id: str
+    protocol_version: int
+    def __init__(self, worker_id: _Optional[str] = ..., session: _Optional[str] = ..., run_id: _Optional[str] = ..., protocol_version: _Optional[int] = ...) -> None: ...
+
+class RunConfigRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class RunConfig(_message.Message):
+    __slots__ = ("run_id", "model_config_json", "train_config_json", "tokenizer_json", "shards_json", "tokens_per_round", "max_tokens", "compression", "initial_peers", "averaging_prefix", "averaging_timeout", "heartbeat_interval")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
+    TOKENIZER_JSON_FIELD_NUMBER: _ClassVar[int]
+    SHARDS_JSON_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_PER_ROUND_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    COMPRESSION_FIELD_NUMBER: _ClassVar[int]
+    INITIAL_PEERS_FIELD_NUMBER: _ClassVar[int]
+    AVERAGING_PREFIX_FIELD_NUMBER: _ClassVar[int]
+    AVERAGING_TIMEOUT_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_INTERVAL_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    model_config_json: str
+    train_config_json: str
+    tokenizer_json: str
+    shards_json: str
+    tokens_per_round: int
+    max_tokens: int
+    compression: str
+    initial_peers: _containers.RepeatedScalarFieldContainer[str]
+    averaging_prefix: str
+    averaging_timeout: float
+    heartbeat_interval: float
+    def __init__(self, run_id: _Optional[str] = ..., model_config_json: _Optional[str] = ..., train_config_json: _Optional[str] = ..., tokenizer_json: _Optional[str] = ..., shards_json: _Optional[str] = ..., tokens_per_round: _Optional[int] = ..., max_tokens: _Optional[int] = ..., compression: _Optional[str] = ..., initial_peers: _Optional[_Iterable[str]] = ..., averaging_prefix: _Optional[str] = ..., averaging_timeout: _Optional[float] = ..., heartbeat_interval: _Optional[float] = ...) -> None: ...
+
+class LeaseRequest(_message.Message):
+    __slots__ = ("round",)
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    def __init__(self, round: _Optional[int] = ...) -> None: ...
+
+class LeaseResponse(_message.Message):
+    __slots__ = ("granted", "lease_id", "shard_index", "sha256", "tokens", "deadline", "epoch", "reason", "retry_after")
+    GRANTED_FIELD_NUMBER: _ClassVar[int]
+    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    SHARD_INDEX_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    RETRY_AFTER_FIELD_NUMBER: _ClassVar[int]
+    granted: bool
+    lease_id: str
+    shard_index: int
+    sha256: str
+    tokens: int
+    deadline: float
+    epoch: int
+    reason: str
+    retry_after: float
+    def __init__(self, granted: _Optional[bool] = ..., lease_id: _Optional[str] = ..., shard_index: _Optional[int] = ..., sha256: _Optional[str] = ..., tokens: _Optional[int] = ..., deadline: _Optional[float] = ..., epoch: _Optional[int] = ..., reason: _Optional[str] = ..., retry_after: _Optional[float] = ...) -> None: ...
+
+class HeartbeatRequest(_message.Message):
+    __slots__ = ("round", "round_tokens", "tokens_per_second", "state", "reason", "lease_ids", "bytes_sent", "loss")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    ROUND_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    LEASE_IDS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_SENT_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    round_tokens: int
+    tokens_per_second: float
+    state: str
+    reason: str
+    lease_ids: _containers.RepeatedScalarFieldContainer[str]
+    bytes_sent: int
+    loss: float
+    def __init__(self, round: _Optional[int] = ..., round_tokens: _Optional[int] = ..., tokens_per_second: _Optional[float] = ..., state: _Optional[str] = ..., reason: _Optional[str] = ..., lease_ids: _Optional[_Iterable[str]] = ..., bytes_sent: _Optional[int] = ..., loss: _Optional[float] = ...) -> None: ...
+
+class HeartbeatResponse(_message.Message):
+    __slots__ = ("round", "phase", "theta_hash", "may_train", "lease_deadline", "expired_lease_ids", "tokens_trained", "finished")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    PHASE_FIELD_NUMBER: _ClassVar[int]
+    THETA_HASH_FIELD_NUMBER: _ClassVar[int]
+    MAY_TRAIN_FIELD_NUMBER: _ClassVar[int]
+    LEASE_DEADLINE_FIELD_NUMBER: _ClassVar[int]
+    EXPIRED_LEASE_IDS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_TRAINED_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    phase: str
+    theta_hash: str
+    may_train: bool
+    lease_deadline: float
+    expired_lease_ids: _containers.RepeatedScalarFieldContainer[str]
+    tokens_trained: int
+    finished: bool
+    def __init__(self, round: _Optional[int] = ..., phase: _Optional[str] = ..., theta_hash: _Optional[str] = ..., may_train: _Optional[bool] = ..., lease_deadline: _Optional[float] = ..., expired_lease_ids: _Optional[_Iterable[str]] = ..., tokens_trained: _Optional[int] = ..., finished: _Optional[bool] = ...) -> None: ...
+
+class ShardRequest(_message.Message):
+    __slots__ = ("shard_index",)
+    SHARD_INDEX_FIELD_NUMBER: _ClassVar[int]
+    shard_index: int
+    def __init__(self, shard_index: _Optional[int] = ...) -> None: ...
+
+class DataChunk(_message.Message):
+    __slots__ = ("data",)
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    def __init__(self, data: _Optional[bytes] = ...) -> None: ...
+
+class ReportRequest(_message.Message):
+    __slots__ = ("lease_id", "round", "tokens", "loss")
+    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    lease_id: str
+    round: int
+    tokens: int
+    loss: float
+    def __init__(self, lease_id: _Optional[str] = ..., round: _Optional[int] = ..., tokens: _Optional[int] = ..., loss: _Optional[float] = ...) -> None: ...
+
+class ReportResponse(_message.Message):
+    __slots__ = ("accepted", "detail")
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    accepted: bool
+    detail: str
+    def __init__(self, accepted: _Optional[bool] = ..., detail: _Optional[str] = ...) -> None: ...
+
+class ReleaseRequest(_message.Message):
+    __slots__ = ("lease_ids",)
+    LEASE_IDS_FIELD_NUMBER: _ClassVar[int]
+    lease_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, lease_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ReleaseResponse(_message.Message):
+    __slots__ = ("released",)
+    RELEASED_FIELD_NUMBER: _ClassVar[int]
+    released: int
+    def __init__(self, released: _Optional[int] = ...) -> None: ...
+
+class RoundResultRequest(_message.Message):
+    __slots__ = ("round",)
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    def __init__(self, round: _Optional[int] = ...) -> None: ...
+
+class RoundResult(_message.Message):
+    __slots__ = ("state", "included", "theta_hash", "detail")
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    INCLUDED_FIELD_NUMBER: _ClassVar[int]
+    THETA_HASH_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    state: str
+    included: bool
+    theta_hash: str
+    detail: str
+    def __init__(self, state: _Optional[str] = ..., included: _Optional[bool] = ..., theta_hash: _Optional[str] = ..., detail: _Optional[str] = ...) -> None: ...
+
+class CheckpointRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class CheckpointChunk(_message.Message):
+    __slots__ = ("file", "data", "round", "theta_hash")
+    FILE_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    THETA_HASH_FIELD_NUMBER: _ClassVar[int]
+    file: str
+    data: bytes
+    round: int
+    theta_hash: str
+    def __init__(self, file: _Optional[str] = ..., data: _Optional[bytes] = ..., round: _Optional[int] = ..., theta_hash: _Optional[str] = ...) -> None: ...
+
+class LeaveRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class LeaveResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...

@@ -1,0 +1,116 @@
+"""The SQLite ledger's lease rules, with a controllable clock."""
+
+import sqlite3
+
+import pytest
+
+from gptswarm.coordinator.ledger import Ledger
+
+
+class Clock:
+    def __init__(self):
+        self.t = 1000.0
+
+    def __call__(self):
+        return self.t
+
+
+@pytest.fixture
+def ledger(tmp_path):
+    clock = Clock()
+    led = Ledger(tmp_path / "ledger.sqlite", lease_seconds=60, clock=clock)
+    led.add_shards([(f"sha{i}", 100 + i) for i in range(3)])
+    led.clock_ = clock
+    yield led
+    led.close()
+
+
+def join(led, name="a"):
+    return led.add_worker(name, "cpu", "peer-" + name, False, 0, False)[0]
+
+
+def test_wal_and_persistence(tmp_path, ledger):
+    w = join(ledger)
+    ledger.lease(w, 0)
+    assert ledger.query("PRAGMA journal_mode")[0]["journal_mode"] == "wal"
+    again = Ledger(tmp_path / "ledger.sqlite")
+    assert again.shard_counts() == {"pending": 2, "leased": 1, "done": 0}
+    assert again.worker(w)["name"] == "a"
+    again.close()
+
+
+def test_expired_lease_returns_shard_and_heartbeat_extends(ledger):
+    a, b = join(ledger, "a"), join(ledger, "b")
+    la = ledger.lease(a, 0)
+    lb = ledger.lease(b, 0)
+    assert (la["shard_index"], lb["shard_index"]) == (0, 1)
+    ledger.clock_.t += 50
+    deadline, lost = ledger.heartbeat(a, 0, 10, 5.0, "training", "", [la["lease_id"]], 0, 2.0)
+    assert deadline == ledger.clock_.t + 60 and lost == []
+    ledger.clock_.t += 20  # b's lease is past its deadline, a's was extended
+    assert ledger.expire() == 1
+    assert ledger.lease_row(lb["lease_id"])["state"] == "expired"
+    assert ledger.shard(1)["state"] == "pending"
+    _, lost = ledger.heartbeat(b, 0, 0, 0, "training", "", [lb["lease_id"]], 0, None)
+    assert lost == [lb["lease_id"]]  # the worker learns that its lease is gone
+    assert ledger.report(b, lb["lease_id"], 0, 101, 1.0) == (False, "lease expired: the shard went back to the queue")
+    assert ledger.shard(1)["times_done"] == 0
+    assert [e["kind"] for e in ledger.query("SELECT kind FROM events")].count("lease_expired") == 1
+
+
+def test_report_is_idempotent_and_checked(ledger):
+    a, b = join(ledger, "a"), join(ledger, "b")
+    la = ledger.lease(a, 0)
+    assert ledger.report(b, la["lease_id"], 0, 100, 1.0) == (False, "unknown lease")  # not b's lease
+    assert ledger.report(a, la["lease_id"], 0, 100, 1.0) == (True, "counted")
+    assert ledger.report(a, la["lease_id"], 0, 100, 1.0)[0] is False
+    assert ledger.shard(0)["times_done"] == 1 and ledger.shard(0)["state"] == "done"
+
+
+def test_every_shard_once_per_epoch(ledger):
+    a, b = join(ledger, "a"), join(ledger, "b")
+    leases = [ledger.lease(a, 0) for _ in range(3)]
+    assert ledger.lease(b, 0) is None  # all leased, none done: no new epoch yet
+    for l in leases[:2]:
+        ledger.report(a, l["lease_id"], 0, l["tokens"], 1.0)
+    assert ledger.lease(b, 0) is None  # one still out
+    ledger.release(a, [leases[2]["lease_id"]])
+    l = ledger.lease(b, 0)
+    assert l["shard_index"] == 2 and l["epoch"] == 0
+    ledger.report(b, l["lease_id"], 0, l["tokens"], 1.0)
+    nxt = ledger.lease(a, 1)
+    assert nxt["epoch"] == 1 and nxt["shard_index"] == 0
+    assert ledger.get_meta("epoch") == 1
+    assert [r["times_done"] for r in ledger.query("SELECT times_done FROM shards ORDER BY idx")] == [1, 1, 1]
+
+
+def test_leave_returns_leases(ledger):
+    a = join(ledger)
+    ledger.lease(a, 0)
+    ledger.lease(a, 0)
+    ledger.leave(a)
+    assert ledger.shard_counts()["pending"] == 3
+    assert ledger.worker(a)["state"] == "offline"
+
+
+def test_round_accounting(ledger):
+    a, b = join(ledger, "a"), join(ledger, "b")
+    ledger.start_round(0, "h0")
+    ledger.heartbeat(a, 0, 300, 1, "training", "", [], 0, None)
+    ledger.heartbeat(a, 0, 200, 1, "training", "", [], 0, None)  # cumulative: a late smaller figure is ignored
+    ledger.heartbeat(b, 0, 100, 1, "training", "", [], 0, None)
+    assert ledger.round_tokens(0) == 400
+    ledger.finish_round(0, "done", {a: (300, "")}, {b: (100, "non-finite values")}, 1.5)
+    assert ledger.get_meta("tokens_trained") == 300
+    assert ledger.included(0, a) and not ledger.included(0, b)
+    assert ledger.worker(a)["tokens_contributed"] == 300 and ledger.worker(b)["tokens_contributed"] == 0
+    assert ledger.query("SELECT detail FROM events WHERE kind = 'contribution_rejected'")[0]["detail"] == \
+        "round 0: non-finite values"
+
+
+def test_sessions_are_stored_hashed(ledger):
+    wid, session = ledger.add_worker("x", "cpu", "p", True, 3, True)
+    assert ledger.worker_for_session(session)["id"] == wid
+    assert ledger.worker(wid)["eligible_round"] == 4  # joined mid-round: waits for the next
+    raw = sqlite3.connect(ledger.path).execute("SELECT group_concat(session_hash) FROM workers").fetchone()[0]
+    assert session not in raw
