@@ -68,7 +68,8 @@ class Coordinator:
         self.server, self.port = make_server(self, self.listen)
         self.thread = threading.Thread(target=self._round_loop, name="rounds", daemon=True)
         self.thread.start()
-        log.info("coordinator of run %s listening on %s, round %d", self.settings.run_id, self.listen, self.round)
+        log.info("coordinator of run %s: gRPC on port %d, hivemind peer %s, round %d", self.settings.run_id,
+                 self.port, self.initial_peers[0] if self.initial_peers else "?", self.round)
         return self
 
     def shutdown(self):
@@ -138,12 +139,21 @@ class Coordinator:
                     continue
                 tokens = self.ledger.round_tokens(self.round)
                 late = time.time() - self.round_started_at > self.round_timeout
-                if tokens >= self.settings.tokens_per_round or (tokens > 0 and late):
+                if tokens >= self.settings.tokens_per_round or (tokens > 0 and (late or self._epoch_drained())):
                     self._finish_round()
             except Exception:  # the coordinator must outlive any one bad round
                 log.exception("round %d failed", self.round)
                 with self.lock:
                     self.phase = "training"
+
+    def _epoch_drained(self):
+        """No shard left to lease and nobody training: the epoch's last shards wait for this round's
+        average before they can be reported, so the round must end now."""
+        if self.ledger.shard_counts()["pending"]:
+            return False
+        recent = time.time() - 3 * self.heartbeat_interval
+        return not self.ledger.query("SELECT 1 FROM workers WHERE state = 'training' AND last_seen > ? "
+                                     "AND left_at IS NULL", (recent,))
 
     def _finish_round(self):
         r = self.round

@@ -61,6 +61,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             run_id=s.run_id, model_config_json=json.dumps(s.model), train_config_json=json.dumps(s.train),
             tokenizer_json=c.tokenizer.to_str(), shards_json=json.dumps(shards),
             tokens_per_round=s.tokens_per_round, max_tokens=s.max_tokens, compression=s.compression,
+            outer_lr=s.outer_lr, outer_momentum=s.outer_momentum,
             initial_peers=c.initial_peers, averaging_prefix=c.averaging_prefix,
             averaging_timeout=c.averaging_timeout, heartbeat_interval=c.heartbeat_interval)
 

@@ -11,8 +11,12 @@ Rounds are kept apart by the group key: the round number is the averager's group
 """
 
 import asyncio
+import contextlib
 import math
 import multiprocessing as mp
+import signal
+import threading
+import time
 import warnings
 from dataclasses import dataclass, field
 
@@ -38,6 +42,19 @@ ROUND_BITS = 24
 
 def round_bits(round_):
     return format(round_ % (1 << ROUND_BITS), f"0{ROUND_BITS}b")
+
+
+@contextlib.contextmanager
+def keep_sigint():
+    """hivemind's averager sets SIGINT to SIG_IGN in the calling process before it forks, and never
+    puts it back; keep the caller's handler so that Ctrl+C still works."""
+    main = threading.current_thread() is threading.main_thread()
+    handler = signal.getsignal(signal.SIGINT) if main else None
+    try:
+        yield
+    finally:
+        if main and handler is not None:
+            signal.signal(signal.SIGINT, handler)
 
 
 def start_dht(listen="0.0.0.0:0", initial_peers=(), client_mode=False, announce_host=None):
@@ -182,17 +199,20 @@ class SwarmAverager:
     """Averages {name: tensor} dicts of a fixed schema with the other peers of the same round."""
 
     def __init__(self, dht, template, prefix, compression="fp16", client_mode=False, matchmaking_time=5.0,
-                 target_group_size=256, request_timeout=5.0):
+                 target_group_size=256):
         self.names = list(template)
         tensors = [torch.zeros(template[k].shape, dtype=torch.float32) for k in self.names]
-        self.av = _Averager(tensors, dht, prefix=prefix, start=True, target_group_size=target_group_size,
-                            min_group_size=2, min_matchmaking_time=matchmaking_time, request_timeout=request_timeout,
-                            compression=CODECS[compression](), client_mode=client_mode,
-                            initial_group_bits=round_bits(0))
+        with keep_sigint():
+            self.av = _Averager(tensors, dht, prefix=prefix, start=True, target_group_size=target_group_size,
+                                min_group_size=2, min_matchmaking_time=matchmaking_time,
+                                request_timeout=max(0.5, matchmaking_time / 2),
+                                compression=CODECS[compression](), client_mode=client_mode,
+                                initial_group_bits=round_bits(0))
         self.bytes_sent_total = 0
 
-    def average(self, tensors, weight, round_, worker_id, timeout, scheduled_time=None):
-        """Average `tensors` (weighted) with the round's group. Never raises for network trouble."""
+    def average(self, tensors, weight, round_, worker_id, timeout, stop=None):
+        """Average `tensors` (weighted) with the round's group; gives up early if `stop` (an Event)
+        is set. Never raises for network trouble: the Outcome says what happened."""
         av = self.av
         av.set_group_bits(round_bits(round_))
         with av.get_tensors() as local:
@@ -201,8 +221,14 @@ class SwarmAverager:
         self._drain()
         before = av.counters.bytes_sent.value
         try:
-            gathered = av.step(weight=float(weight), timeout=timeout, scheduled_time=scheduled_time,
-                               gather={"worker_id": worker_id, "round": round_, "tokens": int(weight)})
+            control = av.step(weight=float(weight), timeout=timeout, wait=False,
+                              gather={"worker_id": worker_id, "round": round_, "tokens": int(weight)})
+            while not control.done():
+                if stop is not None and stop.is_set():
+                    control.cancel()
+                    return Outcome(False, error="stopped")
+                time.sleep(0.05)
+            gathered = control.result()
             error = "" if gathered else "no averaging group formed"
         except Exception as e:  # matchmaking or all-reduce failure: the round goes on without us
             gathered, error = None, f"averaging failed: {type(e).__name__}: {e}"[:300]

@@ -158,6 +158,15 @@ def export(directory, fmt, out, overwrite):
     click.echo(f"exported {directory} to {out} (Hugging Face GPT2LMHeadModel)")
 
 
+from gptswarm.coordinator.cli import coordinator  # noqa: E402
+from gptswarm.demo import demo  # noqa: E402
+from gptswarm.worker.cli import worker  # noqa: E402
+
+cli.add_command(coordinator)
+cli.add_command(worker)
+cli.add_command(demo)
+
+
 def main():
     cli(prog_name="gptswarm")
 

@@ -1,0 +1,305 @@
+"""The worker's round loop.
+
+join -> run config -> hivemind peer -> theta_global from the latest checkpoint -> loop:
+  lease a shard -> inner AdamW steps with the shared Trainer -> when the coordinator says the round
+  is averaging: pseudo-gradient = theta_global - theta_local -> token-weighted average through
+  hivemind -> outer Nesterov step (bit-identical on every peer) -> hash check against the
+  coordinator (resynchronize if different) -> report the shards the average included.
+A worker that joins while a round is under way waits for the next one.
+"""
+
+import json
+import logging
+import math
+import os
+import platform
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from gptswarm.averaging import SwarmAverager, start_dht
+from gptswarm.coordinator.run import load_theta
+from gptswarm.errors import UserError
+from gptswarm.mingpt_core import checkpoint
+from gptswarm.mingpt_core.data import Batches, Shard, ShardSet, decode_shard
+from gptswarm.mingpt_core.model import GPT, GPTConfig
+from gptswarm.mingpt_core.trainer import Trainer, TrainConfig, resolve_device
+from gptswarm.outer import outer_step, pseudo_gradient
+from gptswarm.proto import gptswarm_pb2 as pb
+from gptswarm.worker.client import CoordinatorClient, Stopped
+
+log = logging.getLogger("gptswarm.worker")
+FAULT = os.environ.get("GPTSWARM_TEST_FAULT", "")  # test hook: "nan-gradient" sends a poisoned contribution
+
+
+def describe_device(device):
+    if device.type == "cuda":
+        return f"{device} {torch.cuda.get_device_name(device)}"
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+class Worker:
+    def __init__(self, join, token, device="auto", name=None, p2p_listen=None, announce_host=None):
+        self.device = resolve_device(device)
+        self.name = name or platform.node() or "volunteer"
+        self.client_mode = p2p_listen is None
+        self.p2p_listen, self.announce_host = p2p_listen, announce_host
+        self.client = CoordinatorClient(join, token, on_wait=lambda reason: self._set_state("waiting", reason))
+        self.stopping = threading.Event()
+        self.state, self.reason = "joining", ""
+        self.round, self.round_tokens, self.tokens_contributed = 0, 0, 0
+        self.view = None  # the last HeartbeatResponse
+        self.shard = None  # the shard being trained: dict(lease_id, tokens, steps_needed, steps_done, batches)
+        self.completed = []  # (lease_id, tokens, loss) trained in this round, reported after the average
+        self.lost = set()  # lease ids the coordinator no longer holds for us
+        self.losses = []
+        self.tps = 0.0
+        self.dht = self.averager = self.hb_thread = None
+
+    # --- public ---
+
+    def request_stop(self):
+        """Stop soon: give the leases back and leave (what Ctrl+C does)."""
+        self.stopping.set()
+        self.client.stop.set()
+
+    def run(self):
+        try:
+            self._bootstrap()
+            self._loop()
+        except Stopped:
+            pass
+        finally:
+            self._teardown()
+
+    # --- setup and teardown ---
+
+    def _bootstrap(self):
+        self.client.connect()
+        joined = self.client.join(self.name, describe_device(self.device), self.client_mode)
+        self.worker_id = joined.worker_id
+        cfg = self.client.call("GetRunConfig", pb.RunConfigRequest())
+        self.cfg = cfg
+        self.client.close()  # hivemind forks its processes: no gRPC objects around while it starts
+        self.dht = start_dht(self.p2p_listen or "0.0.0.0:0", cfg.initial_peers, self.client_mode, self.announce_host)
+        self.model_config = GPTConfig.from_dict(json.loads(cfg.model_config_json))
+        self.shard_info = ShardSet([], **{k: v for k, v in json.loads(cfg.shards_json).items()
+                                          if k in ("vocab_size", "layout", "example_len", "loss_start")})
+        template = {k: v for k, v in GPT(self.model_config).state_dict().items() if k != checkpoint.TIED}
+        self.averager = SwarmAverager(self.dht, template, cfg.averaging_prefix, cfg.compression,
+                                      client_mode=self.client_mode)
+        self.client.connect()
+        train = TrainConfig.from_dict(json.loads(cfg.train_config_json))
+        self.batch_tokens = train.batch_size * (self.model_config.block_size if self.shard_info.layout == "stream"
+                                                else self.shard_info.example_len - 1)
+        train.max_iters = max(1, cfg.max_tokens // self.batch_tokens)  # the LR schedule spans the run's budget
+        self.model = GPT(self.model_config)
+        self.trainer = Trainer(self.model, train, self.device)
+        log.info("joined %s as %s (%s), run %s", self.client.address, self.worker_id, self.name, cfg.run_id)
+        self._sync_from_checkpoint()
+        self.hb_thread = threading.Thread(target=self._heartbeats, name="heartbeat", daemon=True)
+        self.hb_thread.start()
+
+    def _teardown(self):
+        self.stopping.set()
+        self.client.stop.set()
+        if self.hb_thread is not None:
+            self.hb_thread.join(timeout=3)
+        if self.client.stub is not None and self.client.session:
+            try:
+                self.client.call("ReleaseLeases", pb.ReleaseRequest(lease_ids=self._lease_ids()), timeout=3, retry=False)
+                self.client.call("Leave", pb.LeaveRequest(), timeout=3, retry=False)
+            except Exception as e:  # the coordinator may be gone; its lease deadlines recover the shards
+                log.warning("could not say goodbye to the coordinator: %s", e)
+        self.client.close()
+        if self.averager is not None:
+            self.averager.shutdown()
+        if self.dht is not None:
+            self.dht.shutdown()
+        log.info("left the swarm")
+
+    # --- the loop ---
+
+    def _loop(self):
+        while not self.stopping.is_set():
+            v = self.view
+            if v is None:
+                self._sleep(0.1)
+                continue
+            if v.finished:
+                log.info("the run is finished")
+                return
+            if v.round > self.round:
+                self._missed_round(v)
+            elif v.phase == "averaging" and self.round_tokens > 0:
+                self._sync_round()
+            elif not v.may_train or v.phase != "training":
+                self._set_state("waiting", "waiting for the round" + (": averaging in progress"
+                                                                        if v.phase == "averaging" else ""))
+                self._sleep(self.cfg.heartbeat_interval / 2)
+            elif self.shard is None:
+                self._lease()
+            else:
+                self._train_step()
+
+    def _train_step(self):
+        self._set_state("training", "")
+        s = self.shard
+        if s["lease_id"] in self.lost:
+            log.info("lease %s expired at the coordinator; dropping its shard", s["lease_id"])
+            self.shard = None
+            return
+        t0 = time.perf_counter()
+        x, y = s["batches"].next()
+        loss = self.trainer.train_step(x, y)
+        if FAULT == "nan-gradient":
+            with torch.no_grad():
+                next(self.model.parameters()).fill_(float("nan"))
+        s["steps_done"] += 1
+        self.round_tokens += x.numel()
+        s["loss"] = loss.item()
+        self.losses = (self.losses + [s["loss"]])[-50:]
+        dt = time.perf_counter() - t0
+        self.tps = 0.9 * self.tps + 0.1 * (x.numel() / dt) if self.tps else x.numel() / dt
+        if s["steps_done"] >= s["steps_needed"]:
+            self.completed.append((s["lease_id"], s["tokens"], s["loss"]))
+            self.shard = None
+
+    def _lease(self):
+        self._set_state("waiting", "asking for a shard")
+        resp = self.client.call("LeaseShard", pb.LeaseRequest(round=self.round))
+        if not resp.granted:
+            self._set_state("waiting", resp.reason)
+            self._sleep(resp.retry_after or 1.0)
+            return
+        chunks = self.client.call("GetShard", pb.ShardRequest(shard_index=resp.shard_index), timeout=120, stream=True)
+        try:
+            tokens = decode_shard(b"".join(c.data for c in chunks), resp.sha256, f"shard {resp.shard_index}")
+        except UserError as e:
+            log.warning("%s; giving the lease back", e)
+            self.client.call("ReleaseLeases", pb.ReleaseRequest(lease_ids=[resp.lease_id]))
+            return
+        shard = Shard(tokens, "train", resp.sha256)
+        batches = Batches([shard], self.shard_info, self.model_config.block_size, self.trainer.cfg.batch_size,
+                          seed=int(resp.sha256[:8], 16) ^ resp.epoch)
+        self.shard = {"lease_id": resp.lease_id, "tokens": resp.tokens, "batches": batches, "steps_done": 0,
+                      "steps_needed": max(1, math.ceil(resp.tokens / batches.tokens_per_batch)), "loss": None}
+
+    def _sync_round(self):
+        """The round is averaging: contribute our pseudo-gradient, take the outer step, check."""
+        r = self.round
+        self._set_state("averaging", f"averaging round {r} with the swarm")
+        local = {k: v for k, v in self.model.state_dict().items() if k != checkpoint.TIED}
+        grad = pseudo_gradient(self.theta, local)
+        if not all(torch.isfinite(g).all() for g in grad.values()):
+            log.warning("round %d: our pseudo-gradient is not finite; the swarm will reject it", r)
+        outcome = self.averager.average(grad, self.round_tokens, r, self.worker_id, self.cfg.averaging_timeout,
+                                        stop=self.stopping)
+        if self.stopping.is_set():
+            return  # leaving: the teardown gives the leases back
+        if outcome.ok:
+            outer_step(self.theta, self.momentum, outcome.averaged, self.cfg.outer_lr, self.cfg.outer_momentum)
+        else:
+            log.warning("round %d: %s", r, outcome.error)
+        result = self._round_result(r)
+        if result.included:
+            for lease_id, tokens, loss in self.completed:
+                self.client.call("ReportShard", pb.ReportRequest(lease_id=lease_id, round=r, tokens=tokens,
+                                                                 loss=loss or 0.0))
+            self.tokens_contributed += self.round_tokens
+        else:
+            self._give_back(f"round {r} did not include our contribution ({result.detail or result.state})")
+        self.completed = []
+        self.round, self.round_tokens = r + 1, 0
+        if outcome.ok and result.state == "done" and checkpoint.state_hash(self.theta) == result.theta_hash:
+            self._load_theta_into_model()
+            log.info("round %d done: theta %s... agrees with the coordinator (%d bytes sent)", r,
+                     result.theta_hash[:12], outcome.bytes_sent)
+        elif not outcome.ok and result.state == "failed" and checkpoint.state_hash(self.theta) == result.theta_hash:
+            self._load_theta_into_model()  # nothing moved anywhere: carry on from the same theta
+        else:
+            log.warning("round %d: theta differs from the coordinator's; resynchronizing", r)
+            self._sync_from_checkpoint()
+
+    def _round_result(self, r):
+        while True:
+            res = self.client.call("GetRoundResult", pb.RoundResultRequest(round=r))
+            if res.state in ("done", "failed") or self.stopping.is_set():
+                return res
+            self._sleep(0.2)
+
+    def _missed_round(self, v):
+        """The coordinator moved on without us (we were waiting, or missed the averaging)."""
+        if self.round_tokens > 0 or self.completed:
+            self._give_back(f"missed the averaging of round {self.round}")
+        self.round_tokens = 0
+        self._sync_from_checkpoint()
+
+    def _give_back(self, why):
+        ids = self._lease_ids()
+        if ids:
+            self.client.call("ReleaseLeases", pb.ReleaseRequest(lease_ids=ids))
+            log.info("%s: returned %d lease(s)", why, len(ids))
+        self.completed, self.shard = [], None
+
+    def _lease_ids(self):
+        ids = [c[0] for c in self.completed]
+        if self.shard is not None:
+            ids.append(self.shard["lease_id"])
+        return ids
+
+    # --- theta ---
+
+    def _sync_from_checkpoint(self):
+        self._set_state("syncing", "downloading theta_global from the coordinator")
+        chunks = self.client.call("GetCheckpoint", pb.CheckpointRequest(), timeout=600, stream=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            files = {}
+            for c in chunks:
+                files.setdefault(c.file, []).append(c.data)
+            for name, parts in files.items():
+                (Path(tmp) / Path(name).name).write_bytes(b"".join(parts))
+            model, _, meta, momentum = load_theta(tmp)
+        theta = {k: v.clone() for k, v in model.state_dict().items() if k != checkpoint.TIED}
+        if checkpoint.state_hash(theta) != chunks[0].theta_hash:
+            raise UserError("downloaded checkpoint does not match the coordinator's theta hash")
+        self.theta, self.momentum = theta, momentum
+        self.round = chunks[0].round
+        self.round_tokens = 0
+        self.tokens_trained = int(meta.get("tokens_trained", 0))
+        self._load_theta_into_model()
+        log.info("synchronized to round %d (theta %s...)", self.round, chunks[0].theta_hash[:12])
+
+    def _load_theta_into_model(self):
+        with torch.no_grad():
+            params = self.model.state_dict()
+            for k, v in self.theta.items():
+                params[k].copy_(v)
+        tokens = self.view.tokens_trained if self.view is not None else self.tokens_trained
+        self.trainer.step = tokens // self.batch_tokens  # the LR schedule follows the swarm's progress
+
+    # --- heartbeats ---
+
+    def _heartbeats(self):
+        while not self.stopping.wait(self.cfg.heartbeat_interval):
+            req = pb.HeartbeatRequest(round=self.round, round_tokens=self.round_tokens, tokens_per_second=self.tps,
+                                      state=self.state, reason=self.reason, lease_ids=self._lease_ids(),
+                                      bytes_sent=self.averager.bytes_sent_total,
+                                      loss=sum(self.losses) / len(self.losses) if self.losses else 0.0)
+            try:
+                resp = self.client.call("Heartbeat", req, timeout=5, retry=False)
+            except Exception as e:
+                code = getattr(e, "code", lambda: None)()
+                self.reason = f"coordinator unreachable ({code.name if code else type(e).__name__})"
+                continue
+            self.lost.update(resp.expired_lease_ids)
+            self.view = resp
+
+    def _set_state(self, state, reason):
+        self.state, self.reason = state, reason
+
+    def _sleep(self, seconds):
+        self.stopping.wait(seconds)
