@@ -61,7 +61,8 @@ class Coordinator:
 
         # hivemind first, then gRPC (gRPC objects created before hivemind forks print warnings)
         self.averaging_prefix = f"gptswarm-{self.settings.run_id}"
-        self.dht = start_dht(self.dht_listen, announce_host=self.announce_host)
+        self.dht = start_dht(self.dht_listen, announce_host=self.announce_host,
+                             identity_path=self.state_dir / "p2p_identity.key")
         self.initial_peers = [str(m) for m in self.dht.get_visible_maddrs()]
         self.averager = SwarmAverager(self.dht, self.theta, self.averaging_prefix, self.settings.compression,
                                       client_mode=False, matchmaking_time=self.matchmaking_time)

@@ -57,10 +57,11 @@ def keep_sigint():
             signal.signal(signal.SIGINT, handler)
 
 
-def start_dht(listen="0.0.0.0:0", initial_peers=(), client_mode=False, announce_host=None):
-    """A hivemind DHT peer. listen is HOST:PORT for incoming connections (ignored in client mode)."""
+def start_dht(listen="0.0.0.0:0", initial_peers=(), client_mode=False, announce_host=None, identity_path=None):
+    """A hivemind DHT peer. listen is HOST:PORT for incoming connections (ignored in client mode);
+    identity_path keeps the peer id across restarts (the coordinator's must not change)."""
     host, _, port = listen.rpartition(":")
-    kwargs = {}
+    kwargs = {"identity_path": str(identity_path)} if identity_path else {}
     if not client_mode:
         kwargs["host_maddrs"] = [f"/ip4/{host or '0.0.0.0'}/tcp/{port or 0}"]
         if announce_host:

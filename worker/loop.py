@@ -47,7 +47,7 @@ class Worker:
         self.name = name or platform.node() or "volunteer"
         self.client_mode = p2p_listen is None
         self.p2p_listen, self.announce_host = p2p_listen, announce_host
-        self.client = CoordinatorClient(join, token, on_wait=lambda reason: self._set_state("waiting", reason))
+        self.client = CoordinatorClient(join, token, on_wait=self._on_wait)
         self.stopping = threading.Event()
         self.state, self.reason = "joining", ""
         self.round, self.round_tokens, self.tokens_contributed = 0, 0, 0
@@ -297,6 +297,11 @@ class Worker:
                 continue
             self.lost.update(resp.expired_lease_ids)
             self.view = resp
+
+    def _on_wait(self, reason):
+        if not self.reason.startswith("coordinator unreachable"):
+            log.warning("%s", reason)
+        self._set_state("waiting", reason)
 
     def _set_state(self, state, reason):
         self.state, self.reason = state, reason

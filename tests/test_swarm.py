@@ -1,0 +1,195 @@
+"""End to end: a real coordinator and real worker processes on loopback (real hivemind, gRPC,
+SQLite), and the faults the swarm must survive."""
+
+import json
+import signal
+import time
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from gptswarm.coordinator.run import load_theta
+from gptswarm.mingpt_core import checkpoint
+from gptswarm.proto import PROTOCOL_VERSION
+from gptswarm.proto import gptswarm_pb2 as pb
+from gptswarm.proto import gptswarm_pb2_grpc as pb_grpc
+from swarm import coordinator, join_address, ledger, wait_until, worker
+
+
+def rounds_done(state_dir):
+    return ledger(state_dir, "SELECT round, contributors, val_loss, theta_hash FROM rounds WHERE state = 'done' "
+                             "ORDER BY round")
+
+
+def test_two_workers_train_one_model(tmp_path):
+    sd = tmp_path / "state"
+    coord = coordinator(sd)
+    procs = [coord]
+    try:
+        join = join_address(coord)
+        a = worker(join, "alice")  # client mode: relies on the coordinator to reduce
+        b = worker(join, "bob", "--p2p-listen", "127.0.0.1:0")  # reachable: reduces a part itself
+        procs += [a, b]
+        wait_until(lambda: len([r for r in rounds_done(sd) if r[1] == 2]) >= 3, 150, "3 rounds with both workers")
+        for w in (a, b):
+            w.stop()
+        coord.stop()
+        assert a.p.returncode == 0 and b.p.returncode == 0, a.output()[-2000:] + b.output()[-2000:]
+    finally:
+        for p in procs:
+            p.kill()
+
+    done = rounds_done(sd)
+    losses = [r[2] for r in done]
+    assert losses[-1] < losses[0] - 0.1, losses  # the loss falls round after round
+    # every round's theta hash is the hash of what the coordinator saved, and both workers agreed with it
+    hashes = ledger(sd, "SELECT round, theta_hash FROM rounds ORDER BY round")
+    model, _, meta, _ = load_theta(sd / "checkpoints" / "latest")
+    assert dict(hashes)[meta["round"]] == checkpoint.state_hash(checkpoint.model_tensors(model))
+    for w in (a, b):
+        agreed = w.count(r"round \d+ done: theta \w+\.\.\. agrees with the coordinator")
+        assert agreed >= 3 and w.count("differs from the coordinator") == 0, w.output()[-2000:]
+    # every shard is accounted for: done or back in the queue, never lost, never counted twice
+    shards = ledger(sd, "SELECT state, COUNT(*) FROM shards GROUP BY state")
+    assert sum(n for _, n in shards) == ledger(sd, "SELECT COUNT(*) FROM shards")[0][0]
+    assert dict(shards).get("leased", 0) == 0  # both left: nothing stays leased
+    active = ledger(sd, "SELECT COUNT(*) FROM leases WHERE state = 'active'")[0][0]
+    assert active == 0
+    reported = ledger(sd, "SELECT shard_idx, epoch, COUNT(*) FROM leases WHERE state = 'reported' GROUP BY 1, 2")
+    assert reported and all(n == 1 for _, _, n in reported)
+    assert ledger(sd, "SELECT SUM(times_done) FROM shards")[0][0] == len(reported)
+    epoch = json.loads(ledger(sd, "SELECT value FROM meta WHERE key = 'epoch'")[0][0])
+    if epoch >= 1:  # every shard of the first epoch was trained before the next one began
+        assert ledger(sd, "SELECT MIN(times_done) FROM shards")[0][0] >= 1
+    # tokens in the checkpoint = tokens of the included contributions
+    included = ledger(sd, "SELECT COALESCE(SUM(tokens), 0) FROM contributions WHERE included = 1")[0][0]
+    assert meta["tokens_trained"] == included > 0
+    assert ledger(sd, "SELECT COUNT(*) FROM workers WHERE left_at IS NOT NULL")[0][0] == 2
+
+
+def test_worker_killed_mid_round_and_ctrl_c(tmp_path):
+    sd = tmp_path / "state"
+    coord = coordinator(sd)
+    procs = [coord]
+    try:
+        join = join_address(coord)
+        a, b = worker(join, "steady"), worker(join, "doomed")
+        procs += [a, b]
+        wait_until(lambda: len(rounds_done(sd)) >= 1, 120, "a first round")
+        victim = wait_until(lambda: ledger(sd, "SELECT l.shard_idx, l.id FROM leases l JOIN workers w ON "
+                                               "w.id = l.worker_id WHERE w.name = 'doomed' AND l.state = 'active'"),
+                            30, "doomed to hold a lease")
+        b.kill()  # SIGKILL mid-round: no goodbye, its leases must expire
+        shard, lease_id = victim[0]
+        wait_until(lambda: ledger(sd, "SELECT state FROM leases WHERE id = ?", (lease_id,))[0][0] == "expired",
+                   30, "the dead worker's lease to expire")
+        n = len(rounds_done(sd))
+        wait_until(lambda: len(rounds_done(sd)) >= n + 2, 90, "the survivor to finish rounds alone")
+        again = ledger(sd, "SELECT w.name FROM leases l JOIN workers w ON w.id = l.worker_id WHERE l.shard_idx = ? "
+                           "AND l.id != ?", (shard, lease_id))
+        assert ("steady",) in again  # the dead worker's shard was leased again
+
+        # Ctrl+C: the worker returns its leases and leaves within 10 s
+        wait_until(lambda: ledger(sd, "SELECT 1 FROM leases l JOIN workers w ON w.id = l.worker_id WHERE "
+                                      "w.name = 'steady' AND l.state = 'active'"), 30, "steady to hold a lease")
+        t0 = time.time()
+        a.signal(signal.SIGINT)
+        a.p.wait(10)
+        assert time.time() - t0 < 10 and a.p.returncode == 0
+        assert ledger(sd, "SELECT COUNT(*) FROM leases l JOIN workers w ON w.id = l.worker_id WHERE "
+                          "w.name = 'steady' AND l.state = 'active'")[0][0] == 0
+        assert ledger(sd, "SELECT left_at IS NOT NULL FROM workers WHERE name = 'steady'")[0][0] == 1
+        kinds = [k for (k,) in ledger(sd, "SELECT kind FROM events")]
+        assert "lease_expired" in kinds and "leave" in kinds
+    finally:
+        for p in procs:
+            p.kill()
+
+
+def test_coordinator_killed_and_restarted(tmp_path):
+    sd = tmp_path / "state"
+    coord = coordinator(sd, listen="127.0.0.1:0")
+    procs = [coord]
+    try:
+        join = join_address(coord)
+        port = join.rsplit(":", 1)[1]
+        dht_port = coord.wait_for(r"hivemind peer /ip4/127\.0\.0\.1/tcp/(\d+)").group(1)
+        ws = [worker(join, "w1"), worker(join, "w2")]
+        procs += ws
+        wait_until(lambda: len(rounds_done(sd)) >= 2, 120, "two rounds")
+        before = rounds_done(sd)[-1][0]
+        coord.kill()
+        ledger_rows = ledger(sd, "SELECT COUNT(*) FROM leases")[0][0]
+        time.sleep(3)  # workers now retry with backoff
+        coord2 = coordinator(sd, listen=f"127.0.0.1:{port}", dht=f"127.0.0.1:{dht_port}")
+        procs.append(coord2)
+        coord2.wait_for("resuming run")
+        # the ledger survived: nothing it held was lost
+        assert ledger(sd, "SELECT COUNT(*) FROM leases")[0][0] >= ledger_rows
+        wait_until(lambda: rounds_done(sd)[-1][0] >= before + 2, 150, "training to continue after the restart")
+        model, _, meta, _ = load_theta(sd / "checkpoints" / "latest")
+        assert meta["round"] >= before + 3  # at most one round lost
+        assert any(w.count("coordinator unreachable") for w in ws)  # they noticed, backed off, came back
+        for w in ws:
+            w.stop()
+            assert w.p.returncode == 0, w.output()[-2000:]
+    finally:
+        for p in procs:
+            p.kill()
+
+
+def test_bad_tokens_versions_and_poisoned_contributions(tmp_path):
+    sd = tmp_path / "state"
+    coord = coordinator(sd)
+    procs = [coord]
+    try:
+        join = join_address(coord)
+        with grpc.insecure_channel(join) as ch:
+            stub = pb_grpc.CoordinatorStub(ch)
+            for token in ("wrong", ""):
+                with pytest.raises(grpc.RpcError) as e:
+                    stub.Join(pb.JoinRequest(protocol_version=PROTOCOL_VERSION, token=token, name="mallory"))
+                assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+                assert "wrong or missing swarm token" in e.value.details()
+            with pytest.raises(grpc.RpcError) as e:
+                stub.LeaseShard(pb.LeaseRequest(round=0))  # no session
+            assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            with pytest.raises(grpc.RpcError) as e:
+                stub.Join(pb.JoinRequest(protocol_version=PROTOCOL_VERSION + 1, token="sekrit"))
+            assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "protocol" in e.value.details()
+            assert ledger(sd, "SELECT COUNT(*) FROM workers")[0][0] == 0  # nothing else happened
+            assert ledger(sd, "SELECT COUNT(*) FROM leases")[0][0] == 0
+            health = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service="gptswarm.v1.Coordinator"))
+            assert health.status == health_pb2.HealthCheckResponse.SERVING
+            refl = reflection_pb2_grpc.ServerReflectionStub(ch).ServerReflectionInfo(
+                iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+            names = {s.name for r in refl for s in r.list_services_response.service}
+            assert "gptswarm.v1.Coordinator" in names
+
+        bad = worker(join, "mallory", token="nope")
+        bad.p.wait(60)
+        assert bad.p.returncode != 0 and "Error: the coordinator at" in bad.output() and "Traceback" not in bad.output()
+
+        good = worker(join, "good")
+        poisoned = worker(join, "poisoned", env={"GPTSWARM_TEST_FAULT": "nan-gradient"})
+        procs += [good, poisoned]
+        wait_until(lambda: ledger(sd, "SELECT 1 FROM events WHERE kind = 'contribution_rejected'"), 120,
+                   "the poisoned contribution to be rejected")
+        n = len(rounds_done(sd))
+        wait_until(lambda: len(rounds_done(sd)) >= n + 1, 60, "another round")
+        good.stop()
+        poisoned.stop()
+        coord.stop()
+    finally:
+        for p in procs:
+            p.kill()
+    detail = ledger(sd, "SELECT detail FROM events WHERE kind = 'contribution_rejected'")[0][0]
+    assert "non-finite" in detail
+    rejected = ledger(sd, "SELECT c.included FROM contributions c JOIN workers w ON w.id = c.worker_id "
+                          "WHERE w.name = 'poisoned' AND c.included IS NOT NULL")
+    assert rejected and all(inc == 0 for (inc,) in rejected)
+    model, _, meta, _ = load_theta(sd / "checkpoints" / "latest")
+    assert all(t.isfinite().all() for t in checkpoint.model_tensors(model).values())  # the model did not move to NaN
+    assert meta["val_loss"] < 2.0
