@@ -63,7 +63,8 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             tokens_per_round=s.tokens_per_round, max_tokens=s.max_tokens, compression=s.compression,
             outer_lr=s.outer_lr, outer_momentum=s.outer_momentum,
             initial_peers=c.initial_peers, averaging_prefix=c.averaging_prefix,
-            averaging_timeout=c.averaging_timeout, heartbeat_interval=c.heartbeat_interval)
+            averaging_timeout=c.averaging_timeout, heartbeat_interval=c.heartbeat_interval,
+            matchmaking_time=c.matchmaking_time)
 
     def LeaseShard(self, request, context):
         w = self._worker(context)

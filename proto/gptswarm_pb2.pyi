@@ -41,7 +41,7 @@ class RunConfigRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class RunConfig(_message.Message):
-    __slots__ = ("run_id", "model_config_json", "train_config_json", "tokenizer_json", "shards_json", "tokens_per_round", "max_tokens", "outer_lr", "outer_momentum", "compression", "initial_peers", "averaging_prefix", "averaging_timeout", "heartbeat_interval")
+    __slots__ = ("run_id", "model_config_json", "train_config_json", "tokenizer_json", "shards_json", "tokens_per_round", "max_tokens", "outer_lr", "outer_momentum", "matchmaking_time", "compression", "initial_peers", "averaging_prefix", "averaging_timeout", "heartbeat_interval")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
     TRAIN_CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
@@ -51,6 +51,7 @@ class RunConfig(_message.Message):
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     OUTER_LR_FIELD_NUMBER: _ClassVar[int]
     OUTER_MOMENTUM_FIELD_NUMBER: _ClassVar[int]
+    MATCHMAKING_TIME_FIELD_NUMBER: _ClassVar[int]
     COMPRESSION_FIELD_NUMBER: _ClassVar[int]
     INITIAL_PEERS_FIELD_NUMBER: _ClassVar[int]
     AVERAGING_PREFIX_FIELD_NUMBER: _ClassVar[int]
@@ -65,12 +66,13 @@ class RunConfig(_message.Message):
     max_tokens: int
     outer_lr: float
     outer_momentum: float
+    matchmaking_time: float
     compression: str
     initial_peers: _containers.RepeatedScalarFieldContainer[str]
     averaging_prefix: str
     averaging_timeout: float
     heartbeat_interval: float
-    def __init__(self, run_id: _Optional[str] = ..., model_config_json: _Optional[str] = ..., train_config_json: _Optional[str] = ..., tokenizer_json: _Optional[str] = ..., shards_json: _Optional[str] = ..., tokens_per_round: _Optional[int] = ..., max_tokens: _Optional[int] = ..., outer_lr: _Optional[float] = ..., outer_momentum: _Optional[float] = ..., compression: _Optional[str] = ..., initial_peers: _Optional[_Iterable[str]] = ..., averaging_prefix: _Optional[str] = ..., averaging_timeout: _Optional[float] = ..., heartbeat_interval: _Optional[float] = ...) -> None: ...
+    def __init__(self, run_id: _Optional[str] = ..., model_config_json: _Optional[str] = ..., train_config_json: _Optional[str] = ..., tokenizer_json: _Optional[str] = ..., shards_json: _Optional[str] = ..., tokens_per_round: _Optional[int] = ..., max_tokens: _Optional[int] = ..., outer_lr: _Optional[float] = ..., outer_momentum: _Optional[float] = ..., matchmaking_time: _Optional[float] = ..., compression: _Optional[str] = ..., initial_peers: _Optional[_Iterable[str]] = ..., averaging_prefix: _Optional[str] = ..., averaging_timeout: _Optional[float] = ..., heartbeat_interval: _Optional[float] = ...) -> None: ...
 
 class LeaseRequest(_message.Message):
     __slots__ = ("round",)

@@ -32,8 +32,14 @@ def test_two_workers_train_one_model(tmp_path):
         a = worker(join, "alice")  # client mode: relies on the coordinator to reduce
         b = worker(join, "bob", "--p2p-listen", "127.0.0.1:0")  # reachable: reduces a part itself
         procs += [a, b]
-        wait_until(lambda: len([r for r in rounds_done(sd) if r[1] == 2]) >= 3, 150, "3 rounds with both workers")
-        for w in (a, b):
+        wait_until(lambda: ledger(sd, "SELECT 1 FROM contributions c JOIN rounds r ON r.round = c.round "
+                                      "WHERE r.state = 'training' AND c.tokens > 0"), 120, "a round under way")
+        late = worker(join, "latecomer")  # joins while a round is under way
+        procs.append(late)
+        wait_until(lambda: len([r for r in rounds_done(sd) if r[1] >= 2]) >= 3, 150, "3 rounds with 2+ workers")
+        wait_until(lambda: ledger(sd, "SELECT 1 FROM contributions c JOIN workers w ON w.id = c.worker_id "
+                                      "WHERE w.name = 'latecomer' AND c.included = 1"), 90, "the latecomer to contribute")
+        for w in (a, b, late):
             w.stop()
         coord.stop()
         assert a.p.returncode == 0 and b.p.returncode == 0, a.output()[-2000:] + b.output()[-2000:]
@@ -66,7 +72,16 @@ def test_two_workers_train_one_model(tmp_path):
     # tokens in the checkpoint = tokens of the included contributions
     included = ledger(sd, "SELECT COALESCE(SUM(tokens), 0) FROM contributions WHERE included = 1")[0][0]
     assert meta["tokens_trained"] == included > 0
-    assert ledger(sd, "SELECT COUNT(*) FROM workers WHERE left_at IS NOT NULL")[0][0] == 2
+    assert ledger(sd, "SELECT COUNT(*) FROM workers WHERE left_at IS NOT NULL")[0][0] == 3
+    # the latecomer waited: it contributed nothing to the round it joined in, and started from theta_global
+    (eligible, joined_at), = ledger(sd, "SELECT eligible_round, joined_at FROM workers WHERE name = 'latecomer'")
+    (round_at_join,), = ledger(sd, "SELECT MAX(round) FROM rounds WHERE started_at <= ?", (joined_at,))
+    # eligible from the next round if tokens had been trained in the current one when it joined
+    assert eligible in (round_at_join, round_at_join + 1)
+    first = ledger(sd, "SELECT MIN(c.round) FROM contributions c JOIN workers w ON w.id = c.worker_id "
+                       "WHERE w.name = 'latecomer'")[0][0]
+    assert first >= eligible
+    assert late.count("synchronized to round") >= 2  # at join, then theta_global of the next round
 
 
 def test_worker_killed_mid_round_and_ctrl_c(tmp_path):

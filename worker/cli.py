@@ -12,8 +12,8 @@ import click
               "(or set GPTSWARM_TOKEN).")
 @click.option("--device", default="auto", show_default=True, help="auto (a GPU if there is one), cpu, cuda or cuda:N.")
 @click.option("--name", help="Public name shown on the swarm's status page (default: this host's name).")
-@click.option("--p2p-listen", metavar="HOST:PORT", help="Accept averaging connections on this address (a reachable "
-              "worker shares the averaging work). Default: client mode, nothing to open in your firewall.")
+@click.option("--p2p-listen", metavar="HOST:PORT", help="Accept hivemind DHT connections on this address (a "
+              "reachable worker strengthens the swarm's DHT). Default: client mode, nothing to open in your firewall.")
 @click.option("--announce-host", help="Public host name or IP for --p2p-listen, when behind port forwarding.")
 @click.option("--threads", type=int, help="CPU threads for training on the CPU (default: all).")
 def worker(join, token, device, name, p2p_listen, announce_host, threads):

@@ -89,8 +89,10 @@ class Worker:
         self.shard_info = ShardSet([], **{k: v for k, v in json.loads(cfg.shards_json).items()
                                           if k in ("vocab_size", "layout", "example_len", "loss_start")})
         template = {k: v for k, v in GPT(self.model_config).state_dict().items() if k != checkpoint.TIED}
-        self.averager = SwarmAverager(self.dht, template, cfg.averaging_prefix, cfg.compression,
-                                      client_mode=self.client_mode)
+        # the averager always follows: the coordinator leads every round's group, so no group can
+        # form without it (a reachable worker still serves the DHT)
+        self.averager = SwarmAverager(self.dht, template, cfg.averaging_prefix, cfg.compression, client_mode=True,
+                                      matchmaking_time=cfg.matchmaking_time or 5.0)
         self.client.connect()
         train = TrainConfig.from_dict(json.loads(cfg.train_config_json))
         self.batch_tokens = train.batch_size * (self.model_config.block_size if self.shard_info.layout == "stream"
