@@ -1,5 +1,5 @@
 """Character-level tinyshakespeare with nanoGPT's CPU configuration (4 layers, 4 heads, 128 wide,
-block 64, batch 12, 2000 iters, dropout 0, lr 1e-3 -> 1e-4, warmup 100, beta2 0.99).
+block 64, batch 12, 2000 iters, dropout 0, no biases, lr 1e-3 -> 1e-4, warmup 100, beta2 0.99).
 Goal: validation loss <= 1.88, nanoGPT's published figure for this configuration.
 
     python bench/shakespeare_char.py --text ../shared/data/tinyshakespeare.txt
@@ -23,7 +23,7 @@ def main():
                       beta2=0.99, weight_decay=0.1, grad_clip=1.0, eval_interval=500)
     t0 = time.time()
     hist = jobs.train(args.out, text=args.text, model="gpt-micro", block_size=64, train_config=cfg, device="cpu",
-                      overwrite=True, model_overrides=dict(dropout=0.0))
+                      overwrite=True, model_overrides=dict(dropout=0.0, bias=False))
     wall = time.time() - t0
     last = hist[-1]
     print(json.dumps({"val_loss": last["val_loss"], "goal": 1.88, "goal_met": last["val_loss"] <= 1.88,

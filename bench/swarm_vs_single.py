@@ -18,6 +18,7 @@ import shutil
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -59,11 +60,11 @@ def main():
 
     sd = work / "swarm"
     t0 = time.time()
-    coord = subprocess.Popen([EXE, "coordinator", "--text", args.text, *MODEL, "--state-dir", sd,
+    coord = subprocess.Popen([EXE, *map(str, ["coordinator", "--text", args.text, *MODEL, "--state-dir", sd,
                               "--listen", "127.0.0.1:0", "--dht-listen", "127.0.0.1:0", "--token", "bench",
                               "--batch-size", batch, "--lr", "1e-3", "--min-lr", "1e-4", "--warmup-iters", "100",
                               "--tokens-per-round", args.tokens_per_round, "--max-tokens", args.tokens,
-                              "--compression", args.compression, "--matchmaking-time", "3", "--shard-tokens", "16384"],
+                              "--compression", args.compression, "--matchmaking-time", "3", "--shard-tokens", "16384"])],
                              stderr=subprocess.PIPE, text=True)
     join = None
     for line in coord.stderr:
@@ -71,6 +72,8 @@ def main():
         if m:
             join = m.group(1)
             break
+    log = open(work / "coordinator.log", "w")
+    threading.Thread(target=lambda: [log.write(line) for line in coord.stderr], daemon=True).start()
     env = {"OMP_NUM_THREADS": "1"}
     workers = [subprocess.Popen([EXE, "worker", "--join", join, "--token", "bench", "--name", f"w{i}",
                                  "--device", "cpu", "--threads", "1"], stdout=subprocess.DEVNULL,

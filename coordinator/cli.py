@@ -7,7 +7,6 @@ import threading
 
 import click
 
-from gptswarm.errors import UserError
 
 
 def worker_address(listen, announce_host):
@@ -51,6 +50,8 @@ def wait_for_signal():
 @click.option("--listen", default="0.0.0.0:7733", show_default=True, help="HOST:PORT of the gRPC control plane.")
 @click.option("--dht-listen", default="0.0.0.0:7734", show_default=True,
               help="HOST:PORT of the hivemind peer (DHT bootstrap and averaging); workers must reach it.")
+@click.option("--http", "http_listen", default="0.0.0.0:7780", show_default=True,
+              help="HOST:PORT of the status page (/), its JSON (/api/v1/status) and Prometheus metrics (/metrics).")
 @click.option("--announce-host", help="Public host name or IP that workers should use (default: this host's name).")
 @click.option("--token", envvar="GPTSWARM_TOKEN", help="Swarm token workers must present (default: the saved one, "
               "or a new random one). Giving a new one rotates it.")
@@ -75,7 +76,7 @@ def wait_for_signal():
 @click.option("--lease-seconds", type=float, default=60.0, show_default=True,
               help="A lease not extended by a heartbeat for this long expires and its shard is leased again.")
 def coordinator(task, text, digits, tokenizer_kind, vocab_size, model, block_size, state_dir, listen, dht_listen,
-                announce_host, token, tokens_per_round, max_tokens, compression, outer_lr, outer_momentum, batch_size,
+                http_listen, announce_host, token, tokens_per_round, max_tokens, compression, outer_lr, outer_momentum, batch_size,
                 learning_rate, min_lr, warmup_iters, shard_tokens, heartbeat_interval, matchmaking_time,
                 averaging_timeout, round_timeout, lease_seconds):
     """Run the coordinator of a swarm: prepare the data as shards, lease them to workers, end
@@ -93,9 +94,7 @@ def coordinator(task, text, digits, tokenizer_kind, vocab_size, model, block_siz
     log = logging.getLogger("gptswarm.coordinator")
     if (Path(state_dir) / "run.json").exists():
         s = runs.load_run(state_dir)
-        asked = "addition" if task else "text" if text else None
-        if asked and asked != s.task.get("task"):
-            raise UserError(f"{state_dir} holds a run on task {s.task.get('task')!r}; use another --state-dir")
+        runs.check_resume(s, state_dir, task, text, model)
         log.info("resuming run %s from %s", s.run_id, state_dir)
     else:
         cfg = TrainConfig(batch_size=batch_size, learning_rate=learning_rate, min_lr=min_lr, warmup_iters=warmup_iters)
@@ -103,11 +102,13 @@ def coordinator(task, text, digits, tokenizer_kind, vocab_size, model, block_siz
                          None, cfg, tokens_per_round, max_tokens, compression, outer_lr, outer_momentum, shard_tokens)
         log.info("new run %s in %s", s.run_id, state_dir)
     coord = Coordinator(state_dir, token, listen, dht_listen, announce_host, heartbeat_interval, averaging_timeout,
-                        matchmaking_time, round_timeout, lease_seconds)
+                        matchmaking_time, round_timeout, lease_seconds, http_listen=http_listen)
     try:
         coord.start()
         join = worker_address(f"{listen.rpartition(':')[0]}:{coord.port}", announce_host)
-        click.echo(f"\nworkers join with:\n  gptswarm worker --join {join} --token {coord.token}\n", err=True)
+        page = worker_address(f"{http_listen.rpartition(':')[0]}:{coord.http.port}", announce_host)
+        click.echo(f"\nstatus page: http://{page}/\nworkers join with:\n"
+                   f"  gptswarm worker --join {join} --token {coord.token}\n", err=True)
         wait_for_signal()
     finally:
         coord.shutdown()

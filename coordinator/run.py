@@ -10,6 +10,7 @@
   checkpoints/round-NNNNNN  a few older rounds
 """
 
+import hashlib
 import json
 import os
 import secrets
@@ -22,7 +23,7 @@ import torch
 
 from gptswarm.errors import UserError
 from gptswarm.mingpt_core import checkpoint
-from gptswarm.mingpt_core.data import ShardSet
+from gptswarm.mingpt_core.data import ShardSet, read_text
 from gptswarm.mingpt_core.model import GPT, GPTConfig
 from gptswarm.mingpt_core.tasks import make_task
 from gptswarm.mingpt_core.tokenizer import Tokenizer
@@ -76,13 +77,29 @@ def new_run(state_dir, task=None, text=None, digits=2, tokenizer_kind="char", vo
     shards.write(state_dir / "shards")
     t.tokenizer.save(state_dir / "tokenizer.json")
     settings = RunSettings(uuid.uuid4().hex[:12], t.meta(), config.to_dict(), cfg.to_dict(), tokens_per_round,
-                           max_tokens, compression, outer_lr, outer_momentum, shard_tokens)
+                           max_tokens, compression, outer_lr, outer_momentum, shard_tokens, {"preset": model})
     torch.manual_seed(seed)
     theta = GPT(config)
     save_theta(state_dir, theta, t.tokenizer, settings, round_=0, tokens_trained=0,
                momentum={k: torch.zeros_like(v) for k, v in checkpoint.model_tensors(theta).items()})
     settings.save(state_dir / "run.json")  # last: a state dir with run.json is complete
     return settings
+
+
+def check_resume(settings, state_dir, task=None, text=None, model=None):
+    """Refuse flags that contradict the run stored in state_dir (they only shape a new run)."""
+    stored = settings.task.get("task")
+    asked = "addition" if task else "text" if text else None
+    if asked and asked != stored:
+        raise UserError(f"{state_dir} holds a run on task {stored!r}; use another --state-dir for a new run")
+    if text and read_text_sha256(text) != settings.task.get("text_sha256"):
+        raise UserError(f"{text} is not the text the run in {state_dir} was created with")
+    if model and model != settings.extra.get("preset"):
+        raise UserError(f"the run in {state_dir} uses model {settings.extra.get('preset')!r}, not {model!r}")
+
+
+def read_text_sha256(path):
+    return hashlib.sha256(read_text(path).encode()).hexdigest()
 
 
 def load_run(state_dir):

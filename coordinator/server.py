@@ -1,6 +1,7 @@
 """The Coordinator: one object that owns the ledger, the hivemind peer (DHT bootstrap + averaging
 aggregator), the gRPC server and the round loop. start() / shutdown()."""
 
+import asyncio
 import logging
 import threading
 import time
@@ -8,8 +9,12 @@ from pathlib import Path
 
 import torch
 
+from hivemind.p2p import P2P, PeerID
+from hivemind.utils.multiaddr import Multiaddr
+
 from gptswarm.averaging import SwarmAverager, start_dht
 from gptswarm.coordinator import run as runs
+from gptswarm.coordinator.http import StatusServer
 from gptswarm.coordinator.ledger import Ledger
 from gptswarm.coordinator.service import make_server
 from gptswarm.mingpt_core import checkpoint
@@ -23,7 +28,7 @@ log = logging.getLogger("gptswarm.coordinator")
 class Coordinator:
     def __init__(self, state_dir, token=None, listen="0.0.0.0:7733", dht_listen="0.0.0.0:0", announce_host=None,
                  heartbeat_interval=2.0, averaging_timeout=60.0, matchmaking_time=5.0, round_timeout=600.0,
-                 lease_seconds=120.0, eval_tokens=65536):
+                 lease_seconds=120.0, eval_tokens=65536, http_listen=None):
         self.state_dir = Path(state_dir)
         self.token_arg = token
         self.listen, self.dht_listen, self.announce_host = listen, dht_listen, announce_host
@@ -33,9 +38,10 @@ class Coordinator:
         self.round_timeout = round_timeout
         self.lease_seconds = lease_seconds
         self.eval_tokens = eval_tokens
+        self.http_listen = http_listen
         self.lock = threading.RLock()  # round state
         self._stop = threading.Event()
-        self.server = self.dht = self.averager = self.thread = None
+        self.server = self.dht = self.averager = self.thread = self.http = None
 
     # --- lifecycle ---
 
@@ -47,6 +53,7 @@ class Coordinator:
         self.val_shards = self.shard_set.split("val")
         self.model, self.tokenizer, meta, self.momentum = runs.load_theta(self.state_dir / "checkpoints" / "latest")
         self.theta = theta_views(self.model)
+        self.n_params = self.model.num_params(non_embedding=False)
         self.round = int(meta.get("round", 0))
         self.tokens_trained = int(meta.get("tokens_trained", 0))
         self.theta_hash = checkpoint.state_hash(self.theta)
@@ -67,6 +74,8 @@ class Coordinator:
         self.averager = SwarmAverager(self.dht, self.theta, self.averaging_prefix, self.settings.compression,
                                       client_mode=False, matchmaking_time=self.matchmaking_time)
         self.server, self.port = make_server(self, self.listen)
+        if self.http_listen:
+            self.http = StatusServer(self, self.http_listen).start()
         self.thread = threading.Thread(target=self._round_loop, name="rounds", daemon=True)
         self.thread.start()
         log.info("coordinator of run %s: gRPC on port %d, hivemind peer %s, round %d", self.settings.run_id,
@@ -77,6 +86,8 @@ class Coordinator:
         self._stop.set()
         if self.thread is not None:
             self.thread.join(timeout=self.averaging_timeout + 10)
+        if self.http is not None:
+            self.http.shutdown()
         if self.server is not None:
             self.server.stop(grace=2).wait()
         if self.averager is not None:
@@ -130,6 +141,18 @@ class Coordinator:
             files = [(p.name, open(p, "rb")) for p in sorted(d.iterdir())]
             return files, self.round, self.theta_hash
 
+    def is_reachable(self, peer_id, addrs, timeout=5.0):
+        """(reachable, detail): can a fresh peer, with no connection to it yet, dial peer_id at one of
+        its addresses? (Petals' check: a worker behind NAT is not, and should stay in client mode.)"""
+        try:
+            target = PeerID.from_base58(peer_id)
+            maddrs = [Multiaddr(a) for a in addrs]
+        except Exception:
+            return False, "invalid peer id or address"
+        if not maddrs:
+            return False, "invalid peer id or address: give the peer's address as ?addr=/ip4/HOST/tcp/PORT"
+        return asyncio.run(probe_peer(target, maddrs, timeout))
+
     # --- rounds ---
 
     def _round_loop(self):
@@ -164,8 +187,15 @@ class Coordinator:
         log.info("round %d: %d tokens trained, averaging", r, self.ledger.round_tokens(r))
         t0 = time.time()
         zeros = {k: torch.zeros_like(v) for k, v in self.theta.items()}  # the coordinator adds no gradient
+        # who will join: everyone online who trained in this round or is training now (erring high only
+        # costs the matchmaking window; erring low would close the group before a worker arrives)
+        expected = self.ledger.query(
+            "SELECT COUNT(*) AS n FROM workers w LEFT JOIN contributions c ON c.worker_id = w.id AND c.round = ? "
+            "WHERE w.left_at IS NULL AND w.last_seen > ? AND w.eligible_round <= ? "
+            "AND (c.tokens > 0 OR w.state IN ('training', 'averaging'))",
+            (r, time.time() - 3 * self.heartbeat_interval - 5, r))[0]["n"]
         outcome = self.averager.average(zeros, weight=0.0, round_=r, worker_id="coordinator",
-                                        timeout=self.averaging_timeout)
+                                        timeout=self.averaging_timeout, group_size=expected + 1)
         seconds = time.time() - t0
         members = {m["worker_id"]: m for m in outcome.members if m.get("worker_id") != "coordinator"}
         included = {w: (int(m["tokens"]), "") for w, m in members.items() if w not in outcome.rejected}
@@ -202,6 +232,17 @@ class Coordinator:
         limit = max(1, self.eval_tokens // (bs * batch))
         batches = (b for _, b in zip(range(limit), eval_batches(self.val_shards, self.shard_set, bs, batch)))
         return round(evaluate_loss(self.model, batches), 4)
+
+
+async def probe_peer(target, maddrs, timeout):
+    p2p = await P2P.create()
+    try:
+        await asyncio.wait_for(p2p._client.connect(target, maddrs), timeout)
+        return True, "connected"
+    except Exception as e:
+        return False, f"{type(e).__name__}: {str(e)[:200] or 'no answer'}"
+    finally:
+        await p2p.shutdown()
 
 
 def theta_views(model):

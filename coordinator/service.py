@@ -11,6 +11,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from gptswarm import __version__
+from gptswarm.errors import UserError
 from gptswarm.proto import PROTOCOL_VERSION
 from gptswarm.proto import gptswarm_pb2 as pb
 from gptswarm.proto import gptswarm_pb2_grpc as pb_grpc
@@ -147,9 +148,12 @@ def make_server(coord, listen, max_workers=32):
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    port = server.add_insecure_port(listen)
+    try:
+        port = server.add_insecure_port(listen)
+    except RuntimeError:
+        port = 0
     if port == 0:
-        raise OSError(f"cannot listen on {listen}")
+        raise UserError(f"cannot listen on {listen}: the address is in use or not available here")
     server.start()
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from gptswarm.errors import UserError
+
 warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"hivemind\..*")
 warnings.filterwarnings("ignore", message=".*Conversion of an array with ndim > 0 to a scalar.*")
 
@@ -35,6 +37,7 @@ from hivemind.compression import (Float16Compression, NoCompression, Uniform8Bit
                                   deserialize_torch_tensor, serialize_torch_tensor)
 from hivemind.proto import averaging_pb2  # noqa: E402
 from hivemind.utils.asyncio import amap_in_executor, as_aiter, azip  # noqa: E402
+from hivemind.utils.mpfuture import MPFuture  # noqa: E402
 from hivemind.utils.timed_storage import get_dht_time  # noqa: E402
 
 CODECS = {"none": NoCompression, "fp16": Float16Compression, "8bit": Uniform8BitQuantization}
@@ -68,7 +71,10 @@ def start_dht(listen="0.0.0.0:0", initial_peers=(), client_mode=False, announce_
         kwargs["host_maddrs"] = [f"/ip4/{host or '0.0.0.0'}/tcp/{port or 0}"]
         if announce_host:
             kwargs["announce_maddrs"] = [f"/ip4/{announce_host}/tcp/{port}"]
-    return hivemind.DHT(start=True, initial_peers=list(initial_peers), client_mode=client_mode, **kwargs)
+    try:
+        return hivemind.DHT(start=True, initial_peers=list(initial_peers), client_mode=client_mode, **kwargs)
+    except Exception as e:
+        raise UserError(f"cannot start the hivemind peer on {listen}: {str(e).splitlines()[0][:200]}") from None
 
 
 class ThrottledKeyManager(GroupKeyManager):
@@ -188,6 +194,18 @@ class _Averager(DecentralizedAverager):
         self.counters = _Counters()  # made before the averager process forks
         super().__init__(*args, **kwargs)
 
+    def set_group_size(self, size):
+        """Close the next group as soon as it has `size` members (the leader's matchmaking window
+        is only the upper bound)."""
+        future = MPFuture()
+        self._outer_pipe.send(("_set_group_size", [], dict(size=size, future=future)))
+        return future.result()
+
+    async def _set_group_size(self, size, future):
+        self._matchmaking.target_group_size = size
+        self._matchmaking.potential_leaders.target_group_size = size
+        future.set_result(None)
+
     async def _run_allreduce_inplace_(self, tensors, group_info, group_id=None, **kwargs):
         group_id = group_info.group_id if group_id is None else group_id
         runner = SwarmAllReduceRunner(counters=self.counters, p2p=self._p2p, servicer_type=type(self),
@@ -231,11 +249,14 @@ class SwarmAverager:
                                 initial_group_bits=round_bits(0))
         self.bytes_sent_total = 0
 
-    def average(self, tensors, weight, round_, worker_id, timeout, stop=None):
-        """Average `tensors` (weighted) with the round's group; gives up early if `stop` (an Event)
-        is set. Never raises for network trouble: the Outcome says what happened."""
+    def average(self, tensors, weight, round_, worker_id, timeout, give_up=None, group_size=None):
+        """Average `tensors` (weighted) with the round's group; gives up early once `give_up()` is
+        true. A leader given `group_size` starts as soon as that many peers have joined. Never
+        raises for network trouble: the Outcome says what happened."""
         av = self.av
         av.set_group_bits(round_bits(round_))
+        if group_size:
+            av.set_group_size(group_size)
         with av.get_tensors() as local:
             for t, k in zip(local, self.names):
                 t.copy_(tensors[k])
@@ -245,9 +266,9 @@ class SwarmAverager:
             control = av.step(weight=float(weight), timeout=timeout, wait=False,
                               gather={"worker_id": worker_id, "round": round_, "tokens": int(weight)})
             while not control.done():
-                if stop is not None and stop.is_set():
+                if give_up is not None and give_up():
                     control.cancel()
-                    return Outcome(False, error="stopped")
+                    return Outcome(False, error="gave up: stopping, or the round is over")
                 time.sleep(0.05)
             gathered = control.result()
             error = "" if gathered else "no averaging group formed"

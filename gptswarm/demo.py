@@ -16,6 +16,7 @@ import click
 from gptswarm.errors import UserError
 
 JOIN_LINE = re.compile(r"gptswarm worker --join (\S+) --token (\S+)")
+PAGE_LINE = re.compile(r"status page: (http://\S+)")
 
 
 class Proc:
@@ -57,9 +58,10 @@ def gptswarm(*args):
 @click.option("--state-dir", default="runs/demo", show_default=True, type=click.Path(file_okay=False),
               help="The coordinator's state directory (kept afterwards; reused to resume).")
 @click.option("--port", default=0, help="gRPC port of the coordinator (default: any free port).")
+@click.option("--http-port", default=7780, show_default=True, help="Port of the status page (0: any free port).")
 @click.option("--max-tokens", default=1_500_000, show_default=True, help="Token budget of the demo run.")
 @click.option("--tokens-per-round", default=40_000, show_default=True, help="Tokens the swarm trains per round.")
-def demo(workers, state_dir, port, max_tokens, tokens_per_round):
+def demo(workers, state_dir, port, http_port, max_tokens, tokens_per_round):
     """Run a local swarm: a coordinator and --workers workers on this machine train a small GPT
     to add two-digit numbers. Watch the rounds go by; Ctrl+C stops all of it cleanly."""
     if workers < 1:
@@ -68,7 +70,8 @@ def demo(workers, state_dir, port, max_tokens, tokens_per_round):
     threads = max(1, (os.cpu_count() or 2) // workers)
     coord = Proc("coordinator", gptswarm(
         "coordinator", "--task", "addition", "--model", "gpt-nano", "--state-dir", state_dir,
-        "--listen", f"127.0.0.1:{port}", "--dht-listen", "127.0.0.1:0", "--token", token,
+        "--listen", f"127.0.0.1:{port}", "--dht-listen", "127.0.0.1:0", "--http", f"127.0.0.1:{http_port}",
+        "--token", token,
         "--tokens-per-round", tokens_per_round, "--max-tokens", max_tokens, "--lr", "2e-3", "--matchmaking-time", "3",
         "--shard-tokens", "8192"), env={"OMP_NUM_THREADS": "1"})
     procs = [coord]
@@ -76,12 +79,14 @@ def demo(workers, state_dir, port, max_tokens, tokens_per_round):
     signal.signal(signal.SIGINT, lambda *_: stopping.set())
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     try:
-        join = wait_for_join_line(coord, stopping)
+        join = wait_for_line(coord, JOIN_LINE, stopping)
+        page = wait_for_line(coord, PAGE_LINE, stopping)
         for i in range(workers):
             procs.append(Proc(f"volunteer-{i + 1}", gptswarm(
                 "worker", "--join", join, "--token", token, "--name", f"volunteer-{i + 1}", "--device", "cpu",
                 "--threads", threads), env={"OMP_NUM_THREADS": str(threads)}))
         click.echo(f"\n  swarm is up: coordinator at {join}, {workers} workers, state in {state_dir}\n"
+                   f"  watch it at {page} (status page: workers, loss curves, shards, events)\n"
                    f"  each round the coordinator logs its validation loss; workers log the theta hash check\n"
                    f"  another machine could join with: gptswarm worker --join {join} --token {token}\n"
                    f"  Ctrl+C stops everything; afterwards: gptswarm eval {state_dir}/checkpoints/latest "
@@ -105,11 +110,11 @@ def demo(workers, state_dir, port, max_tokens, tokens_per_round):
     click.echo(f"  stopped. The model is in {latest}: gptswarm eval {latest} --task addition")
 
 
-def wait_for_join_line(coord, stopping, timeout=120):
+def wait_for_line(coord, pattern, stopping, timeout=120):
     deadline = time.time() + timeout
     while time.time() < deadline and not stopping.is_set():
         for line in list(coord.lines):
-            m = JOIN_LINE.search(line)
+            m = pattern.search(line)
             if m:
                 return m.group(1)
         if coord.p.poll() is not None:

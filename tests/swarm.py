@@ -13,7 +13,7 @@ from pathlib import Path
 
 EXE = str(Path(sys.executable).with_name("gptswarm"))
 JOIN = re.compile(r"gptswarm worker --join (\S+) --token (\S+)")
-FAST = ["--tokens-per-round", "6000", "--matchmaking-time", "2", "--heartbeat-interval", "0.5",
+FAST = ["--http", "127.0.0.1:0", "--tokens-per-round", "6000", "--matchmaking-time", "2", "--heartbeat-interval", "0.5",
         "--lease-seconds", "4", "--shard-tokens", "2048", "--lr", "2e-3"]
 
 

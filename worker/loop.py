@@ -199,7 +199,7 @@ class Worker:
         if not all(torch.isfinite(g).all() for g in grad.values()):
             log.warning("round %d: our pseudo-gradient is not finite; the swarm will reject it", r)
         outcome = self.averager.average(grad, self.round_tokens, r, self.worker_id, self.cfg.averaging_timeout,
-                                        stop=self.stopping)
+                                        give_up=lambda: self.stopping.is_set() or self.view.round > r)
         if self.stopping.is_set():
             return  # leaving: the teardown gives the leases back
         if outcome.ok:

@@ -1,0 +1,75 @@
+"""Prometheus exposition of the swarm (prometheus-client), computed from the ledger at scrape time."""
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from gptswarm.coordinator.status import snapshot
+
+WORKER_STATES = ("joining", "syncing", "training", "averaging", "waiting", "offline")
+HEALTH_STATES = ("healthy", "degraded", "stalled", "finished")
+
+
+class SwarmCollector:
+    def __init__(self, coord):
+        self.coord = coord
+
+    def collect(self):
+        c = self.coord
+        snap = snapshot(c, history=1, events=0)
+        run = snap["run"]
+        q = c.ledger.query
+
+        def gauge(name, doc, value, labels=None):
+            g = GaugeMetricFamily(name, doc, labels=list(labels or {}))
+            g.add_metric(list((labels or {}).values()), value)
+            return g
+
+        yield CounterMetricFamily("gptswarm_tokens_trained", "Tokens averaged into the model", value=run["tokens_trained"])
+        yield gauge("gptswarm_token_budget", "The run's token budget", run["max_tokens"])
+        yield gauge("gptswarm_round", "Current round", run["round"])
+        yield gauge("gptswarm_swarm_tokens_per_second", "Sum of online workers' training throughput",
+                    run["tokens_per_second"])
+        last = snap["rounds"][-1] if snap["rounds"] else {}
+        if last.get("loss") is not None:
+            yield gauge("gptswarm_loss", "Mean training loss reported in the last finished round", last["loss"])
+        if run["val_loss"] is not None:
+            yield gauge("gptswarm_val_loss", "Validation loss of theta_global after the last round", run["val_loss"])
+        rounds = CounterMetricFamily("gptswarm_rounds", "Finished rounds by outcome", labels=["outcome"])
+        counts = {r["state"]: r["n"] for r in q("SELECT state, COUNT(*) AS n FROM rounds GROUP BY state")}
+        for outcome in ("done", "failed"):
+            rounds.add_metric([outcome], counts.get(outcome, 0))
+        yield rounds
+        sent = CounterMetricFamily("gptswarm_averaging_bytes_sent", "Bytes sent for averaging", labels=["peer"])
+        sent.add_metric(["coordinator"], q("SELECT COALESCE(SUM(bytes_sent), 0) AS n FROM rounds")[0]["n"])
+        sent.add_metric(["workers"], q("SELECT COALESCE(SUM(bytes_sent), 0) AS n FROM workers")[0]["n"])
+        yield sent
+        yield CounterMetricFamily("gptswarm_averaging_seconds", "Seconds the coordinator spent averaging",
+                                  value=q("SELECT COALESCE(SUM(averaging_seconds), 0) AS n FROM rounds")[0]["n"])
+        for kind, name, doc in (("lease_expired", "gptswarm_leases_expired", "Leases that expired"),
+                                ("contribution_rejected", "gptswarm_contributions_rejected", "Rejected contributions"),
+                                ("join", "gptswarm_worker_joins", "Workers that joined")):
+            n = q("SELECT COUNT(*) AS n FROM events WHERE kind = ?", (kind,))[0]["n"]
+            yield CounterMetricFamily(name, doc, value=n)
+        workers = GaugeMetricFamily("gptswarm_workers", "Workers by state", labels=["state"])
+        for state in WORKER_STATES:
+            workers.add_metric([state], sum(w["state"] == state for w in snap["workers"]))
+        yield workers
+        shards = GaugeMetricFamily("gptswarm_shards", "Shards of the current epoch by state", labels=["state"])
+        for state in ("pending", "leased", "done"):
+            shards.add_metric([state], snap["shards"][state])
+        yield shards
+        yield gauge("gptswarm_epoch", "Current data epoch", snap["shards"]["epoch"])
+        health = GaugeMetricFamily("gptswarm_health", "1 for the swarm's current health state", labels=["state"])
+        for state in HEALTH_STATES:
+            health.add_metric([state], int(snap["health"]["state"] == state))
+        yield health
+
+
+def registry(coord):
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(SwarmCollector(coord))
+    return reg
+
+
+def exposition(reg):
+    return generate_latest(reg)

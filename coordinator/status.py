@@ -1,0 +1,95 @@
+"""The swarm's status as one JSON-able snapshot: what /api/v1/status returns, what the status page
+draws and what /metrics exports. Field names are a stable API (docs/status-api.md). Nothing secret
+(tokens, sessions) is ever included."""
+
+import time
+
+STALL_SECONDS = 120  # no token trained for this long while workers are online: stalled
+RECENT_SECONDS = 300  # failures this recent make the swarm "degraded"
+
+
+def online_after(coord):
+    return time.time() - (3 * coord.heartbeat_interval + 5)
+
+
+def worker_rows(coord, now):
+    rows = coord.ledger.query("SELECT id, name, device, client_mode, state, reason, tokens_per_second, "
+                              "tokens_contributed, last_seen, left_at, joined_at, bytes_sent FROM workers "
+                              "ORDER BY tokens_contributed DESC, joined_at")
+    cutoff = online_after(coord)
+    out = []
+    for w in rows:
+        online = w["left_at"] is None and (w["last_seen"] or 0) >= cutoff
+        state, reason = w["state"] or "joining", w["reason"] or ""
+        if w["left_at"] is not None:
+            state, reason = "offline", "left the swarm"
+        elif not online:
+            state, reason = "offline", f"no heartbeat for {int(now - (w['last_seen'] or now))} s"
+        out.append({
+            "id": w["id"], "name": w["name"], "state": state, "reason": reason, "device": w["device"] or "",
+            "tokens_per_second": round(w["tokens_per_second"] or 0.0, 1) if online else 0.0,
+            "tokens_contributed": w["tokens_contributed"] or 0, "bytes_sent": w["bytes_sent"] or 0,
+            "last_seen": w["last_seen"], "seconds_since_seen": round(now - (w["last_seen"] or now), 1),
+            "joined_at": w["joined_at"], "online": online, "reachable": not w["client_mode"],
+        })
+    return out
+
+
+def health(coord, workers, rounds, now):
+    view = coord.round_view()
+    online = [w for w in workers if w["online"]]
+    if view["finished"]:
+        return "finished", f"the run reached its budget of {coord.settings.max_tokens:,} tokens"
+    if not online:
+        return "stalled", "no worker is online"
+    last_progress = max([r["ended_at"] or 0 for r in rounds] + [coord.round_started_at])
+    if coord.ledger.round_tokens(view["round"]) == 0 and now - last_progress > STALL_SECONDS:
+        return "stalled", f"no tokens trained for {int(now - last_progress)} s"
+    recent = now - RECENT_SECONDS
+    failed = [r for r in rounds if r["state"] == "failed" and (r["ended_at"] or 0) > recent]
+    if failed:
+        return "degraded", f"round {failed[-1]['round']} failed: {failed[-1]['detail'] or 'no averaging group'}"
+    rejected = coord.ledger.query("SELECT COUNT(*) AS n FROM events WHERE kind = 'contribution_rejected' AND at > ?",
+                                  (recent,))[0]["n"]
+    if rejected:
+        return "degraded", f"{rejected} contribution(s) rejected in the last {RECENT_SECONDS // 60} minutes"
+    expired = coord.ledger.query("SELECT COUNT(*) AS n FROM events WHERE kind = 'lease_expired' AND at > ?",
+                                 (recent,))[0]["n"]
+    if expired:
+        return "degraded", f"{expired} lease(s) expired in the last {RECENT_SECONDS // 60} minutes (workers vanished)"
+    training = sum(w["state"] == "training" for w in online)
+    return "healthy", f"{len(online)} worker(s) online, {training} training"
+
+
+def snapshot(coord, history=200, events=30):
+    now = time.time()
+    view = coord.round_view()
+    s = coord.settings
+    workers = worker_rows(coord, now)
+    rounds = coord.ledger.query("SELECT round, started_at, ended_at, state, tokens, contributors, loss, val_loss, "
+                                "averaging_seconds, bytes_sent, detail FROM rounds WHERE state IN ('done', 'failed') "
+                                "ORDER BY round DESC LIMIT ?", (history,))[::-1]
+    state, reason = health(coord, workers, rounds, now)
+    tps = sum(w["tokens_per_second"] for w in workers)
+    left = max(0, s.max_tokens - view["tokens_trained"])
+    counts = coord.ledger.shard_counts()
+    evs = coord.ledger.query("SELECT e.at, e.kind, e.detail, w.name FROM events e LEFT JOIN workers w ON "
+                             "w.id = e.worker_id ORDER BY e.id DESC LIMIT ?", (events,))
+    return {
+        "generated_at": now,
+        "run": {
+            "id": s.run_id, "task": s.task.get("task"), "model": s.extra.get("preset"),
+            "n_params": coord.n_params, "round": view["round"], "phase": view["phase"],
+            "tokens_trained": view["tokens_trained"], "max_tokens": s.max_tokens,
+            "tokens_per_round": s.tokens_per_round, "round_tokens": coord.ledger.round_tokens(view["round"]),
+            "tokens_per_second": round(tps, 1), "eta_seconds": round(left / tps) if tps > 0 else None,
+            "compression": s.compression, "theta_hash": view["theta_hash"], "val_loss": coord.val_loss,
+        },
+        "health": {"state": state, "reason": reason},
+        "workers": workers,
+        "shards": {"epoch": coord.ledger.get_meta("epoch", 0), "total": sum(counts.values()), **counts},
+        "rounds": rounds,
+        "top_contributors": [{"name": w["name"], "tokens_contributed": w["tokens_contributed"]}
+                             for w in workers if w["tokens_contributed"] > 0][:10],
+        "events": [{"at": e["at"], "kind": e["kind"], "worker": e["name"], "detail": e["detail"]} for e in evs],
+    }

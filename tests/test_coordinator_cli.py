@@ -1,0 +1,40 @@
+"""`gptswarm coordinator` refuses what it cannot do with one line and a non-zero exit."""
+
+import socket
+
+from conftest import run_cli
+from test_cli import assert_one_line_error
+
+BASE = ["coordinator", "--listen", "127.0.0.1:0", "--dht-listen", "127.0.0.1:0", "--token", "t"]
+
+
+def test_port_in_use(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        r = run_cli("coordinator", "--task", "addition", "--state-dir", tmp_path / "sd", "--listen", f"127.0.0.1:{port}",
+                    "--dht-listen", "127.0.0.1:0", timeout=120)
+    assert_one_line_error(r, f"cannot listen on 127.0.0.1:{port}")
+
+
+def test_resume_refuses_contradicting_flags(tmp_path, small_text):
+    sd = tmp_path / "sd"
+    with socket.socket() as s:  # make the first start fail after the run is prepared: occupied port
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        r = run_cli("coordinator", "--text", small_text, "--block-size", "32", "--state-dir", sd,
+                    "--listen", f"127.0.0.1:{s.getsockname()[1]}", "--dht-listen", "127.0.0.1:0", timeout=120)
+    assert r.returncode != 0 and (sd / "run.json").exists()
+    assert_one_line_error(run_cli(*BASE, "--task", "addition", "--state-dir", sd), "holds a run on task 'text'")
+    assert_one_line_error(run_cli(*BASE, "--model", "gpt-mini", "--state-dir", sd), "uses model 'gpt-nano', not 'gpt-mini'")
+    other = tmp_path / "other.txt"
+    other.write_text(small_text.read_text()[::-1])
+    assert_one_line_error(run_cli(*BASE, "--text", other, "--state-dir", sd), "is not the text the run")
+
+
+def test_bad_new_run(tmp_path):
+    assert_one_line_error(run_cli(*BASE, "--task", "addition", "--model", "gpt5", "--state-dir", tmp_path / "a"),
+                          "unknown model preset")
+    assert not (tmp_path / "a").exists()  # validated before anything is written
+    assert_one_line_error(run_cli(*BASE, "--state-dir", tmp_path / "b"), "--task addition or --text FILE")
