@@ -42,6 +42,10 @@ def main():
     p.add_argument("--tokens", type=int, default=1_536_000, help="token budget of each run")
     p.add_argument("--tokens-per-round", type=int, default=96_000)
     p.add_argument("--compression", default="fp16", choices=["none", "fp16", "8bit"])
+    p.add_argument("--outer-lr", type=float, default=0.7)
+    p.add_argument("--outer-momentum", type=float, default=0.9)
+    p.add_argument("--shard-tokens", type=int, default=4096, help="tokens per leased shard")
+    p.add_argument("--skip-single", action="store_true", help="only run the swarm")
     p.add_argument("--workdir", default="runs/bench-swarm")
     args = p.parse_args()
     work = Path(args.workdir)
@@ -49,14 +53,16 @@ def main():
     work.mkdir(parents=True)
     batch, block = 12, 64
     iters = args.tokens // (batch * block)
-    out = {"tokens": args.tokens, "model": "gpt-micro (4L/4H/128, block 64)", "compression": args.compression}
+    out = {"tokens": args.tokens, "model": "gpt-micro (4L/4H/128, block 64)", "compression": args.compression,
+           "tokens_per_round": args.tokens_per_round, "outer_lr": args.outer_lr, "outer_momentum": args.outer_momentum}
 
     t0 = time.time()
-    run(["train", "--text", args.text, *MODEL, "--batch-size", batch, "--max-iters", iters, "--lr", "1e-3",
-         "--min-lr", "1e-4", "--warmup-iters", "100", "--eval-interval", iters, "--device", "cpu", "--quiet",
-         "--out", work / "single"])
-    out["single_seconds"] = round(time.time() - t0, 1)
-    out["loss_single"] = evaluate(work / "single", args.text)["val_loss"]
+    if not args.skip_single:
+        run(["train", "--text", args.text, *MODEL, "--batch-size", batch, "--max-iters", iters, "--lr", "1e-3",
+             "--min-lr", "1e-4", "--warmup-iters", "100", "--eval-interval", iters, "--device", "cpu", "--quiet",
+             "--out", work / "single"])
+        out["single_seconds"] = round(time.time() - t0, 1)
+        out["loss_single"] = evaluate(work / "single", args.text)["val_loss"]
 
     sd = work / "swarm"
     t0 = time.time()
@@ -64,7 +70,8 @@ def main():
                               "--listen", "127.0.0.1:0", "--dht-listen", "127.0.0.1:0", "--token", "bench",
                               "--batch-size", batch, "--lr", "1e-3", "--min-lr", "1e-4", "--warmup-iters", "100",
                               "--tokens-per-round", args.tokens_per_round, "--max-tokens", args.tokens,
-                              "--compression", args.compression, "--matchmaking-time", "3", "--shard-tokens", "16384"])],
+                              "--compression", args.compression, "--outer-lr", args.outer_lr,
+                              "--outer-momentum", args.outer_momentum, "--matchmaking-time", "3", "--shard-tokens", args.shard_tokens])],
                              stderr=subprocess.PIPE, text=True)
     join = None
     for line in coord.stderr:

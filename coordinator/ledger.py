@@ -10,6 +10,7 @@ counts tokens twice; the next epoch starts only when every shard of this one is 
 
 import hashlib
 import json
+import random
 import secrets
 import sqlite3
 import threading
@@ -24,6 +25,7 @@ CREATE TABLE IF NOT EXISTS workers (
     tokens_contributed INTEGER DEFAULT 0, bytes_sent INTEGER DEFAULT 0, eligible_round INTEGER DEFAULT 0);
 CREATE TABLE IF NOT EXISTS shards (
     idx INTEGER PRIMARY KEY, sha256 TEXT NOT NULL, tokens INTEGER NOT NULL,
+    rank INTEGER NOT NULL DEFAULT 0,  -- lease order within the epoch (a seeded shuffle per epoch)
     epoch INTEGER NOT NULL DEFAULT 0, state TEXT NOT NULL DEFAULT 'pending',  -- pending | leased | done
     done_round INTEGER, done_by TEXT, times_done INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS leases (
@@ -119,7 +121,17 @@ class Ledger:
                 return
             db.executemany("INSERT INTO shards (idx, sha256, tokens) VALUES (?, ?, ?)",
                            [(i, sha, n) for i, (sha, n) in enumerate(shards)])
+            self._shuffle(db, 0)
             self.set_meta("epoch", 0, db)
+
+    @staticmethod
+    def _shuffle(db, epoch):
+        """Lease order for an epoch: a permutation seeded by the epoch number, so that workers see
+        the data in a different, reproducible order each epoch (not the file's order)."""
+        n = db.execute("SELECT COUNT(*) FROM shards").fetchone()[0]
+        ranks = list(range(n))
+        random.Random(f"gptswarm-epoch-{epoch}").shuffle(ranks)
+        db.executemany("UPDATE shards SET rank = ? WHERE idx = ?", [(r, i) for i, r in enumerate(ranks)])
 
     def shard(self, idx):
         rows = self.query("SELECT * FROM shards WHERE idx = ?", (idx,))
@@ -194,9 +206,10 @@ class Ledger:
             if db.execute("SELECT COUNT(*) FROM shards WHERE state != 'done'").fetchone()[0] == 0:
                 epoch = json.loads(db.execute("SELECT value FROM meta WHERE key = 'epoch'").fetchone()[0]) + 1
                 db.execute("UPDATE shards SET state = 'pending', epoch = ?", (epoch,))
+                self._shuffle(db, epoch)
                 self.set_meta("epoch", epoch, db)
                 self.event("epoch", f"epoch {epoch} begins", None, db)
-            row = db.execute("SELECT * FROM shards WHERE state = 'pending' ORDER BY idx LIMIT 1").fetchone()
+            row = db.execute("SELECT * FROM shards WHERE state = 'pending' ORDER BY rank LIMIT 1").fetchone()
             if row is None:
                 return None
             lease_id = "l-" + secrets.token_hex(8)

@@ -43,18 +43,18 @@ def test_expired_lease_returns_shard_and_heartbeat_extends(ledger):
     a, b = join(ledger, "a"), join(ledger, "b")
     la = ledger.lease(a, 0)
     lb = ledger.lease(b, 0)
-    assert (la["shard_index"], lb["shard_index"]) == (0, 1)
+    assert la["shard_index"] != lb["shard_index"]
     ledger.clock_.t += 50
     deadline, lost = ledger.heartbeat(a, 0, 10, 5.0, "training", "", [la["lease_id"]], 0, 2.0)
     assert deadline == ledger.clock_.t + 60 and lost == []
     ledger.clock_.t += 20  # b's lease is past its deadline, a's was extended
     assert ledger.expire() == 1
     assert ledger.lease_row(lb["lease_id"])["state"] == "expired"
-    assert ledger.shard(1)["state"] == "pending"
+    assert ledger.shard(lb["shard_index"])["state"] == "pending"
     _, lost = ledger.heartbeat(b, 0, 0, 0, "training", "", [lb["lease_id"]], 0, None)
     assert lost == [lb["lease_id"]]  # the worker learns that its lease is gone
     assert ledger.report(b, lb["lease_id"], 0, 101, 1.0) == (False, "lease expired: the shard went back to the queue")
-    assert ledger.shard(1)["times_done"] == 0
+    assert ledger.shard(lb["shard_index"])["times_done"] == 0
     assert [e["kind"] for e in ledger.query("SELECT kind FROM events")].count("lease_expired") == 1
 
 
@@ -64,7 +64,8 @@ def test_report_is_idempotent_and_checked(ledger):
     assert ledger.report(b, la["lease_id"], 0, 100, 1.0) == (False, "unknown lease")  # not b's lease
     assert ledger.report(a, la["lease_id"], 0, 100, 1.0) == (True, "counted")
     assert ledger.report(a, la["lease_id"], 0, 100, 1.0)[0] is False
-    assert ledger.shard(0)["times_done"] == 1 and ledger.shard(0)["state"] == "done"
+    i = la["shard_index"]
+    assert ledger.shard(i)["times_done"] == 1 and ledger.shard(i)["state"] == "done"
 
 
 def test_every_shard_once_per_epoch(ledger):
@@ -76,10 +77,10 @@ def test_every_shard_once_per_epoch(ledger):
     assert ledger.lease(b, 0) is None  # one still out
     ledger.release(a, [leases[2]["lease_id"]])
     l = ledger.lease(b, 0)
-    assert l["shard_index"] == 2 and l["epoch"] == 0
+    assert l["shard_index"] == leases[2]["shard_index"] and l["epoch"] == 0
     ledger.report(b, l["lease_id"], 0, l["tokens"], 1.0)
     nxt = ledger.lease(a, 1)
-    assert nxt["epoch"] == 1 and nxt["shard_index"] == 0
+    assert nxt["epoch"] == 1
     assert ledger.get_meta("epoch") == 1
     assert [r["times_done"] for r in ledger.query("SELECT times_done FROM shards ORDER BY idx")] == [1, 1, 1]
 
@@ -114,3 +115,21 @@ def test_sessions_are_stored_hashed(ledger):
     assert ledger.worker(wid)["eligible_round"] == 4  # joined mid-round: waits for the next
     raw = sqlite3.connect(ledger.path).execute("SELECT group_concat(session_hash) FROM workers").fetchone()[0]
     assert session not in raw
+
+
+def test_lease_order_is_a_seeded_shuffle_per_epoch(tmp_path):
+    led = Ledger(tmp_path / "l.sqlite")
+    led.add_shards([(f"s{i}", 10) for i in range(40)])
+    w = join(led)
+    order = []
+    for epoch in range(2):
+        for _ in range(40):
+            l = led.lease(w, 0)
+            order.append(l["shard_index"])
+            led.report(w, l["lease_id"], 0, 10, 1.0)
+    first, second = order[:40], order[40:]
+    assert sorted(first) == sorted(second) == list(range(40))  # each epoch: every shard once
+    assert first != list(range(40)) and first != second  # not the file's order, and new each epoch
+    again = Ledger(tmp_path / "m.sqlite")
+    again.add_shards([(f"s{i}", 10) for i in range(40)])
+    assert [again.lease(w, 0)["shard_index"] for _ in range(5)] == first[:5]  # reproducible
