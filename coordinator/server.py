@@ -192,7 +192,7 @@ class Coordinator:
         expected = self.ledger.query(
             "SELECT COUNT(*) AS n FROM workers w LEFT JOIN contributions c ON c.worker_id = w.id AND c.round = ? "
             "WHERE w.left_at IS NULL AND w.last_seen > ? AND w.eligible_round <= ? "
-            "AND (c.tokens > 0 OR w.state IN ('training', 'averaging'))",
+            "AND (c.tokens > 0 OR w.state IN ('joining', 'syncing', 'training', 'averaging'))",
             (r, time.time() - 3 * self.heartbeat_interval - 5, r))[0]["n"]
         outcome = self.averager.average(zeros, weight=0.0, round_=r, worker_id="coordinator",
                                         timeout=self.averaging_timeout, group_size=expected + 1)
@@ -227,10 +227,7 @@ class Coordinator:
             self.ledger.event("finished", f"run reached its budget of {self.settings.max_tokens} tokens")
 
     def evaluate(self):
-        bs = self.model.config.block_size
-        batch = 64
-        limit = max(1, self.eval_tokens // (bs * batch))
-        batches = (b for _, b in zip(range(limit), eval_batches(self.val_shards, self.shard_set, bs, batch)))
+        batches = eval_batches(self.val_shards, self.shard_set, self.model.config.block_size, 64, self.eval_tokens)
         return round(evaluate_loss(self.model, batches), 4)
 
 

@@ -201,9 +201,9 @@ def examples_xy(rows, loss_start):
     return x, y
 
 
-def eval_batches(shards, shard_set, block_size, batch_size):
-    """Deterministic batches covering the given shards: non-overlapping windows of running text,
-    or every example once."""
+def eval_batches(shards, shard_set, block_size, batch_size, max_tokens=None):
+    """Deterministic batches covering the given shards: non-overlapping windows of running text
+    (the first max_tokens of them, if given), or every example once."""
     if shard_set.layout == "examples":
         rows = torch.from_numpy(np.concatenate([s.tokens for s in shards]).astype(np.int64)).view(-1, shard_set.example_len)
         for i in range(0, len(rows), batch_size):
@@ -213,6 +213,8 @@ def eval_batches(shards, shard_set, block_size, batch_size):
     for s in shards:
         t = s.tokens
         windows += [t[i:i + block_size + 1] for i in range(0, len(t) - block_size, block_size)]
+    if max_tokens is not None:
+        windows = windows[:max(batch_size, max_tokens // (block_size * batch_size) * batch_size)]
     for i in range(0, len(windows), batch_size):
         rows = torch.from_numpy(np.stack(windows[i:i + batch_size]).astype(np.int64))
         yield rows[:, :-1].contiguous(), rows[:, 1:].contiguous()

@@ -37,9 +37,8 @@ class TextTask:
         return s
 
     def evaluate(self, trainer, shard_set, batch_size=64):
-        bs = trainer.model.config.block_size
-        limit = max(1, trainer.cfg.eval_tokens // (bs * batch_size))
-        batches = (b for i, b in zip(range(limit), eval_batches(shard_set.split("val"), shard_set, bs, batch_size)))
+        batches = eval_batches(shard_set.split("val"), shard_set, trainer.model.config.block_size, batch_size,
+                               trainer.cfg.eval_tokens)
         return {"val_loss": round(trainer.evaluate(batches), 4)}
 
 

@@ -14,7 +14,7 @@ EXE = str(Path(sys.executable).with_name("gptswarm"))
 
 
 def test_demo_trains_and_stops_cleanly(tmp_path):
-    p = subprocess.Popen([EXE, "demo", "--state-dir", tmp_path / "demo", "--max-tokens", "400000"],
+    p = subprocess.Popen([EXE, "demo", "--state-dir", tmp_path / "demo", "--max-tokens", "400000", "--http-port", "0"],
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     lines, t0 = [], time.time()
     try:
@@ -23,6 +23,7 @@ def test_demo_trains_and_stops_cleanly(tmp_path):
             if "round 0 done" in line and "coordinator" in line:
                 break
             assert time.time() - t0 < 240, "".join(lines[-40:])
+        assert "round 0 done" in lines[-1], "".join(lines[-40:])
         children = psutil.Process(p.pid).children(recursive=True)
         assert len(children) >= 3  # coordinator, two workers (and their hivemind helpers)
         p.send_signal(signal.SIGINT)  # what Ctrl+C in its terminal does
@@ -32,7 +33,7 @@ def test_demo_trains_and_stops_cleanly(tmp_path):
             os.killpg(p.pid, signal.SIGKILL)
     out = "".join(lines) + rest
     assert p.returncode == 0, out[-3000:]
-    assert "swarm is up" in out and "gptswarm worker --join" in out
+    assert "swarm is up" in out and "gptswarm worker --join" in out and "watch it at http://127.0.0.1:" in out
     assert out.count("left the swarm") == 2 and "stopped." in out
     assert "Traceback" not in out
     time.sleep(1)

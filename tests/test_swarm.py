@@ -56,7 +56,12 @@ def test_two_workers_train_one_model(tmp_path):
     assert dict(hashes)[meta["round"]] == checkpoint.state_hash(checkpoint.model_tensors(model))
     for w in (a, b):
         agreed = w.count(r"round \d+ done: theta \w+\.\.\. agrees with the coordinator")
-        assert agreed >= 3 and w.count("differs from the coordinator") == 0, w.output()[-2000:]
+        assert agreed >= 3, w.output()[-2000:]
+        # a worker that missed a round (it can, on a loaded machine) must have resynchronized at once
+        lines = w.lines
+        for i, line in enumerate(lines):
+            if "differs from the coordinator" in line:
+                assert "synchronized to round" in lines[i + 1], w.output()[-2000:]
     # every shard is accounted for: done or back in the queue, never lost, never counted twice
     shards = ledger(sd, "SELECT state, COUNT(*) FROM shards GROUP BY state")
     assert sum(n for _, n in shards) == ledger(sd, "SELECT COUNT(*) FROM shards")[0][0]

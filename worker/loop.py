@@ -295,10 +295,16 @@ class Worker:
                 resp = self.client.call("Heartbeat", req, timeout=5, retry=False)
             except Exception as e:
                 code = getattr(e, "code", lambda: None)()
-                self.reason = f"coordinator unreachable ({code.name if code else type(e).__name__})"
+                self._on_heartbeat_failed(f"coordinator unreachable ({code.name if code else type(e).__name__}); "
+                                          "training on, retrying")
                 continue
             self.lost.update(resp.expired_lease_ids)
             self.view = resp
+
+    def _on_heartbeat_failed(self, reason):
+        if not self.reason.startswith("coordinator unreachable"):
+            log.warning("%s", reason)
+        self.reason = reason
 
     def _on_wait(self, reason):
         if not self.reason.startswith("coordinator unreachable"):
