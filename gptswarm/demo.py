@@ -50,7 +50,8 @@ class Proc:
 
 
 def gptswarm(*args):
-    return [sys.executable, "-m", "gptswarm", *map(str, args)]
+    # -P: not the current directory first on sys.path, where a checkout's gptswarm/ would shadow the install
+    return [sys.executable, "-P", "-m", "gptswarm", *map(str, args)]
 
 
 @click.command()

@@ -1,34 +1,89 @@
-"""`gptswarm worker`: lend this machine to a swarm."""
+"""`gptswarm worker`: lend this machine to a swarm, and control a running worker."""
 
+import json
 import logging
 import signal
+import tomllib
+from pathlib import Path
 
 import click
 
+from gptswarm.errors import UserError
+from gptswarm.worker.control import default_state_dir, send
 
-@click.command()
-@click.option("--join", required=True, metavar="HOST:PORT", help="The coordinator's address, as it printed it.")
-@click.option("--token", envvar="GPTSWARM_TOKEN", default="", help="The swarm token from the operator "
-              "(or set GPTSWARM_TOKEN).")
-@click.option("--device", default="auto", show_default=True, help="auto (a GPU if there is one), cpu, cuda or cuda:N.")
-@click.option("--name", help="Public name shown on the swarm's status page (default: this host's name).")
-@click.option("--p2p-listen", metavar="HOST:PORT", help="Accept hivemind DHT connections on this address (a "
-              "reachable worker strengthens the swarm's DHT). Default: client mode, nothing to open in your firewall.")
-@click.option("--announce-host", help="Public host name or IP for --p2p-listen, when behind port forwarding.")
-@click.option("--threads", type=int, help="CPU threads for training on the CPU (default: all).")
-def worker(join, token, device, name, p2p_listen, announce_host, threads):
-    """Join a swarm and train with it until Ctrl+C: lease data shards from the coordinator, train
-    the shared GPT on them, and average what was learned with the other workers every round.
-    Ctrl+C gives the current leases back and leaves within seconds."""
+CONFIG = Path("~/.config/gptswarm/worker.toml").expanduser()
+
+
+def load_config(ctx, param, value):
+    """Defaults from a TOML file whose keys are the option names (join = "...", idle-only = true)."""
+    path = Path(value) if value else CONFIG
+    if not path.is_file():
+        if value:
+            raise click.BadParameter(f"{value}: no such file")
+        return value
+    try:
+        data = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise click.BadParameter(f"{path} is not valid TOML: {e}") from None
+    known = {p.name for p in ctx.command.params}
+    defaults = {k.replace("-", "_"): v for k, v in data.items()}
+    unknown = sorted(set(defaults) - known)
+    if unknown:
+        raise click.BadParameter(f"{path}: unknown setting(s) {', '.join(unknown)}")
+    ctx.default_map = {**(ctx.default_map or {}), **defaults}
+    return value
+
+
+def state_dir_option(f):
+    return click.option("--state-dir", envvar="GPTSWARM_STATE_DIR", type=click.Path(file_okay=False),
+                        default=str(default_state_dir()), show_default=True,
+                        help="The worker's own directory: its control socket and saved pause.")(f)
+
+
+@click.group(invoke_without_command=True)
+@click.option("--config", envvar="GPTSWARM_CONFIG", callback=load_config, is_eager=True, expose_value=False,
+              type=click.Path(dir_okay=False), help=f"TOML file of settings named like these options (default {CONFIG}).")
+@click.option("--join", envvar="GPTSWARM_JOIN", metavar="HOST:PORT", help="The coordinator's address, as it printed it.")
+@click.option("--token", envvar="GPTSWARM_TOKEN", default="", help="The swarm token from the operator.")
+@click.option("--device", envvar="GPTSWARM_DEVICE", default="auto", show_default=True,
+              help="auto (a GPU if there is one), cpu, cuda or cuda:N.")
+@click.option("--name", envvar="GPTSWARM_NAME", help="Public name shown on the status page (default: host name).")
+@click.option("--schedule", envvar="GPTSWARM_SCHEDULE", metavar="WINDOWS",
+              help="Train only in these local-time windows, e.g. '22:00-07:00' or 'mon-fri 22:00-07:00; sat,sun 00:00-24:00'.")
+@click.option("--idle-only", envvar="GPTSWARM_IDLE_ONLY", is_flag=True,
+              help="Pause while other processes use the GPU (or, without a GPU, the CPU); resume after a quiet minute.")
+@click.option("--max-hours", envvar="GPTSWARM_MAX_HOURS", type=float,
+              help="Finish the round in progress and leave after this many hours.")
+@click.option("--p2p-listen", envvar="GPTSWARM_P2P_LISTEN", metavar="HOST:PORT", help="Accept hivemind DHT "
+              "connections on this address (a reachable worker strengthens the swarm's DHT). Default: client mode, "
+              "nothing to open in your firewall.")
+@click.option("--announce-host", envvar="GPTSWARM_ANNOUNCE_HOST", help="Public host name or IP for --p2p-listen.")
+@click.option("--threads", envvar="GPTSWARM_THREADS", type=int, help="CPU threads for training on the CPU (default: all).")
+@state_dir_option
+@click.pass_context
+def worker(ctx, join, token, device, name, schedule, idle_only, max_hours, p2p_listen, announce_host, threads,
+           state_dir):
+    """Join a swarm and train with it: lease data shards from the coordinator, train the shared
+    GPT on them, and average what was learned with the other workers every round.
+
+    Ctrl+C gives the current leases back and leaves within seconds. While it runs, `gptswarm
+    worker status | pause | resume | finish` (same --state-dir) control it from another terminal.
+    Every option can also come from a GPTSWARM_<OPTION> environment variable or the --config file."""
+    if ctx.invoked_subcommand is not None:
+        return
+    if not join:
+        raise click.UsageError("--join HOST:PORT is required (or a subcommand: status, pause, resume, finish)")
     import torch
 
     from gptswarm.coordinator.cli import setup_logging
     from gptswarm.worker.loop import Worker
+    from gptswarm.worker.schedule import Schedule
 
     setup_logging()
     if threads:
         torch.set_num_threads(threads)
-    w = Worker(join, token, device, name, p2p_listen, announce_host)
+    w = Worker(join, token, device, name, p2p_listen, announce_host, state_dir,
+               Schedule.parse(schedule) if schedule else None, idle_only, max_hours)
     pressed = []
 
     def on_signal(*_):
@@ -41,3 +96,34 @@ def worker(join, token, device, name, p2p_listen, announce_host, threads):
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     w.run()
+
+
+def control_command(cmd, doc):
+    @state_dir_option
+    @click.option("--json", "as_json", is_flag=True, help="Print the worker's answer as JSON.")
+    def command(state_dir, as_json):
+        reply = send(state_dir, cmd)
+        if as_json:
+            click.echo(json.dumps(reply))
+            return
+        click.echo(f"{reply['name']} ({reply['worker_id']}) on {reply['device']}, coordinator {reply['coordinator']}")
+        click.echo(f"  state:   {reply['state']}" + (f" ({reply['reason']})" if reply["reason"] else ""))
+        click.echo(f"  round:   {reply['round']}, {reply['round_tokens']:,} tokens this round, "
+                   f"{reply['tokens_per_second']:,.0f} tokens/s")
+        click.echo(f"  contributed: {reply['tokens_contributed']:,} tokens")
+        flags = [k for k in ("paused", "finishing") if reply[k]]
+        if reply["schedule"]:
+            flags.append(f"schedule {reply['schedule']}")
+        if reply["idle_only"]:
+            flags.append("idle only")
+        if flags:
+            click.echo("  " + ", ".join(flags))
+
+    command.__doc__ = doc
+    return worker.command(cmd)(command)
+
+
+control_command("status", "Show what the running worker is doing and why.")
+control_command("pause", "Pause training (kept across restarts) without leaving the swarm.")
+control_command("resume", "Resume training after `pause`.")
+control_command("finish", "Finish the current round, report what it trained, then exit.")

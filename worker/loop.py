@@ -30,6 +30,8 @@ from gptswarm.mingpt_core.trainer import Trainer, TrainConfig, resolve_device
 from gptswarm.outer import outer_step, pseudo_gradient
 from gptswarm.proto import gptswarm_pb2 as pb
 from gptswarm.worker.client import CoordinatorClient, Stopped
+from gptswarm.worker.control import ControlServer, default_state_dir
+from gptswarm.worker.idle import CpuProbe, IdleDetector, NvmlProbe
 
 log = logging.getLogger("gptswarm.worker")
 FAULT = os.environ.get("GPTSWARM_TEST_FAULT", "")  # test hook: "nan-gradient" sends a poisoned contribution
@@ -42,8 +44,19 @@ def describe_device(device):
 
 
 class Worker:
-    def __init__(self, join, token, device="auto", name=None, p2p_listen=None, announce_host=None):
+    def __init__(self, join, token, device="auto", name=None, p2p_listen=None, announce_host=None, state_dir=None,
+                 schedule=None, idle_only=False, max_hours=None):
         self.device = resolve_device(device)
+        self.state_dir = Path(state_dir or default_state_dir())
+        self.schedule, self.max_hours = schedule, max_hours
+        self.idle = None
+        if idle_only:
+            self.idle = IdleDetector(gpu_probe=NvmlProbe(self.device.index or 0) if self.device.type == "cuda" else None,
+                                     cpu_probe=CpuProbe() if self.device.type != "cuda" else None)
+        self.user_paused = (self.state_dir / "paused").exists()  # a pause survives a restart
+        self.finish_requested = threading.Event()
+        self.started_at = time.time()
+        self._pause_checked, self._pause = 0.0, ""
         self.name = name or platform.node() or "volunteer"
         self.client_mode = p2p_listen is None
         self.p2p_listen, self.announce_host = p2p_listen, announce_host
@@ -57,7 +70,7 @@ class Worker:
         self.lost = set()  # lease ids the coordinator no longer holds for us
         self.losses = []
         self.tps = 0.0
-        self.dht = self.averager = self.hb_thread = None
+        self.dht = self.averager = self.hb_thread = self.control = None
 
     # --- public ---
 
@@ -68,6 +81,7 @@ class Worker:
 
     def run(self):
         try:
+            self.control = ControlServer(self.state_dir, self._control)
             self._bootstrap()
             self._loop()
         except Stopped:
@@ -117,6 +131,8 @@ class Worker:
             except Exception as e:  # the coordinator may be gone; its lease deadlines recover the shards
                 log.warning("could not say goodbye to the coordinator: %s", e)
         self.client.close()
+        if self.control is not None:
+            self.control.close()
         if self.averager is not None:
             self.averager.shutdown()
         if self.dht is not None:
@@ -138,6 +154,11 @@ class Worker:
                 self._missed_round(v)
             elif v.phase == "averaging" and self.round_tokens > 0:
                 self._sync_round()
+            elif self.finish_requested.is_set() and self.round_tokens == 0:
+                log.info("finished: the last round's contribution is reported; leaving")
+                return
+            elif self._pause_reason():
+                self._paused(self._pause_reason())
             elif not v.may_train or v.phase != "training":
                 self._set_state("waiting", "waiting for the round" + (": averaging in progress"
                                                                         if v.phase == "averaging" else ""))
@@ -146,6 +167,56 @@ class Worker:
                 self._lease()
             else:
                 self._train_step()
+
+    # --- pausing: by the volunteer, the schedule, other users of the machine, finish, --max-hours ---
+
+    def _pause_reason(self):
+        if self.finish_requested.is_set():
+            return f"finishing: waiting for round {self.round} to end, then leaving"
+        if self.user_paused:
+            return "paused by you (`gptswarm worker resume` continues)"
+        if self.max_hours and time.time() - self.started_at > self.max_hours * 3600:
+            self.finish_requested.set()
+            return f"--max-hours {self.max_hours:g} reached: finishing the round"
+        now = time.monotonic()
+        if now - self._pause_checked > 2.0:  # the schedule and the idle probes are polled, not every step
+            self._pause_checked = now
+            self._pause = self.schedule.reason() if self.schedule else ""
+            if not self._pause and self.idle is not None:
+                self._pause = self.idle.check()[1]
+        return self._pause
+
+    def _paused(self, reason):
+        """Stop training but stay in the swarm: give back the shard in progress (what it trained
+        so far still counts in this round's average), keep heartbeating."""
+        state = "finishing" if self.finish_requested.is_set() else "paused"
+        if self.state != state or self.reason != reason:
+            log.info("%s: %s", state, reason)
+        self._set_state(state, reason)
+        if self.shard is not None:
+            self.client.call("ReleaseLeases", pb.ReleaseRequest(lease_ids=[self.shard["lease_id"]]))
+            self.shard = None
+        self._sleep(min(1.0, self.cfg.heartbeat_interval))
+
+    def _control(self, cmd):
+        if cmd in ("pause", "resume"):
+            self.user_paused = cmd == "pause"
+            flag = self.state_dir / "paused"
+            if self.user_paused:
+                flag.write_text(json.dumps({"paused_at": time.time()}))
+            elif flag.exists():
+                flag.unlink()
+        elif cmd == "finish":
+            self.finish_requested.set()
+        return self.status()
+
+    def status(self):
+        return {"worker_id": getattr(self, "worker_id", None), "name": self.name, "coordinator": self.client.address,
+                "device": describe_device(self.device), "state": self.state, "reason": self.reason,
+                "round": self.round, "round_tokens": self.round_tokens, "tokens_contributed": self.tokens_contributed,
+                "tokens_per_second": round(self.tps, 1), "paused": self.user_paused,
+                "finishing": self.finish_requested.is_set(),
+                "schedule": self.schedule.text if self.schedule else None, "idle_only": self.idle is not None}
 
     def _train_step(self):
         self._set_state("training", "")
@@ -216,6 +287,8 @@ class Worker:
             self._give_back(f"round {r} did not include our contribution ({result.detail or result.state})")
         self.completed = []
         self.round, self.round_tokens = r + 1, 0
+        if self.finish_requested.is_set():
+            return
         if outcome.ok and result.state == "done" and checkpoint.state_hash(self.theta) == result.theta_hash:
             self._load_theta_into_model()
             log.info("round %d done: theta %s... agrees with the coordinator (%d bytes sent)", r,

@@ -1,0 +1,85 @@
+"""Local control of a running worker: `gptswarm worker status | pause | resume | finish` talk to
+it through a Unix socket in its state directory (only this machine's users with access to that
+directory can). One JSON request per connection, one JSON answer."""
+
+import json
+import os
+import socket
+import threading
+from pathlib import Path
+
+from gptswarm.errors import UserError
+
+COMMANDS = ("status", "pause", "resume", "finish")
+
+
+def default_state_dir():
+    base = os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state"
+    return Path(base) / "gptswarm" / "worker"
+
+
+class ControlServer:
+    def __init__(self, state_dir, handle):
+        self.path = Path(state_dir) / "control.sock"
+        self.handle = handle  # fn(command) -> dict
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.exists():
+            if ping(self.path):
+                raise UserError(f"another worker is already running with state directory {self.path.parent}")
+            self.path.unlink()
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.bind(str(self.path))
+        os.chmod(self.path, 0o600)
+        self.sock.listen(4)
+        self.thread = threading.Thread(target=self._serve, name="control", daemon=True)
+        self.thread.start()
+
+    def _serve(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return  # closed
+            with conn:
+                try:
+                    cmd = json.loads(conn.makefile().readline() or "{}").get("cmd")
+                    reply = self.handle(cmd) if cmd in COMMANDS else {"error": f"unknown command {cmd!r}"}
+                except Exception as e:  # a bad request must not hurt the worker
+                    reply = {"error": f"{type(e).__name__}: {e}"}
+                conn.sendall((json.dumps(reply) + "\n").encode())
+
+    def close(self):
+        self.sock.close()
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def ping(path):
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(2)
+            s.connect(str(path))
+            return True
+    except OSError:
+        return False
+
+
+def send(state_dir, cmd, timeout=10.0):
+    """Send a command to the worker running with state_dir; its JSON answer."""
+    path = Path(state_dir) / "control.sock"
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(timeout)
+            s.connect(str(path))
+            s.sendall((json.dumps({"cmd": cmd}) + "\n").encode())
+            reply = json.loads(s.makefile().readline())
+    except (FileNotFoundError, ConnectionRefusedError):
+        raise UserError(f"no worker is running with state directory {state_dir} "
+                        "(start one with `gptswarm worker --join HOST:PORT`)") from None
+    except (OSError, ValueError) as e:
+        raise UserError(f"the worker at {state_dir} did not answer: {e}") from None
+    if "error" in reply:
+        raise UserError(reply["error"])
+    return reply
