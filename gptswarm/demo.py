@@ -85,7 +85,8 @@ def demo(workers, state_dir, port, http_port, max_tokens, tokens_per_round):
         for i in range(workers):
             procs.append(Proc(f"volunteer-{i + 1}", gptswarm(
                 "worker", "--join", join, "--token", token, "--name", f"volunteer-{i + 1}", "--device", "cpu",
-                "--threads", threads), env={"OMP_NUM_THREADS": str(threads)}))
+                "--threads", threads, "--state-dir", Path(state_dir) / "workers" / f"volunteer-{i + 1}"),
+                env={"OMP_NUM_THREADS": str(threads)}))
         click.echo(f"\n  swarm is up: coordinator at {join}, {workers} workers, state in {state_dir}\n"
                    f"  watch it at {page} (status page: workers, loss curves, shards, events)\n"
                    f"  each round the coordinator logs its validation loss; workers log the theta hash check\n"

@@ -7,6 +7,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -81,6 +82,9 @@ def join_address(coord):
 
 
 def worker(join, name, *extra, token="sekrit", env=None):
+    """A worker process; each gets its own --state-dir (control socket) unless one is given."""
+    if "--state-dir" not in extra:
+        extra = (*extra, "--state-dir", tempfile.mkdtemp(prefix="gptswarm-worker-"))
     return Process(["worker", "--join", join, "--token", token, "--name", name, "--device", "cpu", "--threads", "1",
                     *extra], env=env)
 

@@ -74,3 +74,24 @@ def test_pause_resume_finish(tmp_path):
     finally:
         for p in procs:
             p.kill()
+
+
+def test_control_socket_is_one_worker_per_state_dir(tmp_path):
+    import pytest
+
+    from gptswarm.errors import UserError
+    from gptswarm.worker.control import ControlServer, ping, send
+
+    seen = []
+    server = ControlServer(tmp_path, lambda cmd: seen.append(cmd) or {"state": "training", "cmd": cmd})
+    try:
+        assert ping(tmp_path / "control.sock")  # a bare ping leaves the server serving
+        assert send(tmp_path, "status") == {"state": "training", "cmd": "status"}
+        with pytest.raises(UserError, match="another worker is already running"):
+            ControlServer(tmp_path, lambda cmd: {})
+        assert send(tmp_path, "pause")["cmd"] == "pause" and seen == ["status", "pause"]
+    finally:
+        server.close()
+    with pytest.raises(UserError, match="no worker is running"):
+        send(tmp_path, "status")
+    ControlServer(tmp_path, lambda cmd: {}).close()  # a stale socket of a dead worker is taken over

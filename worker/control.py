@@ -42,11 +42,17 @@ class ControlServer:
                 return  # closed
             with conn:
                 try:
-                    cmd = json.loads(conn.makefile().readline() or "{}").get("cmd")
+                    line = conn.makefile().readline()
+                    if not line:
+                        continue  # a ping: connected and hung up
+                    cmd = json.loads(line).get("cmd")
                     reply = self.handle(cmd) if cmd in COMMANDS else {"error": f"unknown command {cmd!r}"}
                 except Exception as e:  # a bad request must not hurt the worker
                     reply = {"error": f"{type(e).__name__}: {e}"}
-                conn.sendall((json.dumps(reply) + "\n").encode())
+                try:
+                    conn.sendall((json.dumps(reply) + "\n").encode())
+                except OSError:
+                    pass  # the client went away
 
     def close(self):
         self.sock.close()
