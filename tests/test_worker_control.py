@@ -94,4 +94,10 @@ def test_control_socket_is_one_worker_per_state_dir(tmp_path):
         server.close()
     with pytest.raises(UserError, match="no worker is running"):
         send(tmp_path, "status")
-    ControlServer(tmp_path, lambda cmd: {}).close()  # a stale socket of a dead worker is taken over
+    import socket
+
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # what a SIGKILLed worker leaves behind
+    stale.bind(str(tmp_path / "control.sock"))
+    stale.close()
+    assert (tmp_path / "control.sock").exists()
+    ControlServer(tmp_path, lambda cmd: {}).close()  # is taken over, not mistaken for a running worker
