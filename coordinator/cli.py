@@ -1,5 +1,6 @@
 """`gptswarm coordinator`: start (or resume) a swarm run and serve it until Ctrl+C."""
 
+import json
 import logging
 import signal
 import socket
@@ -18,8 +19,23 @@ def worker_address(listen, announce_host):
     return f"{host}:{port}"
 
 
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line, for running as a service (journald, Loki, ...); fields passed as
+    `extra={"fields": {...}}` are included."""
+
+    def format(self, record):
+        out = {"ts": round(record.created, 3), "level": record.levelname.lower(), "logger": record.name,
+               "msg": record.getMessage(), **getattr(record, "fields", {})}
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out)
+
+
 def setup_logging(json_logs=False):
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonFormatter() if json_logs else
+                         logging.Formatter("%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
     for noisy in ("hivemind", "grpc"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # a reducer given no part (client-mode peers reduce nothing) warns about it every round
@@ -73,12 +89,13 @@ def wait_for_signal():
 @click.option("--averaging-timeout", type=float, default=60.0, show_default=True, help="Seconds an averaging may take.")
 @click.option("--round-timeout", type=float, default=600.0, show_default=True,
               help="End a round after this many seconds even if it has fewer tokens.")
+@click.option("--json-logs", is_flag=True, help="Log one JSON object per line (for running as a service).")
 @click.option("--lease-seconds", type=float, default=60.0, show_default=True,
               help="A lease not extended by a heartbeat for this long expires and its shard is leased again.")
 def coordinator(task, text, digits, tokenizer_kind, vocab_size, model, block_size, state_dir, listen, dht_listen,
                 http_listen, announce_host, token, tokens_per_round, max_tokens, compression, outer_lr, outer_momentum, batch_size,
                 learning_rate, min_lr, warmup_iters, shard_tokens, heartbeat_interval, matchmaking_time,
-                averaging_timeout, round_timeout, lease_seconds):
+                averaging_timeout, round_timeout, json_logs, lease_seconds):
     """Run the coordinator of a swarm: prepare the data as shards, lease them to workers, end
     rounds and aggregate the workers' pseudo-gradients, keep theta_global and its checkpoints.
 
@@ -90,7 +107,7 @@ def coordinator(task, text, digits, tokenizer_kind, vocab_size, model, block_siz
     from gptswarm.coordinator.server import Coordinator
     from gptswarm.mingpt_core.trainer import TrainConfig
 
-    setup_logging()
+    setup_logging(json_logs)
     log = logging.getLogger("gptswarm.coordinator")
     if (Path(state_dir) / "run.json").exists():
         s = runs.load_run(state_dir)

@@ -160,7 +160,7 @@ class Ledger:
         return worker_id, session
 
     def worker_for_session(self, session):
-        rows = self.query("SELECT * FROM workers WHERE session_hash = ? AND left_at IS NULL", (digest(session),))
+        rows = self.query("SELECT * FROM workers WHERE session_hash = ?", (digest(session),))
         return rows[0] if rows else None
 
     def worker(self, worker_id):
@@ -187,6 +187,19 @@ class Ledger:
                 if cur.rowcount == 0:
                     lost.append(lid)
         return deadline, lost
+
+    def swarm_tokens_per_second(self, seen_after):
+        return self.query("SELECT COALESCE(SUM(tokens_per_second), 0) AS n FROM workers WHERE left_at IS NULL "
+                          "AND last_seen > ? AND state = 'training'", (seen_after,))[0]["n"]
+
+    def come_back(self, worker_id, current_round, round_started):
+        """A worker that left (or crashed) is back with its session: same identity, same totals;
+        like a new worker, it waits for the next round if this one is under way."""
+        with self.tx() as db:
+            db.execute("UPDATE workers SET left_at = NULL, state = 'joining', reason = '', last_seen = ?, "
+                       "eligible_round = ? WHERE id = ?",
+                       (self.clock(), current_round + 1 if round_started else current_round, worker_id))
+            self.event("rejoin", "back with its session", worker_id, db)
 
     def leave(self, worker_id):
         with self.tx() as db:

@@ -104,6 +104,12 @@ class Coordinator:
             started = self.phase == "averaging" or self.ledger.round_tokens(self.round) > 0
             return self.ledger.add_worker(name, device, peer_id, client_mode, self.round, started)
 
+    def come_back(self, worker):
+        with self.lock:
+            started = self.phase == "averaging" or self.ledger.round_tokens(self.round) > 0
+            self.ledger.come_back(worker["id"], self.round, started)
+        return self.ledger.worker(worker["id"])
+
     def may_train(self, worker, round_):
         with self.lock:
             if self.finished:

@@ -35,6 +35,8 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         if worker is None:
             context.abort(grpc.StatusCode.UNAUTHENTICATED,
                           "missing or invalid session: join with the swarm token first")
+        if worker["left_at"] is not None:
+            worker = self.coord.come_back(worker)
         return worker
 
     def Join(self, request, context):
@@ -88,7 +90,11 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         may, _ = c.may_train(w, r["round"])
         return pb.HeartbeatResponse(round=r["round"], phase=r["phase"], theta_hash=r["theta_hash"], may_train=may,
                                     lease_deadline=deadline, expired_lease_ids=lost,
-                                    tokens_trained=r["tokens_trained"], finished=r["finished"])
+                                    tokens_trained=r["tokens_trained"], finished=r["finished"],
+                                    swarm_round_tokens=c.ledger.round_tokens(r["round"]),
+                                    swarm_tokens_per_second=c.ledger.swarm_tokens_per_second(
+                                        time.time() - 3 * c.heartbeat_interval - 5),
+                                    tokens_per_round=c.settings.tokens_per_round)
 
     def GetShard(self, request, context):
         self._worker(context)
@@ -131,6 +137,11 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         finally:
             for _, f in files:
                 f.close()
+
+    def CheckReachability(self, request, context):
+        self._worker(context)
+        ok, detail = self.coord.is_reachable(request.peer_id, list(request.addrs)[:8])
+        return pb.ReachabilityResponse(reachable=ok, detail=detail)
 
     def Leave(self, request, context):
         w = self._worker(context)

@@ -7,6 +7,7 @@ a GradScaler on older GPUs, fp32 on CPU.
 """
 
 import contextlib
+import logging
 import math
 import time
 from dataclasses import asdict, dataclass, fields
@@ -16,6 +17,7 @@ from tqdm import tqdm
 
 from gptswarm.errors import UserError
 
+log = logging.getLogger("gptswarm.trainer")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # dense bf16/fp16 tensor-core peak FLOP/s, for the MFU estimate
@@ -68,6 +70,15 @@ def resolve_device(name="auto"):
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"device {name} requested but no CUDA GPU is available")
     return device
+
+
+def limit_vram(device, max_gib):
+    """Cap this process's share of a GPU's memory (--max-vram); allocations beyond it raise
+    OutOfMemoryError, which the trainer answers with a smaller micro-batch."""
+    if device.type != "cuda" or not max_gib:
+        return
+    total = torch.cuda.get_device_properties(device).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, max_gib * 2**30 / total), device)
 
 
 def resolve_dtype(device, requested="auto"):
@@ -130,8 +141,29 @@ class Trainer:
         return c.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (c.learning_rate - c.min_lr)
 
     def train_step(self, x, y):
-        """One optimizer step on batch (x, y); returns the loss as a 0-d tensor (no device sync)."""
+        """One optimizer step on batch (x, y); returns the loss as a 0-d tensor (no device sync).
+        Out of GPU memory, it halves the micro-batch (accumulating gradients over more slices, the
+        same step mathematically) and tries again, down to one sequence at a time."""
         t0 = time.perf_counter()
+        while True:
+            try:
+                loss = self._step(x, y)
+                break
+            except torch.OutOfMemoryError:
+                micro = self.cfg.micro_batch_size or len(x)
+                self.optimizer.zero_grad(set_to_none=True)
+                if micro <= 1:
+                    raise
+                self.cfg.micro_batch_size = micro // 2
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                log.warning("out of GPU memory at micro-batch %d: retrying with %d", micro, micro // 2)
+        self.step += 1
+        self.tokens += x.numel()
+        self.train_seconds += time.perf_counter() - t0
+        return loss
+
+    def _step(self, x, y):
         for g in self.optimizer.param_groups:
             g["lr"] = self.lr(self.step)
         self.model.train()
@@ -151,9 +183,6 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
-        self.tokens += x.numel()
-        self.train_seconds += time.perf_counter() - t0
         return total
 
     def evaluate(self, batches):

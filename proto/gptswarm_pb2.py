@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dgptswarm/proto/gptswarm.proto\x12\x0bgptswarm.v1\"\x94\x01\n\x0bJoinRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x0f\n\x07peer_id\x18\x05 \x01(\t\x12\x13\n\x0b\x63lient_mode\x18\x06 \x01(\x08\x12\x18\n\x10software_version\x18\x07 \x01(\t\"\\\n\x0cJoinResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07session\x18\x02 \x01(\t\x12\x0e\n\x06run_id\x18\x03 \x01(\t\x12\x18\n\x10protocol_version\x18\x04 \x01(\r\"\x12\n\x10RunConfigRequest\"\xed\x02\n\tRunConfig\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x19\n\x11model_config_json\x18\x02 \x01(\t\x12\x19\n\x11train_config_json\x18\x03 \x01(\t\x12\x16\n\x0etokenizer_json\x18\x04 \x01(\t\x12\x13\n\x0bshards_json\x18\x05 \x01(\t\x12\x18\n\x10tokens_per_round\x18\x06 \x01(\x04\x12\x12\n\nmax_tokens\x18\x0c \x01(\x04\x12\x10\n\x08outer_lr\x18\r \x01(\x01\x12\x16\n\x0eouter_momentum\x18\x0e \x01(\x01\x12\x18\n\x10matchmaking_time\x18\x0f \x01(\x01\x12\x13\n\x0b\x63ompression\x18\x07 \x01(\t\x12\x15\n\rinitial_peers\x18\x08 \x03(\t\x12\x18\n\x10\x61veraging_prefix\x18\t \x01(\t\x12\x19\n\x11\x61veraging_timeout\x18\n \x01(\x01\x12\x1a\n\x12heartbeat_interval\x18\x0b \x01(\x01\"\x1d\n\x0cLeaseRequest\x12\r\n\x05round\x18\x01 \x01(\x04\"\xad\x01\n\rLeaseResponse\x12\x0f\n\x07granted\x18\x01 \x01(\x08\x12\x10\n\x08lease_id\x18\x02 \x01(\t\x12\x13\n\x0bshard_index\x18\x03 \x01(\x04\x12\x0e\n\x06sha256\x18\x04 \x01(\t\x12\x0e\n\x06tokens\x18\x05 \x01(\x04\x12\x10\n\x08\x64\x65\x61\x64line\x18\x06 \x01(\x01\x12\r\n\x05\x65poch\x18\x07 \x01(\x04\x12\x0e\n\x06reason\x18\x08 \x01(\t\x12\x13\n\x0bretry_after\x18\t \x01(\x01\"\xa6\x01\n\x10HeartbeatRequest\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x14\n\x0cround_tokens\x18\x02 \x01(\x04\x12\x19\n\x11tokens_per_second\x18\x03 \x01(\x01\x12\r\n\x05state\x18\x04 \x01(\t\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x11\n\tlease_ids\x18\x06 \x03(\t\x12\x12\n\nbytes_sent\x18\x07 \x01(\x04\x12\x0c\n\x04loss\x18\x08 \x01(\x01\"\xb5\x01\n\x11HeartbeatResponse\x12\r\n\x05round\x18\x01 \x01(\x04\x12\r\n\x05phase\x18\x02 \x01(\t\x12\x12\n\ntheta_hash\x18\x03 \x01(\t\x12\x11\n\tmay_train\x18\x04 \x01(\x08\x12\x16\n\x0elease_deadline\x18\x05 \x01(\x01\x12\x19\n\x11\x65xpired_lease_ids\x18\x06 \x03(\t\x12\x16\n\x0etokens_trained\x18\x07 \x01(\x04\x12\x10\n\x08\x66inished\x18\x08 \x01(\x08\"#\n\x0cShardRequest\x12\x13\n\x0bshard_index\x18\x01 \x01(\x04\"\x19\n\tDataChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"N\n\rReportRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x04\x12\x0e\n\x06tokens\x18\x03 \x01(\x04\x12\x0c\n\x04loss\x18\x04 \x01(\x01\"2\n\x0eReportResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06\x64\x65tail\x18\x02 \x01(\t\"#\n\x0eReleaseRequest\x12\x11\n\tlease_ids\x18\x01 \x03(\t\"#\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\r\"#\n\x12RoundResultRequest\x12\r\n\x05round\x18\x01 \x01(\x04\"R\n\x0bRoundResult\x12\r\n\x05state\x18\x01 \x01(\t\x12\x10\n\x08included\x18\x02 \x01(\x08\x12\x12\n\ntheta_hash\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x04 \x01(\t\"\x13\n\x11\x43heckpointRequest\"P\n\x0f\x43heckpointChunk\x12\x0c\n\x04\x66ile\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\r\n\x05round\x18\x03 \x01(\x04\x12\x12\n\ntheta_hash\x18\x04 \x01(\t\"\x0e\n\x0cLeaveRequest\"\x0f\n\rLeaveResponse2\xd5\x05\n\x0b\x43oordinator\x12;\n\x04Join\x12\x18.gptswarm.v1.JoinRequest\x1a\x19.gptswarm.v1.JoinResponse\x12\x45\n\x0cGetRunConfig\x12\x1d.gptswarm.v1.RunConfigRequest\x1a\x16.gptswarm.v1.RunConfig\x12\x43\n\nLeaseShard\x12\x19.gptswarm.v1.LeaseRequest\x1a\x1a.gptswarm.v1.LeaseResponse\x12J\n\tHeartbeat\x12\x1d.gptswarm.v1.HeartbeatRequest\x1a\x1e.gptswarm.v1.HeartbeatResponse\x12?\n\x08GetShard\x12\x19.gptswarm.v1.ShardRequest\x1a\x16.gptswarm.v1.DataChunk0\x01\x12\x46\n\x0bReportShard\x12\x1a.gptswarm.v1.ReportRequest\x1a\x1b.gptswarm.v1.ReportResponse\x12J\n\rReleaseLeases\x12\x1b.gptswarm.v1.ReleaseRequest\x1a\x1c.gptswarm.v1.ReleaseResponse\x12K\n\x0eGetRoundResult\x12\x1f.gptswarm.v1.RoundResultRequest\x1a\x18.gptswarm.v1.RoundResult\x12O\n\rGetCheckpoint\x12\x1e.gptswarm.v1.CheckpointRequest\x1a\x1c.gptswarm.v1.CheckpointChunk0\x01\x12>\n\x05Leave\x12\x19.gptswarm.v1.LeaveRequest\x1a\x1a.gptswarm.v1.LeaveResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dgptswarm/proto/gptswarm.proto\x12\x0bgptswarm.v1\"\x94\x01\n\x0bJoinRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x0f\n\x07peer_id\x18\x05 \x01(\t\x12\x13\n\x0b\x63lient_mode\x18\x06 \x01(\x08\x12\x18\n\x10software_version\x18\x07 \x01(\t\"\\\n\x0cJoinResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07session\x18\x02 \x01(\t\x12\x0e\n\x06run_id\x18\x03 \x01(\t\x12\x18\n\x10protocol_version\x18\x04 \x01(\r\"\x12\n\x10RunConfigRequest\"\xed\x02\n\tRunConfig\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x19\n\x11model_config_json\x18\x02 \x01(\t\x12\x19\n\x11train_config_json\x18\x03 \x01(\t\x12\x16\n\x0etokenizer_json\x18\x04 \x01(\t\x12\x13\n\x0bshards_json\x18\x05 \x01(\t\x12\x18\n\x10tokens_per_round\x18\x06 \x01(\x04\x12\x12\n\nmax_tokens\x18\x0c \x01(\x04\x12\x10\n\x08outer_lr\x18\r \x01(\x01\x12\x16\n\x0eouter_momentum\x18\x0e \x01(\x01\x12\x18\n\x10matchmaking_time\x18\x0f \x01(\x01\x12\x13\n\x0b\x63ompression\x18\x07 \x01(\t\x12\x15\n\rinitial_peers\x18\x08 \x03(\t\x12\x18\n\x10\x61veraging_prefix\x18\t \x01(\t\x12\x19\n\x11\x61veraging_timeout\x18\n \x01(\x01\x12\x1a\n\x12heartbeat_interval\x18\x0b \x01(\x01\"\x1d\n\x0cLeaseRequest\x12\r\n\x05round\x18\x01 \x01(\x04\"\xad\x01\n\rLeaseResponse\x12\x0f\n\x07granted\x18\x01 \x01(\x08\x12\x10\n\x08lease_id\x18\x02 \x01(\t\x12\x13\n\x0bshard_index\x18\x03 \x01(\x04\x12\x0e\n\x06sha256\x18\x04 \x01(\t\x12\x0e\n\x06tokens\x18\x05 \x01(\x04\x12\x10\n\x08\x64\x65\x61\x64line\x18\x06 \x01(\x01\x12\r\n\x05\x65poch\x18\x07 \x01(\x04\x12\x0e\n\x06reason\x18\x08 \x01(\t\x12\x13\n\x0bretry_after\x18\t \x01(\x01\"\xa6\x01\n\x10HeartbeatRequest\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x14\n\x0cround_tokens\x18\x02 \x01(\x04\x12\x19\n\x11tokens_per_second\x18\x03 \x01(\x01\x12\r\n\x05state\x18\x04 \x01(\t\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x11\n\tlease_ids\x18\x06 \x03(\t\x12\x12\n\nbytes_sent\x18\x07 \x01(\x04\x12\x0c\n\x04loss\x18\x08 \x01(\x01\"\x8c\x02\n\x11HeartbeatResponse\x12\r\n\x05round\x18\x01 \x01(\x04\x12\r\n\x05phase\x18\x02 \x01(\t\x12\x12\n\ntheta_hash\x18\x03 \x01(\t\x12\x11\n\tmay_train\x18\x04 \x01(\x08\x12\x16\n\x0elease_deadline\x18\x05 \x01(\x01\x12\x19\n\x11\x65xpired_lease_ids\x18\x06 \x03(\t\x12\x16\n\x0etokens_trained\x18\x07 \x01(\x04\x12\x10\n\x08\x66inished\x18\x08 \x01(\x08\x12\x1a\n\x12swarm_round_tokens\x18\t \x01(\x04\x12\x1f\n\x17swarm_tokens_per_second\x18\n \x01(\x01\x12\x18\n\x10tokens_per_round\x18\x0b \x01(\x04\"#\n\x0cShardRequest\x12\x13\n\x0bshard_index\x18\x01 \x01(\x04\"\x19\n\tDataChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"N\n\rReportRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x04\x12\x0e\n\x06tokens\x18\x03 \x01(\x04\x12\x0c\n\x04loss\x18\x04 \x01(\x01\"2\n\x0eReportResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06\x64\x65tail\x18\x02 \x01(\t\"#\n\x0eReleaseRequest\x12\x11\n\tlease_ids\x18\x01 \x03(\t\"#\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\r\"#\n\x12RoundResultRequest\x12\r\n\x05round\x18\x01 \x01(\x04\"R\n\x0bRoundResult\x12\r\n\x05state\x18\x01 \x01(\t\x12\x10\n\x08included\x18\x02 \x01(\x08\x12\x12\n\ntheta_hash\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x04 \x01(\t\"\x13\n\x11\x43heckpointRequest\"P\n\x0f\x43heckpointChunk\x12\x0c\n\x04\x66ile\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\r\n\x05round\x18\x03 \x01(\x04\x12\x12\n\ntheta_hash\x18\x04 \x01(\t\"\x0e\n\x0cLeaveRequest\"\x0f\n\rLeaveResponse\"5\n\x13ReachabilityRequest\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\r\n\x05\x61\x64\x64rs\x18\x02 \x03(\t\"9\n\x14ReachabilityResponse\x12\x11\n\treachable\x18\x01 \x01(\x08\x12\x0e\n\x06\x64\x65tail\x18\x02 \x01(\t2\xaf\x06\n\x0b\x43oordinator\x12;\n\x04Join\x12\x18.gptswarm.v1.JoinRequest\x1a\x19.gptswarm.v1.JoinResponse\x12\x45\n\x0cGetRunConfig\x12\x1d.gptswarm.v1.RunConfigRequest\x1a\x16.gptswarm.v1.RunConfig\x12\x43\n\nLeaseShard\x12\x19.gptswarm.v1.LeaseRequest\x1a\x1a.gptswarm.v1.LeaseResponse\x12J\n\tHeartbeat\x12\x1d.gptswarm.v1.HeartbeatRequest\x1a\x1e.gptswarm.v1.HeartbeatResponse\x12?\n\x08GetShard\x12\x19.gptswarm.v1.ShardRequest\x1a\x16.gptswarm.v1.DataChunk0\x01\x12\x46\n\x0bReportShard\x12\x1a.gptswarm.v1.ReportRequest\x1a\x1b.gptswarm.v1.ReportResponse\x12J\n\rReleaseLeases\x12\x1b.gptswarm.v1.ReleaseRequest\x1a\x1c.gptswarm.v1.ReleaseResponse\x12K\n\x0eGetRoundResult\x12\x1f.gptswarm.v1.RoundResultRequest\x1a\x18.gptswarm.v1.RoundResult\x12O\n\rGetCheckpoint\x12\x1e.gptswarm.v1.CheckpointRequest\x1a\x1c.gptswarm.v1.CheckpointChunk0\x01\x12>\n\x05Leave\x12\x19.gptswarm.v1.LeaveRequest\x1a\x1a.gptswarm.v1.LeaveResponse\x12X\n\x11\x43heckReachability\x12 .gptswarm.v1.ReachabilityRequest\x1a!.gptswarm.v1.ReachabilityResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -46,31 +46,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_HEARTBEATREQUEST']._serialized_start=887
   _globals['_HEARTBEATREQUEST']._serialized_end=1053
   _globals['_HEARTBEATRESPONSE']._serialized_start=1056
-  _globals['_HEARTBEATRESPONSE']._serialized_end=1237
-  _globals['_SHARDREQUEST']._serialized_start=1239
-  _globals['_SHARDREQUEST']._serialized_end=1274
-  _globals['_DATACHUNK']._serialized_start=1276
-  _globals['_DATACHUNK']._serialized_end=1301
-  _globals['_REPORTREQUEST']._serialized_start=1303
-  _globals['_REPORTREQUEST']._serialized_end=1381
-  _globals['_REPORTRESPONSE']._serialized_start=1383
-  _globals['_REPORTRESPONSE']._serialized_end=1433
-  _globals['_RELEASEREQUEST']._serialized_start=1435
-  _globals['_RELEASEREQUEST']._serialized_end=1470
-  _globals['_RELEASERESPONSE']._serialized_start=1472
-  _globals['_RELEASERESPONSE']._serialized_end=1507
-  _globals['_ROUNDRESULTREQUEST']._serialized_start=1509
-  _globals['_ROUNDRESULTREQUEST']._serialized_end=1544
-  _globals['_ROUNDRESULT']._serialized_start=1546
-  _globals['_ROUNDRESULT']._serialized_end=1628
-  _globals['_CHECKPOINTREQUEST']._serialized_start=1630
-  _globals['_CHECKPOINTREQUEST']._serialized_end=1649
-  _globals['_CHECKPOINTCHUNK']._serialized_start=1651
-  _globals['_CHECKPOINTCHUNK']._serialized_end=1731
-  _globals['_LEAVEREQUEST']._serialized_start=1733
-  _globals['_LEAVEREQUEST']._serialized_end=1747
-  _globals['_LEAVERESPONSE']._serialized_start=1749
-  _globals['_LEAVERESPONSE']._serialized_end=1764
-  _globals['_COORDINATOR']._serialized_start=1767
-  _globals['_COORDINATOR']._serialized_end=2492
+  _globals['_HEARTBEATRESPONSE']._serialized_end=1324
+  _globals['_SHARDREQUEST']._serialized_start=1326
+  _globals['_SHARDREQUEST']._serialized_end=1361
+  _globals['_DATACHUNK']._serialized_start=1363
+  _globals['_DATACHUNK']._serialized_end=1388
+  _globals['_REPORTREQUEST']._serialized_start=1390
+  _globals['_REPORTREQUEST']._serialized_end=1468
+  _globals['_REPORTRESPONSE']._serialized_start=1470
+  _globals['_REPORTRESPONSE']._serialized_end=1520
+  _globals['_RELEASEREQUEST']._serialized_start=1522
+  _globals['_RELEASEREQUEST']._serialized_end=1557
+  _globals['_RELEASERESPONSE']._serialized_start=1559
+  _globals['_RELEASERESPONSE']._serialized_end=1594
+  _globals['_ROUNDRESULTREQUEST']._serialized_start=1596
+  _globals['_ROUNDRESULTREQUEST']._serialized_end=1631
+  _globals['_ROUNDRESULT']._serialized_start=1633
+  _globals['_ROUNDRESULT']._serialized_end=1715
+  _globals['_CHECKPOINTREQUEST']._serialized_start=1717
+  _globals['_CHECKPOINTREQUEST']._serialized_end=1736
+  _globals['_CHECKPOINTCHUNK']._serialized_start=1738
+  _globals['_CHECKPOINTCHUNK']._serialized_end=1818
+  _globals['_LEAVEREQUEST']._serialized_start=1820
+  _globals['_LEAVEREQUEST']._serialized_end=1834
+  _globals['_LEAVERESPONSE']._serialized_start=1836
+  _globals['_LEAVERESPONSE']._serialized_end=1851
+  _globals['_REACHABILITYREQUEST']._serialized_start=1853
+  _globals['_REACHABILITYREQUEST']._serialized_end=1906
+  _globals['_REACHABILITYRESPONSE']._serialized_start=1908
+  _globals['_REACHABILITYRESPONSE']._serialized_end=1965
+  _globals['_COORDINATOR']._serialized_start=1968
+  _globals['_COORDINATOR']._serialized_end=2783
 # @@protoc_insertion_point(module_scope)

@@ -123,7 +123,7 @@ class HeartbeatRequest(_message.Message):
     def __init__(self, round: _Optional[int] = ..., round_tokens: _Optional[int] = ..., tokens_per_second: _Optional[float] = ..., state: _Optional[str] = ..., reason: _Optional[str] = ..., lease_ids: _Optional[_Iterable[str]] = ..., bytes_sent: _Optional[int] = ..., loss: _Optional[float] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
-    __slots__ = ("round", "phase", "theta_hash", "may_train", "lease_deadline", "expired_lease_ids", "tokens_trained", "finished")
+    __slots__ = ("round", "phase", "theta_hash", "may_train", "lease_deadline", "expired_lease_ids", "tokens_trained", "finished", "swarm_round_tokens", "swarm_tokens_per_second", "tokens_per_round")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     PHASE_FIELD_NUMBER: _ClassVar[int]
     THETA_HASH_FIELD_NUMBER: _ClassVar[int]
@@ -132,6 +132,9 @@ class HeartbeatResponse(_message.Message):
     EXPIRED_LEASE_IDS_FIELD_NUMBER: _ClassVar[int]
     TOKENS_TRAINED_FIELD_NUMBER: _ClassVar[int]
     FINISHED_FIELD_NUMBER: _ClassVar[int]
+    SWARM_ROUND_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SWARM_TOKENS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_PER_ROUND_FIELD_NUMBER: _ClassVar[int]
     round: int
     phase: str
     theta_hash: str
@@ -140,7 +143,10 @@ class HeartbeatResponse(_message.Message):
     expired_lease_ids: _containers.RepeatedScalarFieldContainer[str]
     tokens_trained: int
     finished: bool
-    def __init__(self, round: _Optional[int] = ..., phase: _Optional[str] = ..., theta_hash: _Optional[str] = ..., may_train: _Optional[bool] = ..., lease_deadline: _Optional[float] = ..., expired_lease_ids: _Optional[_Iterable[str]] = ..., tokens_trained: _Optional[int] = ..., finished: _Optional[bool] = ...) -> None: ...
+    swarm_round_tokens: int
+    swarm_tokens_per_second: float
+    tokens_per_round: int
+    def __init__(self, round: _Optional[int] = ..., phase: _Optional[str] = ..., theta_hash: _Optional[str] = ..., may_train: _Optional[bool] = ..., lease_deadline: _Optional[float] = ..., expired_lease_ids: _Optional[_Iterable[str]] = ..., tokens_trained: _Optional[int] = ..., finished: _Optional[bool] = ..., swarm_round_tokens: _Optional[int] = ..., swarm_tokens_per_second: _Optional[float] = ..., tokens_per_round: _Optional[int] = ...) -> None: ...
 
 class ShardRequest(_message.Message):
     __slots__ = ("shard_index",)
@@ -227,3 +233,19 @@ class LeaveRequest(_message.Message):
 class LeaveResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class ReachabilityRequest(_message.Message):
+    __slots__ = ("peer_id", "addrs")
+    PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    ADDRS_FIELD_NUMBER: _ClassVar[int]
+    peer_id: str
+    addrs: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, peer_id: _Optional[str] = ..., addrs: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ReachabilityResponse(_message.Message):
+    __slots__ = ("reachable", "detail")
+    REACHABLE_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    reachable: bool
+    detail: str
+    def __init__(self, reachable: _Optional[bool] = ..., detail: _Optional[str] = ...) -> None: ...

@@ -84,6 +84,11 @@ class CoordinatorStub:
                 request_serializer=gptswarm_dot_proto_dot_gptswarm__pb2.LeaveRequest.SerializeToString,
                 response_deserializer=gptswarm_dot_proto_dot_gptswarm__pb2.LeaveResponse.FromString,
                 _registered_method=True)
+        self.CheckReachability = channel.unary_unary(
+                '/gptswarm.v1.Coordinator/CheckReachability',
+                request_serializer=gptswarm_dot_proto_dot_gptswarm__pb2.ReachabilityRequest.SerializeToString,
+                response_deserializer=gptswarm_dot_proto_dot_gptswarm__pb2.ReachabilityResponse.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -157,6 +162,13 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CheckReachability(self, request, context):
+        """Can the coordinator dial this worker at these addresses (as a stranger would)? For NAT advice.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -209,6 +221,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.Leave,
                     request_deserializer=gptswarm_dot_proto_dot_gptswarm__pb2.LeaveRequest.FromString,
                     response_serializer=gptswarm_dot_proto_dot_gptswarm__pb2.LeaveResponse.SerializeToString,
+            ),
+            'CheckReachability': grpc.unary_unary_rpc_method_handler(
+                    servicer.CheckReachability,
+                    request_deserializer=gptswarm_dot_proto_dot_gptswarm__pb2.ReachabilityRequest.FromString,
+                    response_serializer=gptswarm_dot_proto_dot_gptswarm__pb2.ReachabilityResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -481,6 +498,33 @@ class Coordinator:
             '/gptswarm.v1.Coordinator/Leave',
             gptswarm_dot_proto_dot_gptswarm__pb2.LeaveRequest.SerializeToString,
             gptswarm_dot_proto_dot_gptswarm__pb2.LeaveResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CheckReachability(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gptswarm.v1.Coordinator/CheckReachability',
+            gptswarm_dot_proto_dot_gptswarm__pb2.ReachabilityRequest.SerializeToString,
+            gptswarm_dot_proto_dot_gptswarm__pb2.ReachabilityResponse.FromString,
             options,
             channel_credentials,
             insecure,

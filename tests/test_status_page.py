@@ -42,6 +42,10 @@ def swarm(tmp_path_factory):
         page = coord.wait_for(r"status page: (http://\S+)").group(1)
         procs += [worker(join, SCRIPT_NAME), worker(join, IMG_NAME, "--p2p-listen", "127.0.0.1:0")]
         wait_until(lambda: len(ledger(sd, "SELECT 1 FROM rounds WHERE state = 'done'")) >= 2, 150, "two rounds")
+        # at join, each worker measured its throughput and got reachability advice
+        procs[1].wait_for("client mode: nothing to open in your firewall")
+        procs[2].wait_for(r"reachable: the coordinator can connect to /ip4/127\.0\.0\.1/tcp/\d+")
+        assert all(p.count(r"throughput [\d,]+ tokens/s on cpu") == 1 for p in procs[1:])
         yield page.rstrip("/"), sd
     finally:
         for p in procs:

@@ -125,3 +125,42 @@ def test_precision_policy_and_schedule():
     assert all(a >= b for a, b in zip(lrs[10:100], lrs[11:100]))  # cosine decay
     assert lrs[100] == lrs[119] == 0.1
     assert not tr.scaler.is_enabled()
+
+
+class OutOfMemoryAbove(torch.nn.Module):
+    """A model whose forward raises CUDA's OutOfMemoryError above a batch size: the GPU-memory
+    boundary, stood in for on a CPU-only machine. The trainer's reaction is the real one."""
+
+    def __init__(self, inner, limit):
+        super().__init__()
+        self.inner, self.limit, self.config = inner, limit, inner.config
+        self.seen = []
+
+    def forward(self, x, y=None):
+        self.seen.append(len(x))
+        if len(x) > self.limit:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return self.inner(x, y)
+
+    def optimizer(self, *a, **kw):
+        return self.inner.optimizer(*a, **kw)
+
+
+def test_out_of_memory_shrinks_the_micro_batch_not_the_step():
+    task = AdditionTask(2)
+    torch.manual_seed(0)
+    ref = jobs.build_model(task.tokenizer, task, "gpt-nano")
+    torch.manual_seed(0)
+    small = OutOfMemoryAbove(jobs.build_model(task.tokenizer, task, "gpt-nano"), limit=5)
+    x = torch.randint(0, 10, (16, 6))
+    y = torch.randint(0, 10, (16, 6))
+    a, b = Trainer(ref, TrainConfig(max_iters=10), "cpu"), Trainer(small, TrainConfig(max_iters=10), "cpu")
+    la, lb = a.train_step(x, y), b.train_step(x, y)
+    assert b.cfg.micro_batch_size == 4 and small.seen[:3] == [16, 8, 4]  # 16 -> 8 -> 4 fits
+    assert b.step == 1 and b.tokens == x.numel()
+    assert torch.allclose(la, lb, atol=1e-5)  # the same step, accumulated over 4 slices
+    for p, q in zip(ref.parameters(), small.inner.parameters()):
+        assert torch.allclose(p, q, atol=1e-5)
+    tiny = OutOfMemoryAbove(jobs.build_model(task.tokenizer, task, "gpt-nano"), limit=0)
+    with pytest.raises(torch.OutOfMemoryError):  # nothing fits: a clear error, not a loop
+        Trainer(tiny, TrainConfig(max_iters=10), "cpu").train_step(x, y)

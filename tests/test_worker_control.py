@@ -56,13 +56,19 @@ def test_pause_resume_finish(tmp_path):
         # the pause survives a restart
         vol.signal(signal.SIGINT)
         assert vol.p.wait(15) == 0
-        vol = worker(join, "vol", "--state-dir", ws)
+        vol = worker(join, "vol", "--state-dir", ws, "--json-logs")
         procs.append(vol)
         wait_until(lambda: state_of(sd, "vol")[0] == "paused", 60, "the restarted worker to stay paused")
+        vol.wait_for("resuming as w-")  # the same worker: one identity, one contribution total
+        assert ledger(sd, "SELECT COUNT(*) FROM workers WHERE name = 'vol'")[0][0] == 1
+        assert "rejoin" in [k for (k,) in ledger(sd, "SELECT kind FROM events")]
 
         assert control(ws, "resume")["paused"] is False
         wait_until(lambda: state_of(sd, "vol")[0] in ("training", "averaging"), 60, "vol to train again")
 
+        progress = vol.wait_for(r'^\{.*"tokens_contributed"', 30)  # --json-logs: the progress line as JSON
+        record = json.loads(progress.string)
+        assert record["level"] == "info" and {"round", "state", "tokens_per_second"} <= set(record)
         reply = control(ws, "finish")
         assert reply["finishing"] is True
         assert vol.p.wait(120) == 0

@@ -58,11 +58,16 @@ def state_dir_option(f):
               "connections on this address (a reachable worker strengthens the swarm's DHT). Default: client mode, "
               "nothing to open in your firewall.")
 @click.option("--announce-host", envvar="GPTSWARM_ANNOUNCE_HOST", help="Public host name or IP for --p2p-listen.")
+@click.option("--max-vram", envvar="GPTSWARM_MAX_VRAM", type=float, metavar="GIB",
+              help="Use at most this much GPU memory; the micro-batch shrinks to fit (it also does on its own "
+                   "when the card runs out of memory).")
+@click.option("--json-logs", envvar="GPTSWARM_JSON_LOGS", is_flag=True,
+              help="Log one JSON object per line (progress included), for running as a service.")
 @click.option("--threads", envvar="GPTSWARM_THREADS", type=int, help="CPU threads for training on the CPU (default: all).")
 @state_dir_option
 @click.pass_context
-def worker(ctx, join, token, device, name, schedule, idle_only, max_hours, p2p_listen, announce_host, threads,
-           state_dir):
+def worker(ctx, join, token, device, name, schedule, idle_only, max_hours, p2p_listen, announce_host, max_vram,
+           json_logs, threads, state_dir):
     """Join a swarm and train with it: lease data shards from the coordinator, train the shared
     GPT on them, and average what was learned with the other workers every round.
 
@@ -79,11 +84,11 @@ def worker(ctx, join, token, device, name, schedule, idle_only, max_hours, p2p_l
     from gptswarm.worker.loop import Worker
     from gptswarm.worker.schedule import Schedule
 
-    setup_logging()
+    setup_logging(json_logs)
     if threads:
         torch.set_num_threads(threads)
     w = Worker(join, token, device, name, p2p_listen, announce_host, state_dir,
-               Schedule.parse(schedule) if schedule else None, idle_only, max_hours)
+               Schedule.parse(schedule) if schedule else None, idle_only, max_hours, max_vram)
     pressed = []
 
     def on_signal(*_):

@@ -8,6 +8,7 @@ join -> run config -> hivemind peer -> theta_global from the latest checkpoint -
 A worker that joins while a round is under way waits for the next one.
 """
 
+import hashlib
 import json
 import logging
 import math
@@ -26,7 +27,7 @@ from gptswarm.errors import UserError
 from gptswarm.mingpt_core import checkpoint
 from gptswarm.mingpt_core.data import Batches, Shard, ShardSet, decode_shard
 from gptswarm.mingpt_core.model import GPT, GPTConfig
-from gptswarm.mingpt_core.trainer import Trainer, TrainConfig, resolve_device
+from gptswarm.mingpt_core.trainer import Trainer, TrainConfig, limit_vram, resolve_device, resolve_dtype
 from gptswarm.outer import outer_step, pseudo_gradient
 from gptswarm.proto import gptswarm_pb2 as pb
 from gptswarm.worker.client import CoordinatorClient, Stopped
@@ -45,8 +46,9 @@ def describe_device(device):
 
 class Worker:
     def __init__(self, join, token, device="auto", name=None, p2p_listen=None, announce_host=None, state_dir=None,
-                 schedule=None, idle_only=False, max_hours=None):
+                 schedule=None, idle_only=False, max_hours=None, max_vram=None):
         self.device = resolve_device(device)
+        limit_vram(self.device, max_vram)
         self.state_dir = Path(state_dir or default_state_dir())
         self.schedule, self.max_hours = schedule, max_hours
         self.idle = None
@@ -93,9 +95,12 @@ class Worker:
 
     def _bootstrap(self):
         self.client.connect()
-        joined = self.client.join(self.name, describe_device(self.device), self.client_mode)
-        self.worker_id = joined.worker_id
-        cfg = self.client.call("GetRunConfig", pb.RunConfigRequest())
+        cfg = self._resume_session()
+        if cfg is None:
+            joined = self.client.join(self.name, describe_device(self.device), self.client_mode)
+            self.worker_id = joined.worker_id
+            cfg = self.client.call("GetRunConfig", pb.RunConfigRequest())
+            self._save_session(cfg.run_id)
         self.cfg = cfg
         self.client.close()  # hivemind forks its processes: no gRPC objects around while it starts
         self.dht = start_dht(self.p2p_listen or "0.0.0.0:0", cfg.initial_peers, self.client_mode, self.announce_host)
@@ -112,12 +117,93 @@ class Worker:
         self.batch_tokens = train.batch_size * (self.model_config.block_size if self.shard_info.layout == "stream"
                                                 else self.shard_info.example_len - 1)
         train.max_iters = max(1, cfg.max_tokens // self.batch_tokens)  # the LR schedule spans the run's budget
+        self.tps, train.micro_batch_size = self._benchmark(train)
         self.model = GPT(self.model_config)
         self.trainer = Trainer(self.model, train, self.device)
         log.info("joined %s as %s (%s), run %s", self.client.address, self.worker_id, self.name, cfg.run_id)
+        self._reachability_advice()
         self._sync_from_checkpoint()
         self.hb_thread = threading.Thread(target=self._heartbeats, name="heartbeat", daemon=True)
         self.hb_thread.start()
+
+    def _resume_session(self):
+        """After a crash, a reboot or a restart: come back as the same worker (same id, same
+        contribution totals) if the coordinator still knows our session. The run config, or None."""
+        path = self.state_dir / "session.json"
+        try:
+            saved = json.loads(path.read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+        if saved.get("coordinator") != self.client.address:
+            return None
+        self.client.session = saved["session"]
+        try:
+            cfg = self.client.call("GetRunConfig", pb.RunConfigRequest())
+        except UserError:  # the coordinator forgot us (new run, revoked sessions): join afresh
+            self.client.session = ""
+            return None
+        if cfg.run_id != saved.get("run_id"):
+            self.client.session = ""
+            return None
+        self.worker_id = saved["worker_id"]
+        log.info("resuming as %s (%s) in run %s", self.worker_id, self.name, cfg.run_id)
+        return cfg
+
+    def _benchmark(self, train):
+        """Tokens/s of a training step on this device, and the micro-batch that fits its memory,
+        measured once on a throwaway copy of the model and cached per (model, device, dtype)."""
+        dtype = str(resolve_dtype(self.device, train.dtype)).replace("torch.", "")
+        key = hashlib.sha256(json.dumps([self.model_config.to_dict(), train.batch_size, describe_device(self.device),
+                                         dtype], sort_keys=True).encode()).hexdigest()[:16]
+        cache = self.state_dir / "benchmarks.json"
+        try:
+            known = json.loads(cache.read_text())
+        except (FileNotFoundError, ValueError):
+            known = {}
+        if key in known:
+            b = known[key]
+            log.info("throughput %s tokens/s on %s (%s, micro-batch %d; measured earlier)",
+                     f"{b['tokens_per_second']:,.0f}", describe_device(self.device), dtype, b["micro_batch_size"])
+            return b["tokens_per_second"], b["micro_batch_size"]
+        trial = Trainer(GPT(self.model_config), TrainConfig(**{**train.to_dict(), "max_iters": 10**9}), self.device)
+        T = self.model_config.block_size
+        x = torch.randint(0, self.model_config.vocab_size, (train.batch_size, T))
+        trial.train_step(x, x)  # warm-up (and the micro-batch search, if memory is short)
+        t0, steps = time.perf_counter(), 3
+        for _ in range(steps):
+            trial.train_step(x, x).item()
+        tps = steps * x.numel() / (time.perf_counter() - t0)
+        micro = trial.cfg.micro_batch_size or train.batch_size
+        del trial
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        known[key] = {"tokens_per_second": round(tps, 1), "micro_batch_size": micro, "device": describe_device(self.device),
+                      "dtype": dtype, "measured_at": time.time()}
+        cache.write_text(json.dumps(known, indent=1))
+        log.info("throughput %s tokens/s on %s (%s, micro-batch %d)", f"{tps:,.0f}", describe_device(self.device),
+                 dtype, micro)
+        return tps, micro
+
+    def _reachability_advice(self):
+        if self.client_mode:
+            log.info("client mode: nothing to open in your firewall; your averaging goes through the coordinator")
+            return
+        addrs = [str(m).split("/p2p/")[0] for m in self.dht.get_visible_maddrs()]
+        r = self.client.call("CheckReachability", pb.ReachabilityRequest(peer_id=self.dht.peer_id.to_base58(),
+                                                                          addrs=addrs))
+        if r.reachable:
+            log.info("reachable: the coordinator can connect to %s", ", ".join(addrs))
+        else:
+            port = addrs[0].rsplit("/", 1)[-1] if addrs else "?"
+            log.warning("the coordinator cannot reach %s (%s): open TCP port %s in your firewall and forward it "
+                        "on your router (and pass --announce-host YOUR_PUBLIC_IP), or drop --p2p-listen to run in "
+                        "client mode", ", ".join(addrs), r.detail, port)
+
+    def _save_session(self, run_id):
+        path = self.state_dir / "session.json"
+        path.write_text(json.dumps({"coordinator": self.client.address, "run_id": run_id,
+                                    "worker_id": self.worker_id, "session": self.client.session}))
+        os.chmod(path, 0o600)
 
     def _teardown(self):
         self.stopping.set()
@@ -227,7 +313,11 @@ class Worker:
             return
         t0 = time.perf_counter()
         x, y = s["batches"].next()
-        loss = self.trainer.train_step(x, y)
+        try:
+            loss = self.trainer.train_step(x, y)
+        except torch.OutOfMemoryError:
+            raise UserError(f"the model does not fit in {self.device}'s memory even one sequence at a time; "
+                            "use a bigger GPU, a larger --max-vram, or --device cpu") from None
         if FAULT == "nan-gradient":
             with torch.no_grad():
                 next(self.model.parameters()).fill_(float("nan"))
@@ -358,8 +448,27 @@ class Worker:
 
     # --- heartbeats ---
 
+    def _progress(self):
+        """The terminal's status line (a JSON record with --json-logs), every 10 s."""
+        v = self.view
+        eta = ""
+        if v is not None and v.swarm_tokens_per_second > 0 and self.state == "training":
+            left = max(0, v.tokens_per_round - v.swarm_round_tokens)
+            eta = f" · sync in ~{left / v.swarm_tokens_per_second:.0f} s"
+        fields = {"round": self.round, "state": self.state, "reason": self.reason,
+                  "tokens_per_second": round(self.tps), "round_tokens": self.round_tokens,
+                  "tokens_contributed": self.tokens_contributed}
+        what = self.state + (f" ({self.reason})" if self.reason else "")
+        log.info("round %d · %s · %s tok/s · %s tokens this round · %s contributed%s", self.round, what,
+                 f"{self.tps:,.0f}", f"{self.round_tokens:,}", f"{self.tokens_contributed:,}", eta,
+                 extra={"fields": fields})
+
     def _heartbeats(self):
+        last_progress = time.monotonic()
         while not self.stopping.wait(self.cfg.heartbeat_interval):
+            if time.monotonic() - last_progress >= 10:
+                last_progress = time.monotonic()
+                self._progress()
             req = pb.HeartbeatRequest(round=self.round, round_tokens=self.round_tokens, tokens_per_second=self.tps,
                                       state=self.state, reason=self.reason, lease_ids=self._lease_ids(),
                                       bytes_sent=self.averager.bytes_sent_total,
