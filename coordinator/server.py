@@ -193,15 +193,8 @@ class Coordinator:
         log.info("round %d: %d tokens trained, averaging", r, self.ledger.round_tokens(r))
         t0 = time.time()
         zeros = {k: torch.zeros_like(v) for k, v in self.theta.items()}  # the coordinator adds no gradient
-        # who will join: everyone online who trained in this round or is training now (erring high only
-        # costs the matchmaking window; erring low would close the group before a worker arrives)
-        expected = self.ledger.query(
-            "SELECT COUNT(*) AS n FROM workers w LEFT JOIN contributions c ON c.worker_id = w.id AND c.round = ? "
-            "WHERE w.left_at IS NULL AND w.last_seen > ? AND w.eligible_round <= ? "
-            "AND (c.tokens > 0 OR w.state IN ('joining', 'syncing', 'training', 'averaging'))",
-            (r, time.time() - 3 * self.heartbeat_interval - 5, r))[0]["n"]
         outcome = self.averager.average(zeros, weight=0.0, round_=r, worker_id="coordinator",
-                                        timeout=self.averaging_timeout, group_size=expected + 1)
+                                        timeout=self.averaging_timeout)
         seconds = time.time() - t0
         members = {m["worker_id"]: m for m in outcome.members if m.get("worker_id") != "coordinator"}
         included = {w: (int(m["tokens"]), "") for w, m in members.items() if w not in outcome.rejected}

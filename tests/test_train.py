@@ -164,3 +164,20 @@ def test_out_of_memory_shrinks_the_micro_batch_not_the_step():
     tiny = OutOfMemoryAbove(jobs.build_model(task.tokenizer, task, "gpt-nano"), limit=0)
     with pytest.raises(torch.OutOfMemoryError):  # nothing fits: a clear error, not a loop
         Trainer(tiny, TrainConfig(max_iters=10), "cpu").train_step(x, y)
+
+
+def test_gpus_without_bf16_train_in_fp16_with_a_grad_scaler(monkeypatch):
+    # which GPU we are on is the hardware boundary: ask for a pre-Ampere card's answer
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert resolve_dtype(torch.device("cuda")) == torch.float16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert resolve_dtype(torch.device("cuda")) == torch.bfloat16
+    # the fp16 path itself (autocast + GradScaler) runs on the CPU as well: it trains
+    task = AdditionTask(2)
+    torch.manual_seed(0)
+    tr = Trainer(jobs.build_model(task.tokenizer, task, "gpt-nano"),
+                 TrainConfig(max_iters=40, dtype="float16", warmup_iters=0, learning_rate=3e-3), "cpu")
+    assert tr.scaler.is_enabled() and tr.dtype == torch.float16
+    x = torch.randint(0, 10, (32, 6))
+    losses = [tr.train_step(x, x).item() for _ in range(40)]
+    assert losses[-1] < losses[0] - 0.5 and tr.state_meta()["scaler"]["scale"] > 0
