@@ -238,10 +238,6 @@ class Ledger:
         rows = self.query("SELECT * FROM leases WHERE id = ?", (lease_id,))
         return rows[0] if rows else None
 
-    def holds_shard(self, worker_id, shard_idx):
-        return bool(self.query("SELECT 1 FROM leases WHERE worker_id = ? AND shard_idx = ? AND state = 'active'",
-                               (worker_id, shard_idx)))
-
     def report(self, worker_id, lease_id, round_, tokens, loss):
         """Mark a leased shard done. Returns (accepted, detail); a duplicate, late or foreign report
         changes nothing."""

@@ -26,7 +26,6 @@ from gptswarm.mingpt_core import checkpoint
 from gptswarm.mingpt_core.data import ShardSet, read_text
 from gptswarm.mingpt_core.model import GPT, GPTConfig
 from gptswarm.mingpt_core.tasks import make_task
-from gptswarm.mingpt_core.tokenizer import Tokenizer
 from gptswarm.mingpt_core.trainer import TrainConfig
 
 COMPRESSIONS = ("none", "fp16", "8bit")
@@ -159,6 +158,3 @@ def load_theta(directory):
 def read_shards(state_dir):
     return ShardSet.read(Path(state_dir) / "shards")
 
-
-def tokenizer_of(state_dir):
-    return Tokenizer.load(Path(state_dir) / "tokenizer.json")

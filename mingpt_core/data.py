@@ -73,11 +73,6 @@ class ShardSet:
     def split(self, name):
         return [s for s in self.shards if s.split == name]
 
-    @property
-    def min_block_size(self):
-        """The smallest block_size a model needs to train on these shards."""
-        return self.example_len - 1 if self.layout == "examples" else 1
-
     def manifest(self):
         return {
             "format": FORMAT, "dtype": "uint16", "layout": self.layout, "vocab_size": self.vocab_size,

@@ -95,7 +95,3 @@ class Tokenizer:
             raise
         except Exception as e:
             raise UserError(f"cannot read tokenizer {path}: {str(e).splitlines()[0]}") from None
-
-    @classmethod
-    def from_str(cls, s):
-        return cls(HFTokenizer.from_str(s))
