@@ -8,6 +8,7 @@ its shard to the queue; a shard is counted done once per epoch, so a late or rep
 counts tokens twice; the next epoch starts only when every shard of this one is done.
 """
 
+import contextlib
 import hashlib
 import json
 import random
@@ -68,23 +69,17 @@ class Ledger:
         with self.lock:
             self.db.close()
 
+    @contextlib.contextmanager
     def tx(self):
-        """BEGIN IMMEDIATE ... COMMIT under the ledger lock (use as a context manager)."""
-        ledger = self
-
-        class _Tx:
-            def __enter__(self):
-                ledger.lock.acquire()
-                ledger.db.execute("BEGIN IMMEDIATE")
-                return ledger.db
-
-            def __exit__(self, exc_type, *_):
-                try:
-                    ledger.db.execute("ROLLBACK" if exc_type else "COMMIT")
-                finally:
-                    ledger.lock.release()
-
-        return _Tx()
+        """BEGIN IMMEDIATE ... COMMIT (ROLLBACK on error) under the ledger lock; yields the connection."""
+        with self.lock:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self.db
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+            self.db.execute("COMMIT")
 
     def query(self, sql, args=()):
         with self.lock:

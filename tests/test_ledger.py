@@ -133,3 +133,11 @@ def test_lease_order_is_a_seeded_shuffle_per_epoch(tmp_path):
     again = Ledger(tmp_path / "m.sqlite")
     again.add_shards([(f"s{i}", 10) for i in range(40)])
     assert [again.lease(w, 0)["shard_index"] for _ in range(5)] == first[:5]  # reproducible
+
+
+def test_a_failed_transaction_changes_nothing(ledger):
+    with pytest.raises(RuntimeError):
+        with ledger.tx() as db:
+            db.execute("UPDATE shards SET state = 'done'")
+            raise RuntimeError("crash mid-transaction")
+    assert ledger.shard_counts() == {"pending": 3, "leased": 0, "done": 0}
