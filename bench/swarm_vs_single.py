@@ -83,7 +83,8 @@ def main():
     threading.Thread(target=lambda: [log.write(line) for line in coord.stderr], daemon=True).start()
     env = {"OMP_NUM_THREADS": "1"}
     workers = [subprocess.Popen([EXE, "worker", "--join", join, "--token", "bench", "--name", f"w{i}",
-                                 "--device", "cpu", "--threads", "1"], stdout=subprocess.DEVNULL,
+                                 "--device", "cpu", "--threads", "1", "--state-dir", str(work / f"worker{i}")],
+                                stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL, env={**os.environ, **env}) for i in range(2)]
     for w in workers:
         w.wait()  # workers leave when the run reaches its budget
@@ -96,6 +97,7 @@ def main():
     rounds = db.execute("SELECT COUNT(*), SUM(tokens) FROM rounds WHERE state = 'done'").fetchone()
     sent = dict(db.execute("SELECT name, bytes_sent FROM workers").fetchall())
     out["rounds"], out["tokens_swarm"] = rounds
+    out["workers_joined"] = len(sent)
     model, _, _, _ = load_theta(sd / "checkpoints" / "latest")
     n_params = model.num_params(non_embedding=False)
     out["params"] = n_params
