@@ -37,7 +37,8 @@ def load_config(ctx, param, value):
 def state_dir_option(f):
     return click.option("--state-dir", envvar="GPTSWARM_STATE_DIR", type=click.Path(file_okay=False),
                         default=str(default_state_dir()), show_default=True,
-                        help="The worker's own directory: its control socket and saved pause.")(f)
+                        help="The worker's own directory (control socket, saved pause, session, benchmark cache); "
+                             "give each worker on a machine its own, e.g. one per GPU.")(f)
 
 
 @click.group(invoke_without_command=True)
