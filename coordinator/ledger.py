@@ -42,7 +42,7 @@ CREATE TABLE IF NOT EXISTS rounds (
     averaging_seconds REAL, bytes_sent INTEGER, detail TEXT);
 CREATE TABLE IF NOT EXISTS contributions (
     round INTEGER NOT NULL, worker_id TEXT NOT NULL, tokens INTEGER NOT NULL DEFAULT 0,
-    included INTEGER, reason TEXT, bytes_sent INTEGER, PRIMARY KEY (round, worker_id));
+    included INTEGER, reason TEXT, PRIMARY KEY (round, worker_id));
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL, kind TEXT NOT NULL, worker_id TEXT, detail TEXT);
 """
