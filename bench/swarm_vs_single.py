@@ -36,6 +36,43 @@ def evaluate(ckpt, text):
     return json.loads(run(["eval", ckpt, "--text", text, "--json", "--device", "cpu"]).stdout)
 
 
+def run_swarm(text, tokens, sd, tokens_per_round=48_000, compression="fp16", outer_lr=0.7, outer_momentum=0.9,
+              shard_tokens=4096, batch=12, workers=2):
+    """A coordinator and `workers` workers on loopback train to the token budget; the figures."""
+    t0 = time.time()
+    coord = subprocess.Popen([EXE, *map(str, [
+        "coordinator", "--text", text, *MODEL, "--state-dir", sd, "--listen", "127.0.0.1:0", "--dht-listen",
+        "127.0.0.1:0", "--http", "127.0.0.1:0", "--token", "bench", "--batch-size", batch, "--lr", "1e-3",
+        "--min-lr", "1e-4", "--warmup-iters", "100", "--tokens-per-round", tokens_per_round, "--max-tokens", tokens,
+        "--compression", compression, "--outer-lr", outer_lr, "--outer-momentum", outer_momentum,
+        "--matchmaking-time", "3", "--shard-tokens", shard_tokens])], stderr=subprocess.PIPE, text=True)
+    join = None
+    for line in coord.stderr:
+        m = re.search(r"--join (\S+)", line)
+        if m:
+            join = m.group(1)
+            break
+    log = open(Path(sd) / "coordinator.log", "w")
+    threading.Thread(target=lambda: [log.write(line) for line in coord.stderr], daemon=True).start()
+    procs = [subprocess.Popen([EXE, "worker", "--join", join, "--token", "bench", "--name", f"w{i}", "--device", "cpu",
+                               "--threads", "1", "--state-dir", str(Path(sd) / f"worker{i}")],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"}) for i in range(workers)]
+    for w in procs:
+        w.wait()  # workers leave when the run reaches its budget
+    coord.terminate()
+    coord.wait()
+    out = {"swarm_seconds": round(time.time() - t0, 1),
+           "loss_swarm": evaluate(Path(sd) / "checkpoints" / "latest", text)["val_loss"]}
+    db = sqlite3.connect(Path(sd) / "ledger.sqlite")
+    out["rounds"], out["tokens_swarm"] = db.execute("SELECT COUNT(*), SUM(tokens) FROM rounds WHERE state = 'done'").fetchone()
+    out["bytes_sent_per_worker"] = [n for (n,) in db.execute("SELECT bytes_sent FROM workers ORDER BY name")]
+    out["workers_joined"] = len(out["bytes_sent_per_worker"])
+    out["history"] = db.execute("SELECT round, tokens, val_loss FROM rounds WHERE state = 'done' ORDER BY round").fetchall()
+    out["params"] = load_theta(Path(sd) / "checkpoints" / "latest")[0].num_params(non_embedding=False)
+    return out
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--text", default="../shared/data/tinyshakespeare.txt")
@@ -64,48 +101,13 @@ def main():
         out["single_seconds"] = round(time.time() - t0, 1)
         out["loss_single"] = evaluate(work / "single", args.text)["val_loss"]
 
-    sd = work / "swarm"
-    t0 = time.time()
-    coord = subprocess.Popen([EXE, *map(str, ["coordinator", "--text", args.text, *MODEL, "--state-dir", sd,
-                              "--listen", "127.0.0.1:0", "--dht-listen", "127.0.0.1:0", "--token", "bench",
-                              "--batch-size", batch, "--lr", "1e-3", "--min-lr", "1e-4", "--warmup-iters", "100",
-                              "--tokens-per-round", args.tokens_per_round, "--max-tokens", args.tokens,
-                              "--compression", args.compression, "--outer-lr", args.outer_lr,
-                              "--outer-momentum", args.outer_momentum, "--matchmaking-time", "3", "--shard-tokens", args.shard_tokens])],
-                             stderr=subprocess.PIPE, text=True)
-    join = None
-    for line in coord.stderr:
-        m = re.search(r"--join (\S+)", line)
-        if m:
-            join = m.group(1)
-            break
-    log = open(work / "coordinator.log", "w")
-    threading.Thread(target=lambda: [log.write(line) for line in coord.stderr], daemon=True).start()
-    env = {"OMP_NUM_THREADS": "1"}
-    workers = [subprocess.Popen([EXE, "worker", "--join", join, "--token", "bench", "--name", f"w{i}",
-                                 "--device", "cpu", "--threads", "1", "--state-dir", str(work / f"worker{i}")],
-                                stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL, env={**os.environ, **env}) for i in range(2)]
-    for w in workers:
-        w.wait()  # workers leave when the run reaches its budget
-    coord.terminate()
-    coord.wait()
-    out["swarm_seconds"] = round(time.time() - t0, 1)
-    out["loss_swarm"] = evaluate(sd / "checkpoints" / "latest", args.text)["val_loss"]
-
-    db = sqlite3.connect(sd / "ledger.sqlite")
-    rounds = db.execute("SELECT COUNT(*), SUM(tokens) FROM rounds WHERE state = 'done'").fetchone()
-    sent = dict(db.execute("SELECT name, bytes_sent FROM workers").fetchall())
-    out["rounds"], out["tokens_swarm"] = rounds
-    out["workers_joined"] = len(sent)
-    model, _, _, _ = load_theta(sd / "checkpoints" / "latest")
-    n_params = model.num_params(non_embedding=False)
-    out["params"] = n_params
-    out["bytes_sent_per_worker_per_round"] = {k: round(v / rounds[0]) for k, v in sent.items()}
+    out.update(run_swarm(args.text, args.tokens, work / "swarm", args.tokens_per_round, args.compression,
+                         args.outer_lr, args.outer_momentum, args.shard_tokens, batch))
+    n_params = out["params"]
     # DDP, ring all-reduce over 2 ranks: each rank sends 2 * (n-1)/n * 4 bytes per parameter per step
-    steps_per_worker = rounds[1] / 2 / (batch * block)
+    steps_per_worker = out["tokens_swarm"] / 2 / (batch * block)
     ddp_per_worker = steps_per_worker * 4 * n_params
-    swarm_per_worker = sum(sent.values()) / len(sent)
+    swarm_per_worker = sum(out["bytes_sent_per_worker"]) / len(out["bytes_sent_per_worker"])
     out["ddp_bytes_per_worker_same_tokens"] = round(ddp_per_worker)
     out["swarm_bytes_per_worker"] = round(swarm_per_worker)
     out["reduction_vs_ddp"] = round(ddp_per_worker / swarm_per_worker, 1)
