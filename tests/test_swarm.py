@@ -86,7 +86,8 @@ def test_two_workers_train_one_model(tmp_path):
     first = ledger(sd, "SELECT MIN(c.round) FROM contributions c JOIN workers w ON w.id = c.worker_id "
                        "WHERE w.name = 'latecomer'")[0][0]
     assert first >= eligible
-    assert late.count("synchronized to round") >= 2  # at join, then theta_global of the next round
+    if eligible == round_at_join + 1:  # it waited: at join, then theta_global of the next round
+        assert late.count("synchronized to round") >= 2
 
 
 def test_worker_killed_mid_round_and_ctrl_c(tmp_path):
