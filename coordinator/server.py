@@ -99,15 +99,17 @@ class Coordinator:
 
     # --- what the service asks ---
 
+    def _round_started(self):
+        """Tokens were already trained in the current round (a worker arriving now waits for the next)."""
+        return self.phase == "averaging" or self.ledger.round_tokens(self.round) > 0
+
     def add_worker(self, name, device, peer_id, client_mode):
         with self.lock:
-            started = self.phase == "averaging" or self.ledger.round_tokens(self.round) > 0
-            return self.ledger.add_worker(name, device, peer_id, client_mode, self.round, started)
+            return self.ledger.add_worker(name, device, peer_id, client_mode, self.round, self._round_started())
 
     def come_back(self, worker):
         with self.lock:
-            started = self.phase == "averaging" or self.ledger.round_tokens(self.round) > 0
-            self.ledger.come_back(worker["id"], self.round, started)
+            self.ledger.come_back(worker["id"], self.round, self._round_started())
         return self.ledger.worker(worker["id"])
 
     def may_train(self, worker, round_):

@@ -79,16 +79,11 @@ def evaluate(directory, task=None, text=None, device="auto"):
     """Metrics of a checkpoint: held-out accuracy and loss for addition, validation loss for text."""
     device = resolve_device(device)
     model, tokenizer, meta = checkpoint.load(directory, device)
-    if (task is None) == (text is None):
-        raise UserError("give exactly one of --task addition or --text FILE")
+    t = make_task(task, text, tokenizer=tokenizer)  # the same --task / --text checks as train
     if task is not None:
-        if task != "addition":
-            raise UserError(f"unknown task {task!r}; the built-in task is 'addition'")
         if meta.get("task") != "addition":
             raise UserError(f"{directory} was not trained on the addition task (task: {meta.get('task')!r})")
-        t = task_from_meta(meta)
-    else:
-        t = make_task(text=text, tokenizer=tokenizer)
+        t = task_from_meta(meta)  # its digits and held-out split, not the defaults
     shards = t.shard_set(block_size=model.config.block_size)
     trainer = Trainer(model, TrainConfig(), device)
     return {"checkpoint": str(directory), "step": meta.get("step"), "round": meta.get("round"),

@@ -484,14 +484,16 @@ class Worker:
             self.view = resp
 
     def _on_heartbeat_failed(self, reason):
-        if not self.reason.startswith("coordinator unreachable"):
-            log.warning("%s", reason)
-        self.reason = reason
+        self._unreachable(self.state, reason)  # training goes on
 
     def _on_wait(self, reason):
+        self._unreachable("waiting", reason)  # a call is blocked, retrying
+
+    def _unreachable(self, state, reason):
+        """Log once per outage, not at every retry."""
         if not self.reason.startswith("coordinator unreachable"):
             log.warning("%s", reason)
-        self._set_state("waiting", reason)
+        self._set_state(state, reason)
 
     def _set_state(self, state, reason):
         self.state, self.reason = state, reason
