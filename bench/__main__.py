@@ -1,12 +1,14 @@
-"""python -m bench [--quick]: gptswarm side by side with one process and torch DDP, on the same
-model (gpt-micro, block 64), data (character-level tinyshakespeare), global batch (2 x 12) and
-token budget. Writes bench/results/latest.json (flat keys), bench/results/REPORT.md and
-bench/results/loss.png. --quick: a small budget, to check that the harness works (~2 minutes).
+"""python -m bench [--quick]: gptswarm side by side with one process, torch DDP and hivemind's
+collaborative hivemind.Optimizer, on the same model (gpt-micro, block 64), data
+(character-level tinyshakespeare), per-worker batch (12 sequences) and token budget.
 
-Measured so far: validation loss of one process, DDP and the swarm; bytes per million tokens
-trained for DDP (on the wire, per rank, needs root for network namespaces) and the swarm (as its
-averaging messages leave each worker). Not yet: hivemind.Optimizer, tbf-shaped WAN runs, compute
-utilization, join latency; their keys are null in latest.json and the report says so.
+Measures validation loss at equal tokens; bytes each worker sent per million tokens trained,
+counted at its network interface (every process on its own host of a private network, which needs
+root); gptswarm with each compression; the workers' compute utilization; wall time to a target
+validation loss with every link shaped to a home uplink (tc tbf); and the seconds from
+`gptswarm worker --join` to the first batch the worker trains. Writes bench/results/latest.json
+(flat keys), REPORT.md (each goal met or missed, and by how much), loss.png and comm.png.
+--quick: small budgets, to check that the harness works (under 3 minutes).
 """
 
 import argparse
@@ -17,16 +19,34 @@ import shutil
 import subprocess
 import sys
 import time
+import traceback
 from datetime import datetime, timezone
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from swarm_vs_single import EXE, MODEL, evaluate, run_swarm  # noqa: E402
+import ddp  # noqa: E402
+import hivemind_opt  # noqa: E402
+from netns import available  # noqa: E402
+from report import plot, report  # noqa: E402
+from swarm import EXE, MODEL, evaluate, run_swarm  # noqa: E402
 
-NOT_YET = ("loss_hivemind_opt", "bytes_per_mtok_hivemind_opt", "compute_utilization", "wan_seconds_ddp",
-           "wan_seconds_swarm", "join_seconds")
+# gptswarm runs: (label, compression, rounds this many times longer than tokens_per_round)
+FULL = dict(tokens=1_536_000, tokens_per_round=48_000, hm_tokens=1_536_000, hm_target=192, hm_lr=2e-3, rate="20mbit",
+            wan_target=2.6, swarms=(("fp16", "fp16", 1), ("8bit", "8bit", 1), ("none", "none", 1),
+                                    ("8bit, 4x longer rounds", "8bit", 4)))
+QUICK = dict(tokens=98_304, tokens_per_round=32_768, hm_tokens=49_152, hm_target=96, hm_lr=1.4e-3, rate="50mbit",
+             wan_target=3.2, swarms=(("fp16", "fp16", 1),))
+
+
+def machine():
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor() or platform.machine())
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{os.cpu_count()} x {cpu}, {round(os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30)} GiB, {gpu}"
 
 
 def versions():
@@ -45,113 +65,105 @@ def run_single(text, tokens, out):
     return {"loss_single": evaluate(out, text)["val_loss"], "single_seconds": round(time.time() - t0, 1)}
 
 
-def run_ddp(text, tokens, out):
-    if os.geteuid() != 0 or shutil.which("ip") is None:
-        return {"ddp_skipped": "needs root and iproute2 for network namespaces"}
-    r = subprocess.run([sys.executable, str(HERE / "ddp.py"), "--text", text, "--iters", str(tokens // (24 * 64)),
-                        "--out", str(out)], check=True, capture_output=True, text=True)
-    d = json.loads(r.stdout[r.stdout.index("{"):])
-    return {"loss_ddp": d["loss_ddp"], "bytes_per_mtok_ddp": d["bytes_per_mtok_ddp"], "ddp_seconds": d["wall_seconds"]}
-
-
-def plot(result, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    seen, xs, ys = 0, [], []
-    for _, tokens, val_loss in result["swarm_history"]:
-        seen += tokens
-        xs.append(seen / 1e6)
-        ys.append(val_loss)
-    ax.plot(xs, ys, "o-", label="gptswarm, 2 workers, after each round")
-    for key, label, style in (("loss_single", "one process", "--"), ("loss_ddp", "DDP, 2 ranks", ":")):
-        if result.get(key) is not None:
-            ax.axhline(result[key], linestyle=style, color="gray" if key == "loss_single" else "black",
-                       label=f"{label}, at the end ({result[key]:.3f})")
-    ax.set_xlabel("million tokens trained")
-    ax.set_ylabel("validation loss")
-    ax.set_title(f"char-level tinyshakespeare, {result['model']}")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-
-
-def report(r):
-    def fmt(k, v):
-        if v is None:
-            return "not measured yet"
-        return f"{v:.4f}" if k.startswith("loss") else f"{v:,.1f}x" if k == "comm_reduction" else f"{v:,}"
-
-    rows = "\n".join(f"| `{k}` | {fmt(k, r.get(k))} |" for k in (
-        "loss_single", "loss_ddp", "loss_swarm", "loss_hivemind_opt", "bytes_per_mtok_ddp", "bytes_per_mtok_swarm",
-        "bytes_per_mtok_hivemind_opt", "comm_reduction", "compute_utilization", "wan_seconds_ddp",
-        "wan_seconds_swarm", "join_seconds"))
-    goals = []
-    if r.get("loss_ddp") and r.get("loss_swarm"):
-        gap = (r["loss_swarm"] - r["loss_ddp"]) / r["loss_ddp"]
-        goals.append(f"- Loss parity (swarm within 2% of DDP): {'met' if gap <= 0.02 else 'missed'}, "
-                     f"the swarm is {gap:+.1%} against DDP.")
-    if r.get("comm_reduction"):
-        goals.append(f"- Communication (1000x fewer bytes than DDP): {'met' if r['comm_reduction'] >= 1000 else 'missed'}, "
-                     f"{r['comm_reduction']:,.0f}x.")
-    goals.append("- Compute utilization (>= 97%), slow links (5x faster than DDP), join latency, the hivemind.Optimizer "
-                 "baseline and the GPU figures: not measured yet.")
-    return f"""# Benchmark report
-
-{r['date']} on {r['machine']} ({', '.join(f'{k} {v}' for k, v in r['versions'].items())}).
-Model {r['model']}, {r['tokens']:,} tokens per run, global batch 2 x 12 sequences of 64 tokens.
-Reproduce: `python -m bench{' --quick' if r['quick'] else ''}`.
-
-| key | value |
-|---|---|
-{rows}
-
-![validation loss](loss.png)
-
-## Goals
-
-{chr(10).join(goals)}
-
-Wall times: one process {r.get('single_seconds')} s, DDP {r.get('ddp_seconds')} s, swarm {r.get('swarm_seconds')} s
-({r.get('rounds')} rounds). The swarm's bytes are counted as its averaging messages leave each worker; DDP's
-on each rank's network interface (each rank in its own network namespace).
-"""
+def per_mtok(sent, tokens):
+    return round(sum(sent) / len(sent) / (tokens / 1e6))
 
 
 def main():
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="small budget: check that the harness works")
-    p.add_argument("--text", default=str(HERE.parent.parent / "shared" / "data" / "tinyshakespeare.txt"))
-    p.add_argument("--results", default=str(HERE / "results"))
+    p.add_argument("--quick", action="store_true", help="small budgets: check that the harness works")
+    p.add_argument("--text", default=str(HERE.parent.parent / "shared" / "data" / "tinyshakespeare.txt"),
+                   help="the training text (default: ../shared/data/tinyshakespeare.txt)")
+    p.add_argument("--results", default=str(HERE / "results"), help="where latest.json, REPORT.md and the plots go")
     args = p.parse_args()
-    tokens = 196_608 if args.quick else 1_536_000
+    if not Path(args.text).is_file():
+        sys.exit(f"Error: no such text file: {args.text} (pass --text)")
+    text = str(Path(args.text).resolve())
+    plan = QUICK if args.quick else FULL
     results, work = Path(args.results), Path(args.results) / "tmp"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    r = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "quick": args.quick, "tokens": tokens,
-         "model": "gpt-micro (4L/4H/128, block 64)", "versions": versions(),
-         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.processor() or 'cpu'}, no GPU"}
-    r.update(run_single(args.text, tokens, work / "single"))
-    r.update(run_ddp(args.text, tokens, work / "ddp"))
-    swarm = run_swarm(args.text, tokens, work / "swarm", tokens_per_round=tokens // 8 if args.quick else 48_000)
-    r.update({k: swarm[k] for k in ("loss_swarm", "swarm_seconds", "rounds", "tokens_swarm")})
-    r["swarm_history"] = swarm["history"]
-    # what one worker sent, per million tokens trained by the whole run (DDP's figure is per rank, likewise)
-    r["bytes_per_mtok_swarm"] = round(sum(swarm["bytes_sent_per_worker"]) / len(swarm["bytes_sent_per_worker"])
-                                      / (swarm["tokens_swarm"] / 1e6))
-    if r.get("bytes_per_mtok_ddp"):
+    netns = available()
+    r = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "quick": args.quick, "tokens": plan["tokens"],
+         "model": "gpt-micro (4L/4H/128, block 64), 0.81M parameters", "machine": machine(), "versions": versions(),
+         "network": "one network namespace per process, veth + bridge" if netns else
+                    "loopback (not root: DDP, hivemind.Optimizer and the slow-link runs skipped)",
+         "plan": plan, "errors": {}}
+    t_all = time.time()
+
+    def part(name, fn):
+        t0 = time.time()
+        print(f"[bench] {name} ...", flush=True)
+        try:
+            fn()
+        except Exception:
+            r["errors"][name] = traceback.format_exc(limit=3).strip().splitlines()[-1]
+            traceback.print_exc()
+        print(f"[bench] {name}: {time.time() - t0:.0f} s", flush=True)
+
+    def single():
+        r.update(run_single(text, plan["tokens"], work / "single"))
+
+    def ddp_run():
+        d = ddp.run(text, plan["tokens"] // (24 * 64), work / "ddp")
+        r.update(loss_ddp=d["loss"], bytes_per_mtok_ddp=d["bytes_per_mtok"], ddp=d)
+
+    def swarm_runs():
+        r["swarm"] = {}
+        for i, (label, compression, longer) in enumerate(plan["swarms"]):
+            s = run_swarm(text, plan["tokens"], work / f"swarm{i}", plan["tokens_per_round"] * longer,
+                          compression=compression)
+            sent = s.get("wire_bytes_per_worker") or s["averaging_bytes_per_worker"]
+            s["bytes_per_mtok"] = per_mtok(sent, s["tokens_swarm"])
+            r["swarm"][label] = s
+        s = r["swarm"]["fp16"]
+        r.update(loss_swarm=s["loss_swarm"], bytes_per_mtok_swarm=s["bytes_per_mtok"],
+                 compute_utilization=mean(s["compute_utilization_per_worker"]),
+                 join_seconds=mean(s["join_seconds_per_worker"]))
+
+    def hivemind_run():
+        h = hivemind_opt.run(text, plan["hm_tokens"], work / "hivemind-opt", plan["hm_target"], plan["hm_lr"])
+        r.update(loss_hivemind_opt=h["loss"], bytes_per_mtok_hivemind_opt=h["bytes_per_mtok"], hivemind_opt=h)
+
+    def wan():
+        w = {"rate": plan["rate"], "target_loss": plan["wan_target"]}
+        d = ddp.run(text, plan["tokens"] // (24 * 64), work / "wan-ddp", rate=plan["rate"], target_loss=plan["wan_target"])
+        s = run_swarm(text, plan["tokens"], work / "wan-swarm", plan["tokens_per_round"], rate=plan["rate"],
+                      target_loss=plan["wan_target"])
+        w.update(ddp=d, swarm={k: v for k, v in s.items() if k != "history"})
+        r.update(wan=w, wan_seconds_ddp=d["seconds_to_target"], wan_seconds_swarm=(s["reached"] or {}).get("seconds"))
+
+    part("one process", single)
+    if netns:
+        part("DDP", ddp_run)
+    part("gptswarm", swarm_runs)
+    if netns:
+        part("hivemind.Optimizer", hivemind_run)
+        part(f"slow links ({plan['rate']})", wan)
+    if r.get("bytes_per_mtok_ddp") and r.get("bytes_per_mtok_swarm"):
         r["comm_reduction"] = round(r["bytes_per_mtok_ddp"] / r["bytes_per_mtok_swarm"], 1)
-    for k in NOT_YET:
+        for s in r["swarm"].values():
+            s["comm_reduction"] = round(r["bytes_per_mtok_ddp"] / s["bytes_per_mtok"], 1)
+    for k in ("loss_single", "loss_ddp", "loss_swarm", "loss_hivemind_opt", "bytes_per_mtok_ddp", "bytes_per_mtok_swarm",
+              "bytes_per_mtok_hivemind_opt", "comm_reduction", "compute_utilization", "wan_seconds_ddp",
+              "wan_seconds_swarm", "join_seconds"):
         r.setdefault(k, None)
-    plot(r, results / "loss.png")
+    r["bench_seconds"] = round(time.time() - t_all)
+    results.mkdir(parents=True, exist_ok=True)
+    plot(r, results)
     (results / "latest.json").write_text(json.dumps(r, indent=1))
     (results / "REPORT.md").write_text(report(r))
-    shutil.rmtree(work, ignore_errors=True)
     print((results / "REPORT.md").read_text())
+    if not r["errors"]:
+        shutil.rmtree(work, ignore_errors=True)  # on a failure its logs stay for a look
+    else:
+        sys.exit(f"Error: {len(r['errors'])} part(s) failed: {', '.join(r['errors'])}")
+
+
+def mean(xs):
+    xs = [x for x in xs if x is not None]
+    return round(sum(xs) / len(xs), 4) if xs else None
 
 
 if __name__ == "__main__":

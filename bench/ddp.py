@@ -1,8 +1,12 @@
 """The synchronous baseline: torch DDP (gloo), 2 ranks, per-step fp32 gradient all-reduce, the
-same model, data, schedule and global batch as a 2-worker swarm. Each rank runs in its own
-network namespace (bench/netns.py), so its bytes are counted at its veth interface.
+same model, data, schedule and global batch as a 2-worker swarm. Each rank runs on its own host
+of a private network (bench/netns.py), so its bytes are counted at its network interface; --rate
+shapes the links (tc tbf). With --target-loss, rank 0 checks the validation loss every
+--check-every steps (the coordinator's check: the first 65,536 validation tokens; the clock is
+stopped while it does) and both ranks stop once it is reached.
 
-    sudo python bench/ddp.py --text ../shared/data/tinyshakespeare.txt [--iters 1000] [--rate 20mbit]
+    sudo python bench/ddp.py --text ../shared/data/tinyshakespeare.txt [--iters 1000] \
+        [--rate 20mbit --target-loss 2.4]
 """
 
 import argparse
@@ -16,6 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 MODEL = dict(model="gpt-micro", block_size=64)
+EVAL_TOKENS = 65536  # what the coordinator evaluates after every round
 
 
 def rank_main(args):
@@ -24,9 +29,9 @@ def rank_main(args):
     from torch.nn.parallel import DistributedDataParallel
 
     from gptswarm.mingpt_core import checkpoint, jobs
-    from gptswarm.mingpt_core.data import Batches
+    from gptswarm.mingpt_core.data import Batches, eval_batches
     from gptswarm.mingpt_core.tasks import make_task
-    from gptswarm.mingpt_core.trainer import Trainer, TrainConfig
+    from gptswarm.mingpt_core.trainer import Trainer, TrainConfig, evaluate_loss
 
     torch.set_num_threads(1)
     rank = int(os.environ["RANK"])
@@ -40,16 +45,67 @@ def rank_main(args):
     trainer = Trainer(model, cfg, "cpu")
     trainer.forward = DistributedDataParallel(model)
     batches = Batches(shards.split("train"), shards, MODEL["block_size"], cfg.batch_size, seed=cfg.seed + rank)
-    t0 = time.time()
-    while trainer.step < cfg.max_iters:
+    t0, paused, reached = time.time(), 0.0, None
+    while trainer.step < cfg.max_iters and reached is None:
         trainer.train_step(*batches.next())
-    seconds = time.time() - t0
+        if args.target_loss and trainer.step % args.check_every == 0:
+            p0 = time.time()
+            stop = torch.zeros(1)
+            if rank == 0:
+                val = eval_batches(shards.split("val"), shards, MODEL["block_size"], 64, EVAL_TOKENS)
+                loss = evaluate_loss(model, val)
+                model.train()
+                stop[0] = loss <= args.target_loss
+            dist.broadcast(stop, 0)
+            paused += time.time() - p0
+            if stop.item():
+                reached = {"step": trainer.step, "seconds": time.time() - t0 - paused}
+    seconds = time.time() - t0 - paused
     if rank == 0:
         checkpoint.save(args.out, model, task.tokenizer, {**trainer.state_meta(), **task.meta()})
-        Path(args.out, "ddp.json").write_text(json.dumps({"seconds": seconds,
-                                                          "train_seconds": trainer.train_seconds}))
+        Path(args.out, "ddp.json").write_text(json.dumps({"seconds": seconds, "steps": trainer.step,
+                                                          "train_seconds": trainer.train_seconds, "reached": reached}))
     dist.barrier()
     dist.destroy_process_group()
+
+
+def run(text, iters, out, batch=12, rate=None, target_loss=None, check_every=25):
+    """Both ranks on their own hosts; the figures (loss, bytes per rank, wall seconds, and the time
+    to the target loss)."""
+    from netns import Net
+
+    from gptswarm.mingpt_core import jobs
+
+    text, out = str(Path(text).resolve()), str(Path(out).resolve())
+    with Net(2, rate=rate) as net:
+        before = [net.tx_bytes(i) for i in range(2)]
+        t0 = time.time()
+        procs = []
+        for r in range(2):
+            env = {**os.environ, "MASTER_ADDR": net.addrs[0], "MASTER_PORT": "29533", "WORLD_SIZE": "2",
+                   "RANK": str(r), "GLOO_SOCKET_IFNAME": net.dev, "OMP_NUM_THREADS": "1"}
+            cmd = [sys.executable, __file__, "--text", text, "--iters", str(iters), "--batch", str(batch), "--out", out,
+                   "--rank", str(r), "--check-every", str(check_every)]
+            if target_loss:
+                cmd += ["--target-loss", str(target_loss)]
+            procs.append(subprocess.Popen(net.exec(r, cmd), env=env))
+        codes = [q.wait() for q in procs]
+        wall = time.time() - t0
+        sent = [net.tx_bytes(i) - before[i] for i in range(2)]
+    if any(codes):
+        raise RuntimeError(f"a DDP rank failed: exit codes {codes}")
+    info = json.loads(Path(out, "ddp.json").read_text())
+    tokens = info["steps"] * batch * 2 * MODEL["block_size"]
+    res = {"tokens": tokens, "wall_seconds": round(wall, 1), "steps": info["steps"], "bytes_sent_per_rank": sent,
+           "bytes_per_mtok": round(sum(sent) / 2 / (tokens / 1e6)), "rate": rate}
+    if target_loss:
+        # from launching the ranks to the step that reached the target, the checks' time left out
+        r = info["reached"]
+        res["seconds_to_target"] = round(r["seconds"] + (wall - info["seconds"]), 1) if r else None
+        res["step_reached"] = r and r["step"]
+    else:
+        res["loss"] = jobs.evaluate(out, text=text, device="cpu")["val_loss"]
+    return res
 
 
 def main():
@@ -58,38 +114,15 @@ def main():
     p.add_argument("--iters", type=int, default=1000)
     p.add_argument("--batch", type=int, default=12, help="sequences per rank per step")
     p.add_argument("--rate", help="shape each link with tc tbf, e.g. 20mbit")
+    p.add_argument("--target-loss", type=float, help="stop when the validation loss reaches this")
+    p.add_argument("--check-every", type=int, default=25, help="steps between validation checks (--target-loss)")
     p.add_argument("--out", default="runs/bench-ddp")
     p.add_argument("--rank", type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.rank is not None:
         return rank_main(args)
-
-    from netns import ADDRS, Link
-
-    from gptswarm.mingpt_core import jobs
-
-    args.text = str(Path(args.text).resolve())
-    args.out = str(Path(args.out).resolve())
-    with Link(rate=args.rate) as link:
-        before = [link.tx_bytes(i) for i in range(2)]
-        t0 = time.time()
-        procs = []
-        for r in range(2):
-            env = {**os.environ, "MASTER_ADDR": ADDRS[0], "MASTER_PORT": "29533", "WORLD_SIZE": "2", "RANK": str(r),
-                   "GLOO_SOCKET_IFNAME": link.ifs[r], "OMP_NUM_THREADS": "1"}
-            cmd = [sys.executable, __file__, "--text", args.text, "--iters", str(args.iters), "--batch",
-                   str(args.batch), "--out", args.out, "--rank", str(r)]
-            procs.append(subprocess.Popen(link.exec(r, cmd), env=env))
-        codes = [q.wait() for q in procs]
-        wall = time.time() - t0
-        sent = [link.tx_bytes(i) - before[i] for i in range(2)]
-    if any(codes):
-        sys.exit(f"a DDP rank failed: exit codes {codes}")
-    tokens = args.iters * args.batch * 2 * MODEL["block_size"]
-    m = jobs.evaluate(args.out, text=args.text, device="cpu")
-    print(json.dumps({"loss_ddp": m["val_loss"], "tokens": tokens, "wall_seconds": round(wall, 1),
-                      "bytes_sent_per_rank": sent, "bytes_per_mtok_ddp": round(sum(sent) / 2 / (tokens / 1e6)),
-                      "rate": args.rate}, indent=1))
+    print(json.dumps(run(args.text, args.iters, args.out, args.batch, args.rate, args.target_loss, args.check_every),
+                     indent=1))
 
 
 if __name__ == "__main__":

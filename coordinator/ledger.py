@@ -229,6 +229,15 @@ class Ledger:
             return {"lease_id": lease_id, "shard_index": row["idx"], "sha256": row["sha256"],
                     "tokens": row["tokens"], "deadline": deadline, "epoch": row["epoch"]}
 
+    def lease_holders_since(self, since):
+        """How many workers still in the swarm held a lease at some time since `since`: the ones who
+        can have trained tokens since then (a lease in progress, or one reported, released or
+        expired since). Errs high: a worker counted here that does not turn up costs the round
+        its matchmaking window, nothing else."""
+        return self.query("SELECT COUNT(DISTINCT l.worker_id) AS n FROM leases l JOIN workers w ON w.id = l.worker_id "
+                          "WHERE w.left_at IS NULL AND (l.state = 'active' OR l.closed_at >= ? OR l.granted_at >= ?)",
+                          (since, since))[0]["n"]
+
     def lease_row(self, lease_id):
         rows = self.query("SELECT * FROM leases WHERE id = ?", (lease_id,))
         return rows[0] if rows else None

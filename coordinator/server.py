@@ -195,8 +195,11 @@ class Coordinator:
         log.info("round %d: %d tokens trained, averaging", r, self.ledger.round_tokens(r))
         t0 = time.time()
         zeros = {k: torch.zeros_like(v) for k, v in self.theta.items()}  # the coordinator adds no gradient
+        # close the group once every worker that can bring tokens is in, instead of waiting out the
+        # whole matchmaking window: only a worker that held a lease during this round can
+        expected = self.ledger.lease_holders_since(self.round_started_at)
         outcome = self.averager.average(zeros, weight=0.0, round_=r, worker_id="coordinator",
-                                        timeout=self.averaging_timeout)
+                                        timeout=self.averaging_timeout, group_size=expected + 1)
         seconds = time.time() - t0
         members = {m["worker_id"]: m for m in outcome.members if m.get("worker_id") != "coordinator"}
         included = {w: (int(m["tokens"]), "") for w, m in members.items() if w not in outcome.rejected}

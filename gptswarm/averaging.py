@@ -37,6 +37,7 @@ from hivemind.compression import (Float16Compression, NoCompression, Uniform8Bit
                                   deserialize_torch_tensor, serialize_torch_tensor)
 from hivemind.proto import averaging_pb2  # noqa: E402
 from hivemind.utils.asyncio import amap_in_executor, as_aiter, azip  # noqa: E402
+from hivemind.utils.mpfuture import MPFuture  # noqa: E402
 from hivemind.utils.timed_storage import get_dht_time  # noqa: E402
 
 CODECS = {"none": NoCompression, "fp16": Float16Compression, "8bit": Uniform8BitQuantization}
@@ -193,6 +194,18 @@ class _Averager(DecentralizedAverager):
         self.counters = _Counters()  # made before the averager process forks
         super().__init__(*args, **kwargs)
 
+    def set_group_size(self, size):
+        """Start the next group's all-reduce as soon as it has `size` members (the leader's
+        matchmaking window is then only the upper bound)."""
+        future = MPFuture()
+        self._outer_pipe.send(("_set_group_size", [], dict(size=size, future=future)))
+        return future.result()
+
+    async def _set_group_size(self, size, future):
+        self._matchmaking.target_group_size = size
+        self._matchmaking.potential_leaders.target_group_size = size
+        future.set_result(None)
+
     async def _run_allreduce_inplace_(self, tensors, group_info, group_id=None, **kwargs):
         group_id = group_info.group_id if group_id is None else group_id
         runner = SwarmAllReduceRunner(counters=self.counters, p2p=self._p2p, servicer_type=type(self),
@@ -237,11 +250,15 @@ class SwarmAverager:
         self.bytes_sent_total = 0
         self.cancel_grace = max(0.5, matchmaking_time / 2) + 0.5  # one matchmaking request_timeout, and some
 
-    def average(self, tensors, weight, round_, worker_id, timeout, give_up=None):
+    def average(self, tensors, weight, round_, worker_id, timeout, give_up=None, group_size=None):
         """Average `tensors` (weighted) with the round's group; gives up early once `give_up()` is
-        true. Never raises for network trouble: the Outcome says what happened."""
+        true. A leader given `group_size` closes the group once that many peers are in (else at the
+        end of its matchmaking window). Never raises for network trouble: the Outcome says what
+        happened."""
         av = self.av
         av.set_group_bits(round_bits(round_))
+        if group_size:
+            av.set_group_size(group_size)
         with av.get_tensors() as local:
             for t, k in zip(local, self.names):
                 t.copy_(tensors[k])

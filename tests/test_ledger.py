@@ -141,3 +141,23 @@ def test_a_failed_transaction_changes_nothing(ledger):
             db.execute("UPDATE shards SET state = 'done'")
             raise RuntimeError("crash mid-transaction")
     assert ledger.shard_counts() == {"pending": 3, "leased": 0, "done": 0}
+
+
+def test_lease_holders_since_counts_whoever_can_bring_tokens(ledger):
+    """The round's averaging group closes once these workers are in: anyone who held a lease since
+    the round started (in progress, or closed since), never someone who left or only leased before."""
+    a, b, c, d = (join(ledger, n) for n in "abcd")
+    la = ledger.lease(a, 0)  # a: leased in the previous round, reports it after the round started
+    lc = ledger.lease(c, 0)  # c: leased and released before the round started
+    ledger.release(c, [lc["lease_id"]])
+    ledger.clock_.t += 10
+    start = ledger.clock_.t
+    assert ledger.lease_holders_since(start) == 1  # a's lease is still in progress
+    ledger.clock_.t += 1
+    ledger.report(a, la["lease_id"], 0, la["tokens"], 2.0)
+    lb = ledger.lease(b, 1)  # b: leased in this round, then gave the shard back (paused)
+    ledger.release(b, [lb["lease_id"]])
+    assert ledger.lease_holders_since(start) == 2  # a and b; not c, not d (never leased)
+    ledger.leave(b)
+    assert ledger.lease_holders_since(start) == 1
+    assert ledger.lease_holders_since(ledger.clock_.t + 1) == 0

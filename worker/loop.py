@@ -19,6 +19,7 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
 import torch
 
 from gptswarm.averaging import SwarmAverager, start_dht
@@ -72,6 +73,9 @@ class Worker:
         self.lost = set()  # lease ids the coordinator no longer holds for us
         self.losses = []
         self.tps = 0.0
+        # compute utilization: seconds inside training steps, from the first step to the last round
+        # this worker finished (time waiting, averaging, leasing and loading counts against it)
+        self.compute_seconds, self.first_step_at, self.last_sync_at = 0.0, None, None
         self.dht = self.averager = self.hb_thread = self.control = None
 
     # --- public ---
@@ -216,6 +220,7 @@ class Worker:
                 self.client.call("Leave", pb.LeaveRequest(), timeout=3, retry=False)
             except Exception as e:  # the coordinator may be gone; its lease deadlines recover the shards
                 log.warning("could not say goodbye to the coordinator: %s", e)
+        self._log_utilization()
         self.client.close()
         if self.control is not None:
             self.control.close()
@@ -224,6 +229,16 @@ class Worker:
         if self.dht is not None:
             self.dht.shutdown()
         log.info("left the swarm")
+
+    def _log_utilization(self):
+        if self.first_step_at is None or self.last_sync_at is None:
+            return
+        wall = self.last_sync_at - self.first_step_at
+        share = min(self.compute_seconds, wall) / wall if wall > 0 else 0.0
+        log.info("computed %.0f%% of the time (%.1f s in training steps of %.1f s from the first step to the last "
+                 "round)", 100 * share, self.compute_seconds, wall,
+                 extra={"fields": {"event": "utilization", "compute_seconds": round(self.compute_seconds, 2),
+                                   "wall_seconds": round(wall, 2), "compute_utilization": round(share, 4)}})
 
     # --- the loop ---
 
@@ -311,8 +326,13 @@ class Worker:
             log.info("lease %s expired at the coordinator; dropping its shard", s["lease_id"])
             self.shard = None
             return
-        t0 = time.perf_counter()
         x, y = s["batches"].next()
+        if self.first_step_at is None:
+            self.first_step_at = time.time()
+            since = self.first_step_at - psutil.Process().create_time()
+            log.info("training: first batch %.1f s after the worker started", since,
+                     extra={"fields": {"event": "first_step", "seconds_since_start": round(since, 2)}})
+        t0 = time.perf_counter()
         try:
             loss = self.trainer.train_step(x, y)
         except torch.OutOfMemoryError:
@@ -326,6 +346,7 @@ class Worker:
         s["loss"] = loss.item()
         self.losses = (self.losses + [s["loss"]])[-50:]
         dt = time.perf_counter() - t0
+        self.compute_seconds += dt
         self.tps = 0.9 * self.tps + 0.1 * (x.numel() / dt) if self.tps else x.numel() / dt
         if s["steps_done"] >= s["steps_needed"]:
             self.completed.append((s["lease_id"], s["tokens"], s["loss"]))
@@ -377,12 +398,14 @@ class Worker:
             self._give_back(f"round {r} did not include our contribution ({result.detail or result.state})")
         self.completed = []
         self.round, self.round_tokens = r + 1, 0
+        self.last_sync_at = time.time()
         if self.finish_requested.is_set():
             return
         if outcome.ok and result.state == "done" and checkpoint.state_hash(self.theta) == result.theta_hash:
             self._load_theta_into_model()
             log.info("round %d done: theta %s... agrees with the coordinator (%d bytes sent)", r,
                      result.theta_hash[:12], outcome.bytes_sent)
+            self._beat()  # learn that the next round is open now, not at the next heartbeat
         elif not outcome.ok and result.state == "failed" and checkpoint.state_hash(self.theta) == result.theta_hash:
             self._load_theta_into_model()  # nothing moved anywhere: carry on from the same theta
         else:
@@ -469,19 +492,22 @@ class Worker:
             if time.monotonic() - last_progress >= 10:
                 last_progress = time.monotonic()
                 self._progress()
-            req = pb.HeartbeatRequest(round=self.round, round_tokens=self.round_tokens, tokens_per_second=self.tps,
-                                      state=self.state, reason=self.reason, lease_ids=self._lease_ids(),
-                                      bytes_sent=self.averager.bytes_sent_total,
-                                      loss=sum(self.losses) / len(self.losses) if self.losses else 0.0)
-            try:
-                resp = self.client.call("Heartbeat", req, timeout=5, retry=False)
-            except Exception as e:
-                code = getattr(e, "code", lambda: None)()
-                self._on_heartbeat_failed(f"coordinator unreachable ({code.name if code else type(e).__name__}); "
-                                          "training on, retrying")
-                continue
-            self.lost.update(resp.expired_lease_ids)
-            self.view = resp
+            self._beat()
+
+    def _beat(self):
+        req = pb.HeartbeatRequest(round=self.round, round_tokens=self.round_tokens, tokens_per_second=self.tps,
+                                  state=self.state, reason=self.reason, lease_ids=self._lease_ids(),
+                                  bytes_sent=self.averager.bytes_sent_total,
+                                  loss=sum(self.losses) / len(self.losses) if self.losses else 0.0)
+        try:
+            resp = self.client.call("Heartbeat", req, timeout=5, retry=False)
+        except Exception as e:
+            code = getattr(e, "code", lambda: None)()
+            self._on_heartbeat_failed(f"coordinator unreachable ({code.name if code else type(e).__name__}); "
+                                      "training on, retrying")
+            return
+        self.lost.update(resp.expired_lease_ids)
+        self.view = resp
 
     def _on_heartbeat_failed(self, reason):
         self._unreachable(self.state, reason)  # training goes on

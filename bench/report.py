@@ -1,0 +1,171 @@
+"""The benchmark's REPORT.md and plots, from the figures in latest.json."""
+
+KEYS = ("loss_single", "loss_ddp", "loss_swarm", "loss_hivemind_opt", "bytes_per_mtok_ddp", "bytes_per_mtok_swarm",
+        "bytes_per_mtok_hivemind_opt", "comm_reduction", "compute_utilization", "wan_seconds_ddp", "wan_seconds_swarm",
+        "join_seconds")
+
+
+def fmt(k, v):
+    if v is None:
+        return "not measured"
+    if k.startswith("loss"):
+        return f"{v:.4f}"
+    if k.startswith("bytes"):
+        return f"{v / 1e6:,.2f} MB"
+    if k == "comm_reduction":
+        return f"{v:,.1f}x"
+    if k == "compute_utilization":
+        return f"{v:.1%}"
+    return f"{v:,.1f} s"
+
+
+def goals(r):
+    out = []
+    ddp, sw = r.get("loss_ddp"), r.get("loss_swarm")
+    if ddp and sw:
+        gap = (sw - ddp) / ddp
+        out.append(f"- **Loss parity** (gptswarm within 2% of DDP): {'met' if gap <= 0.02 else '**missed**'}: "
+                   f"{sw:.4f} vs {ddp:.4f}, {gap:+.1%}" + ("" if gap <= 0.02 else f", {gap - 0.02:.1%} over the bar") + ".")
+    else:
+        out.append("- **Loss parity**: not measured (DDP needs root for its network namespaces).")
+    red = r.get("comm_reduction")
+    if red:
+        out.append(f"- **Communication** (>= 1000x fewer bytes than DDP at loss parity): "
+                   f"{'met' if red >= 1000 and ddp and (sw - ddp) / ddp <= 0.02 else '**missed**'}: {red:,.0f}x with fp16 "
+                   f"({red / 1000:.1%} of the goal)" + "".join(
+                       f"; {c}: {s['comm_reduction']:,.0f}x at loss {s['loss_swarm']:.4f}"
+                       for c, s in r.get("swarm", {}).items() if c != "fp16" and s.get("comm_reduction")) + ".")
+    u = r.get("compute_utilization")
+    if u is not None:
+        out.append(f"- **Compute utilization** (>= 97%): {'met' if u >= 0.97 else '**missed**'}: {u:.1%}"
+                   + ("" if u >= 0.97 else f", {0.97 - u:.1%} short") + ".")
+    wd, ws = r.get("wan_seconds_ddp"), r.get("wan_seconds_swarm")
+    w = r.get("wan", {})
+    if wd and ws:
+        x = wd / ws
+        out.append(f"- **Slow links** (gptswarm >= 5x faster than DDP to validation loss {w.get('target_loss')} "
+                   f"over {w.get('rate')} links): {'met' if x >= 5 else '**missed**'}: {ws:,.0f} s vs {wd:,.0f} s, "
+                   f"{x:.1f}x faster.")
+    elif w:
+        out.append(f"- **Slow links**: a run did not reach the target loss {w.get('target_loss')} (DDP {wd}, gptswarm {ws}).")
+    j = r.get("join_seconds")
+    if j is not None:
+        out.append(f"- **Join latency**: {j:.1f} s from `gptswarm worker --join` to the first trained batch "
+                   f"(mean of the workers; a fresh state dir, so the throughput benchmark is included).")
+    out.append("- **GPU** (gpt2 124M tokens/s and MFU): not measured, no GPU on this machine (bench/gpu.py when one is lent).")
+    return "\n".join(out)
+
+
+def mean(xs):
+    xs = [x for x in xs if x is not None]
+    return f"{sum(xs) / len(xs):.1%}" if xs else "—"
+
+
+def details(r):
+    rows = []
+    for c, s in r.get("swarm", {}).items():
+        rows.append(f"| gptswarm, {c} | {s['loss_swarm']:.4f} | {s['bytes_per_mtok'] / 1e6:,.2f} MB | "
+                    f"{s.get('comm_reduction', 0):,.1f}x | {s['rounds']} rounds of {s['tokens_per_round']:,} tokens | "
+                    f"{mean(s['compute_utilization_per_worker'])} | {s['swarm_seconds']:,.0f} s |")
+    d = r.get("ddp")
+    if d:
+        rows.insert(0, f"| DDP, gloo, fp32, every step | {d['loss']:.4f} | {d['bytes_per_mtok'] / 1e6:,.2f} MB | 1x | "
+                       f"{d['steps']} steps of 2 x 12 sequences | — | {d['wall_seconds']:,.0f} s |")
+    h = r.get("hivemind_opt")
+    if h:
+        rows.append(f"| hivemind.Optimizer (albert-style) | {h['loss']:.4f} | {h['bytes_per_mtok'] / 1e6:,.2f} MB | "
+                    f"{(r['bytes_per_mtok_ddp'] or 0) / h['bytes_per_mtok']:,.1f}x | {h['epochs']} epochs of "
+                    f"{h['target_batch_size']} sequences ({h['tokens']:,} tokens) | {h['compute_utilization']:.1%} | "
+                    f"{h['wall_seconds']:,.0f} s |")
+    if r.get("loss_single") is not None:
+        rows.insert(0, f"| one process, batch 24 | {r['loss_single']:.4f} | — | — | "
+                       f"{r['tokens'] // (24 * 64)} steps | — | {r['single_seconds']:,.0f} s |")
+    table = ("| run | validation loss | bytes sent per worker per M tokens | less than DDP | steps | compute share | wall |\n"
+             "|---|---|---|---|---|---|---|\n" + "\n".join(rows))
+    extra = []
+    s = r.get("swarm", {}).get("fp16")
+    if s:
+        extra.append(f"gptswarm fp16, per worker: compute utilization {s['compute_utilization_per_worker']}, "
+                     f"join seconds {s['join_seconds_per_worker']}, bytes its averaging messages came to as they left "
+                     f"the process {s['averaging_bytes_per_worker']}" + (
+                         f", bytes at its network interface {s['wire_bytes_per_worker']} (coordinator: "
+                         f"{s['wire_bytes_coordinator']:,})" if s.get("wire_bytes_per_worker") else "") + ".")
+    w = r.get("wan")
+    if w:
+        extra.append(f"Slow links: DDP reached the target at step {w['ddp'].get('step_reached')} "
+                     f"({w['ddp']['bytes_per_mtok'] / 1e6:,.0f} MB per M tokens); gptswarm at round "
+                     f"{(w['swarm'].get('reached') or {}).get('round')}.")
+    return table + "\n\n" + "\n\n".join(extra)
+
+
+def report(r):
+    rows = "\n".join(f"| `{k}` | {fmt(k, r.get(k))} |" for k in KEYS)
+    errors = "".join(f"\n- {k}: {v}" for k, v in r.get("errors", {}).items())
+    return f"""# Benchmark report
+
+{r['date']}, {r['machine']}; {', '.join(f'{k} {v}' for k, v in r['versions'].items())}.
+Model {r['model']}; character-level tinyshakespeare; {r['tokens']:,} tokens per run; every worker or rank
+trains batches of 12 sequences of 64 tokens. Network: {r['network']}.
+Reproduce: `sudo .venv/bin/python -m bench{' --quick' if r['quick'] else ''}` ({r['bench_seconds'] / 60:.1f} minutes).
+
+| key | value |
+|---|---|
+{rows}
+
+## Goals
+
+{goals(r)}
+
+## Runs
+
+{details(r)}
+
+![validation loss](loss.png)
+
+![communication](comm.png)
+{('## Failed parts' + errors) if errors else ''}
+"""
+
+
+def plot(r, folder):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for c, s in r.get("swarm", {}).items():
+        seen, xs, ys = 0, [], []
+        for _, tokens, val_loss in s["history"]:
+            seen += tokens
+            xs.append(seen / 1e6)
+            ys.append(val_loss)
+        ax.plot(xs, ys, "o-", markersize=3, label=f"gptswarm {c}, 2 workers, after each round")
+    for key, label, style in (("loss_single", "one process", "--"), ("loss_ddp", "DDP, 2 ranks", ":"),
+                              ("loss_hivemind_opt", "hivemind.Optimizer, 2 peers", "-.")):
+        if r.get(key) is not None:
+            ax.axhline(r[key], linestyle=style, color="gray", label=f"{label}, at the end ({r[key]:.3f})")
+    ax.set_xlabel("million tokens trained")
+    ax.set_ylabel("validation loss")
+    ax.set_title(f"char-level tinyshakespeare, {r['model'].split(',')[0]}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(folder / "loss.png", dpi=110)
+    plt.close(fig)
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    bars = [("DDP", r.get("bytes_per_mtok_ddp")), ("hivemind.Optimizer", r.get("bytes_per_mtok_hivemind_opt"))]
+    bars += [(f"gptswarm {c}", s.get("bytes_per_mtok")) for c, s in r.get("swarm", {}).items()]
+    bars = [(n, v) for n, v in bars if v]
+    a.barh([n for n, _ in bars], [v / 1e6 for _, v in bars], color="steelblue")
+    a.set_xscale("log")
+    a.set_xlabel("MB sent per worker per million tokens (log)")
+    a.invert_yaxis()
+    w = r.get("wan", {})
+    times = [(n, v) for n, v in (("DDP", r.get("wan_seconds_ddp")), ("gptswarm fp16", r.get("wan_seconds_swarm"))) if v]
+    b.barh([n for n, _ in times], [v for _, v in times], color="darkorange")
+    b.set_xlabel(f"seconds to validation loss {w.get('target_loss')} over {w.get('rate')} links")
+    b.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(folder / "comm.png", dpi=110)
+    plt.close(fig)

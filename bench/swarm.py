@@ -1,0 +1,155 @@
+"""gptswarm itself in the benchmark: a coordinator and 2 workers (each a real `gptswarm` process)
+train gpt-micro on character-level tinyshakespeare to a token budget, on loopback or, as root,
+each on its own host of a private network (bench/netns.py) so that the bytes every worker sends
+are counted at its network interface, with the links optionally shaped (--rate). Figures: the
+final checkpoint's validation loss, bytes, each worker's compute utilization and join latency
+(from its JSON log), and with --target-loss the wall time until a round reaches that loss.
+
+    sudo python bench/swarm.py --text ../shared/data/tinyshakespeare.txt [--tokens 1536000] \
+        [--tokens-per-round 48000] [--compression fp16|8bit|none] [--rate 20mbit --target-loss 2.5]
+"""
+
+import argparse
+import json
+import os
+import re
+import shutil
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from netns import Net, available  # noqa: E402
+
+EXE = str(Path(sys.executable).with_name("gptswarm"))
+MODEL = ["--model", "gpt-micro", "--block-size", "64"]
+
+
+def gptswarm(args, **kw):
+    return subprocess.run([EXE, *map(str, args)], check=True, capture_output=True, text=True, **kw)
+
+
+def evaluate(ckpt, text):
+    return json.loads(gptswarm(["eval", ckpt, "--text", text, "--json", "--device", "cpu"]).stdout)
+
+
+def json_records(path):
+    for line in Path(path).read_text().splitlines():
+        if line.startswith("{"):
+            try:
+                yield json.loads(line)
+            except ValueError:
+                pass
+
+
+def done_rounds(sd):
+    db = sqlite3.connect(f"file:{Path(sd) / 'ledger.sqlite'}?mode=ro", uri=True, timeout=5)
+    try:
+        return db.execute("SELECT round, tokens, val_loss, ended_at FROM rounds WHERE state = 'done' "
+                          "ORDER BY round").fetchall()
+    finally:
+        db.close()
+
+
+def run_swarm(text, tokens, sd, tokens_per_round=48_000, compression="fp16", outer_lr=0.7, outer_momentum=0.9,
+              shard_tokens=4096, batch=12, workers=2, netns=None, rate=None, target_loss=None, matchmaking_time=3):
+    """Coordinator and workers train to the token budget (or until a round's validation loss reaches
+    target_loss); the figures. netns: None = on a private network if root, else loopback."""
+    sd = Path(sd)
+    sd.mkdir(parents=True, exist_ok=True)
+    netns = available() if netns is None else netns
+    net = Net(workers + 1, rate=rate) if netns else None
+    host = net.addrs[0] if net else "127.0.0.1"
+    on = (lambda i, argv: net.exec(i, argv)) if net else (lambda i, argv: argv)
+    with net or open(os.devnull):
+        before = [net.tx_bytes(i) for i in range(workers + 1)] if net else None
+        t0 = time.time()
+        coord = subprocess.Popen(on(0, [EXE, *map(str, [
+            "coordinator", "--text", text, *MODEL, "--state-dir", sd, "--listen", f"{host}:0", "--dht-listen",
+            f"{host}:0", "--http", "127.0.0.1:0", "--token", "bench", "--batch-size", batch, "--lr", "1e-3",
+            "--min-lr", "1e-4", "--warmup-iters", "100", "--tokens-per-round", tokens_per_round, "--max-tokens", tokens,
+            "--compression", compression, "--outer-lr", outer_lr, "--outer-momentum", outer_momentum,
+            "--matchmaking-time", matchmaking_time, "--shard-tokens", shard_tokens])]), stderr=subprocess.PIPE, text=True)
+        join = None
+        log = open(sd / "coordinator.log", "w")
+        for line in coord.stderr:
+            log.write(line)
+            m = re.search(r"--join (\S+)", line)
+            if m:
+                join = m.group(1)
+                break
+        threading.Thread(target=lambda: [log.write(line) for line in coord.stderr], daemon=True).start()
+        if join is None:
+            raise RuntimeError(f"the coordinator did not start; see {sd / 'coordinator.log'}")
+        procs = []
+        for i in range(workers):
+            wlog = open(sd / f"worker{i}.log", "w")
+            procs.append(subprocess.Popen(on(i + 1, [EXE, "worker", "--join", join, "--token", "bench", "--name", f"w{i}",
+                                                     "--device", "cpu", "--threads", "1", "--json-logs", "--state-dir",
+                                                     str(sd / f"worker{i}")]),
+                                          stdout=wlog, stderr=wlog, env={**os.environ, "OMP_NUM_THREADS": "1"}))
+        reached = None
+        while any(w.poll() is None for w in procs):  # workers leave when the run reaches its budget
+            time.sleep(1)
+            if target_loss and (sd / "ledger.sqlite").exists():
+                hit = [r for r in done_rounds(sd) if r[2] is not None and r[2] <= target_loss]
+                if hit:
+                    reached = {"round": hit[0][0], "seconds": round(hit[0][3] - t0, 1)}
+                    for w in procs:
+                        w.terminate()
+        for w in procs:
+            w.wait()
+        coord.terminate()
+        coord.wait()
+        wall = time.time() - t0
+        sent = [net.tx_bytes(i) - before[i] for i in range(workers + 1)] if net else None
+    out = {"swarm_seconds": round(wall, 1), "tokens_per_round": tokens_per_round, "compression": compression,
+           "rate": rate, "network": "namespaces" if net else "loopback"}
+    db = sqlite3.connect(sd / "ledger.sqlite")
+    out["rounds"], out["tokens_swarm"] = db.execute("SELECT COUNT(*), SUM(tokens) FROM rounds WHERE state = 'done'").fetchone()
+    # what each worker's averaging messages came to as they left the process, and (namespaces) at its interface
+    out["averaging_bytes_per_worker"] = [n for (n,) in db.execute("SELECT bytes_sent FROM workers ORDER BY name")]
+    if sent:
+        out["wire_bytes_per_worker"], out["wire_bytes_coordinator"] = sent[1:], sent[0]
+    out["history"] = [list(r[:3]) for r in done_rounds(sd)]
+    records = [list(json_records(sd / f"worker{i}.log")) for i in range(workers)]
+    out["join_seconds_per_worker"] = [next((r["seconds_since_start"] for r in rs if r.get("event") == "first_step"), None)
+                                      for rs in records]
+    out["compute_utilization_per_worker"] = [next((r["compute_utilization"] for r in rs if r.get("event") == "utilization"),
+                                                  None) for rs in records]
+    if target_loss:
+        out["target_loss"], out["reached"] = target_loss, reached
+    else:
+        out["loss_swarm"] = evaluate(sd / "checkpoints" / "latest", text)["val_loss"]
+    return out
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--text", default="../shared/data/tinyshakespeare.txt")
+    p.add_argument("--tokens", type=int, default=1_536_000, help="token budget of the run")
+    p.add_argument("--tokens-per-round", type=int, default=48_000)
+    p.add_argument("--compression", default="fp16", choices=["none", "fp16", "8bit"])
+    p.add_argument("--outer-lr", type=float, default=0.7)
+    p.add_argument("--outer-momentum", type=float, default=0.9)
+    p.add_argument("--shard-tokens", type=int, default=4096, help="tokens per leased shard")
+    p.add_argument("--matchmaking-time", type=float, default=3.0)
+    p.add_argument("--loopback", action="store_true", help="do not use network namespaces even as root")
+    p.add_argument("--rate", help="shape each host's link with tc tbf, e.g. 20mbit (needs namespaces)")
+    p.add_argument("--target-loss", type=float, help="stop once a round's validation loss reaches this")
+    p.add_argument("--workdir", default="runs/bench-swarm")
+    args = p.parse_args()
+    shutil.rmtree(args.workdir, ignore_errors=True)
+    out = run_swarm(str(Path(args.text).resolve()), args.tokens, Path(args.workdir).resolve(), args.tokens_per_round,
+                    args.compression, args.outer_lr, args.outer_momentum, args.shard_tokens,
+                    netns=False if args.loopback else None, rate=args.rate, target_loss=args.target_loss,
+                    matchmaking_time=args.matchmaking_time)
+    print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+"""The benchmark harness keeps working: `python -m bench --quick` runs every part and writes its
+figures, report and plots. (Benchmarks are not tests: nothing here looks at a timing or a loss
+value beyond its being a finite number.)"""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+sys.path.insert(0, str(REPO / "bench"))
+from netns import available  # noqa: E402
+
+KEYS = ("loss_single", "loss_ddp", "loss_swarm", "loss_hivemind_opt", "bytes_per_mtok_ddp", "bytes_per_mtok_swarm",
+        "bytes_per_mtok_hivemind_opt", "comm_reduction", "compute_utilization", "wan_seconds_ddp", "wan_seconds_swarm",
+        "join_seconds")
+
+
+@pytest.mark.timeout(900)
+def test_bench_quick_writes_every_figure(tmp_path, shakespeare_path):
+    r = subprocess.run([sys.executable, "-m", "bench", "--quick", "--text", str(shakespeare_path), "--results",
+                        str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=880)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    res = json.loads((tmp_path / "latest.json").read_text())
+    for k in ("machine", "date", "tokens", "model", "versions"):
+        assert res[k], k
+    measured = KEYS if available() else ("loss_single", "loss_swarm", "bytes_per_mtok_swarm", "compute_utilization",
+                                         "join_seconds")
+    for k in measured:
+        assert isinstance(res[k], (int, float)) and math.isfinite(res[k]) and res[k] > 0, (k, res[k])
+    assert set(KEYS) <= set(res)
+    assert 0 < res["compute_utilization"] <= 1
+    if available():
+        # bytes were counted on the wire: DDP's fp32 gradient all-reduce every step sends more than
+        # gptswarm's one compressed pseudo-gradient per round
+        assert res["bytes_per_mtok_ddp"] > res["bytes_per_mtok_swarm"]
+        assert res["comm_reduction"] == pytest.approx(res["bytes_per_mtok_ddp"] / res["bytes_per_mtok_swarm"], rel=0.01)
+    report = (tmp_path / "REPORT.md").read_text()
+    assert "## Goals" in report and "Loss parity" in report and "not measured yet" not in report
+    for png in ("loss.png", "comm.png"):
+        assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (tmp_path / "tmp").exists()  # the work folder is cleaned up after a good run
