@@ -29,7 +29,7 @@ sys.path.insert(0, str(HERE))
 import ddp  # noqa: E402
 import hivemind_opt  # noqa: E402
 from netns import available  # noqa: E402
-from report import plot, report  # noqa: E402
+from report import KEYS, plot, report  # noqa: E402
 from swarm import EXE, MODEL, evaluate, run_swarm  # noqa: E402
 
 # gptswarm runs: (label, compression, rounds this many times longer than tokens_per_round)
@@ -145,9 +145,7 @@ def main():
         r["comm_reduction"] = round(r["bytes_per_mtok_ddp"] / r["bytes_per_mtok_swarm"], 1)
         for s in r["swarm"].values():
             s["comm_reduction"] = round(r["bytes_per_mtok_ddp"] / s["bytes_per_mtok"], 1)
-    for k in ("loss_single", "loss_ddp", "loss_swarm", "loss_hivemind_opt", "bytes_per_mtok_ddp", "bytes_per_mtok_swarm",
-              "bytes_per_mtok_hivemind_opt", "comm_reduction", "compute_utilization", "wan_seconds_ddp",
-              "wan_seconds_swarm", "join_seconds"):
+    for k in KEYS:
         r.setdefault(k, None)
     r["bench_seconds"] = round(time.time() - t_all)
     results.mkdir(parents=True, exist_ok=True)

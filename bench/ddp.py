@@ -69,7 +69,7 @@ def rank_main(args):
     dist.destroy_process_group()
 
 
-def run(text, iters, out, batch=12, rate=None, target_loss=None, check_every=25):
+def run(text, iters, out, batch=12, rate=None, target_loss=None, check_every=5):
     """Both ranks on their own hosts; the figures (loss, bytes per rank, wall seconds, and the time
     to the target loss)."""
     from netns import Net
@@ -115,7 +115,7 @@ def main():
     p.add_argument("--batch", type=int, default=12, help="sequences per rank per step")
     p.add_argument("--rate", help="shape each link with tc tbf, e.g. 20mbit")
     p.add_argument("--target-loss", type=float, help="stop when the validation loss reaches this")
-    p.add_argument("--check-every", type=int, default=25, help="steps between validation checks (--target-loss)")
+    p.add_argument("--check-every", type=int, default=5, help="steps between validation checks (--target-loss)")
     p.add_argument("--out", default="runs/bench-ddp")
     p.add_argument("--rank", type=int, help=argparse.SUPPRESS)
     args = p.parse_args()

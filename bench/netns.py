@@ -5,13 +5,27 @@ interface counters, where they leave it; with a rate, tc tbf shapes both directi
 host's link (e.g. "20mbit": a home uplink). Needs root (ip netns). Only these namespaces' own
 addresses are ever used."""
 
-import shutil
 import os
+import shutil
 import subprocess
 
 
 def available():
-    return os.geteuid() == 0 and shutil.which("ip") is not None and shutil.which("tc") is not None
+    """Whether this machine lets us build the network: root, iproute2, and a kernel (or container)
+    that allows namespaces, veth, a bridge and tbf. Tried once, for real."""
+    global _available
+    if _available is None:
+        _available = False
+        if os.geteuid() == 0 and shutil.which("ip") and shutil.which("tc"):
+            try:
+                with Net(2, rate="100mbit", prefix="gsprobe"):
+                    _available = True
+            except subprocess.CalledProcessError:
+                pass
+    return _available
+
+
+_available = None
 
 
 def sh(*argv):
@@ -28,6 +42,14 @@ class Net:
 
     def __enter__(self):
         self._delete()  # a leftover of a killed run
+        try:
+            self._build()
+        except BaseException:
+            self._delete()
+            raise
+        return self
+
+    def _build(self):
         sh("ip", "netns", "add", self.hub)
         sh("ip", "-n", self.hub, "link", "add", "br0", "type", "bridge")
         sh("ip", "-n", self.hub, "link", "set", "br0", "up")
@@ -44,7 +66,6 @@ class Net:
                 for where, dev in ((ns, self.dev), (self.hub, port)):
                     sh("ip", "netns", "exec", where, "tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate",
                        self.rate, "burst", "32kb", "latency", "100ms")
-        return self
 
     def __exit__(self, *exc):
         self._delete()

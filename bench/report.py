@@ -1,4 +1,9 @@
-"""The benchmark's REPORT.md and plots, from the figures in latest.json."""
+"""The benchmark's REPORT.md and plots, from the figures in latest.json. `python bench/report.py
+[RESULTS_DIR]` writes them again from a results folder's latest.json."""
+
+import json
+import sys
+from pathlib import Path
 
 KEYS = ("loss_single", "loss_ddp", "loss_swarm", "loss_hivemind_opt", "bytes_per_mtok_ddp", "bytes_per_mtok_swarm",
         "bytes_per_mtok_hivemind_opt", "comm_reduction", "compute_utilization", "wan_seconds_ddp", "wan_seconds_swarm",
@@ -65,7 +70,8 @@ def details(r):
     rows = []
     for c, s in r.get("swarm", {}).items():
         rows.append(f"| gptswarm, {c} | {s['loss_swarm']:.4f} | {s['bytes_per_mtok'] / 1e6:,.2f} MB | "
-                    f"{s.get('comm_reduction', 0):,.1f}x | {s['rounds']} rounds of {s['tokens_per_round']:,} tokens | "
+                    f"{s.get('comm_reduction', 0):,.1f}x | {s['rounds']} rounds of >= {s['tokens_per_round']:,} tokens "
+                    f"({s['tokens_swarm'] / s['rounds']:,.0f} on average) | "
                     f"{mean(s['compute_utilization_per_worker'])} | {s['swarm_seconds']:,.0f} s |")
     d = r.get("ddp")
     if d:
@@ -147,8 +153,8 @@ def plot(r, folder):
             ax.axhline(r[key], linestyle=style, color="gray", label=f"{label}, at the end ({r[key]:.3f})")
     ax.set_xlabel("million tokens trained")
     ax.set_ylabel("validation loss")
-    ax.set_title(f"char-level tinyshakespeare, {r['model'].split(',')[0]}")
-    ax.legend(fontsize=8)
+    ax.set_title(f"char-level tinyshakespeare, {r['model'].rsplit(', ', 1)[0]}")
+    ax.legend(fontsize=7, loc="center right")
     fig.tight_layout()
     fig.savefig(folder / "loss.png", dpi=110)
     plt.close(fig)
@@ -169,3 +175,10 @@ def plot(r, folder):
     fig.tight_layout()
     fig.savefig(folder / "comm.png", dpi=110)
     plt.close(fig)
+
+
+if __name__ == "__main__":
+    folder = Path(sys.argv[1] if len(sys.argv) > 1 else Path(__file__).resolve().parent / "results")
+    figures = json.loads((folder / "latest.json").read_text())
+    plot(figures, folder)
+    (folder / "REPORT.md").write_text(report(figures))
