@@ -63,7 +63,7 @@ def rank_main(args):
     seconds = time.time() - t0 - paused
     if rank == 0:
         checkpoint.save(args.out, model, task.tokenizer, {**trainer.state_meta(), **task.meta()})
-        Path(args.out, "ddp.json").write_text(json.dumps({"seconds": seconds, "steps": trainer.step,
+        Path(args.out, "ddp.json").write_text(json.dumps({"started_at": t0, "seconds": seconds, "steps": trainer.step,
                                                           "train_seconds": trainer.train_seconds, "reached": reached}))
     dist.barrier()
     dist.destroy_process_group()
@@ -101,7 +101,7 @@ def run(text, iters, out, batch=12, rate=None, target_loss=None, check_every=5):
     if target_loss:
         # from launching the ranks to the step that reached the target, the checks' time left out
         r = info["reached"]
-        res["seconds_to_target"] = round(r["seconds"] + (wall - info["seconds"]), 1) if r else None
+        res["seconds_to_target"] = round(info["started_at"] - t0 + r["seconds"], 1) if r else None
         res["step_reached"] = r and r["step"]
     else:
         res["loss"] = jobs.evaluate(out, text=text, device="cpu")["val_loss"]
