@@ -10,6 +10,7 @@ final checkpoint's validation loss, bytes, each worker's compute utilization and
 """
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -65,7 +66,7 @@ def run_swarm(text, tokens, sd, tokens_per_round=48_000, compression="fp16", out
     net = Net(workers + 1, rate=rate) if netns else None
     host = net.addrs[0] if net else "127.0.0.1"
     on = (lambda i, argv: net.exec(i, argv)) if net else (lambda i, argv: argv)
-    with net or open(os.devnull):
+    with net or contextlib.nullcontext():
         before = [net.tx_bytes(i) for i in range(workers + 1)] if net else None
         t0 = time.time()
         coord = subprocess.Popen(on(0, [EXE, *map(str, [
