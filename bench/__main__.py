@@ -24,6 +24,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+# `python -m bench` puts the working directory first on sys.path; in a checkout, its gptswarm/
+# folder (the sources, laid out for packaging) would shadow the installed gptswarm package
+sys.path = [p for p in sys.path if Path(p or ".").resolve() != HERE.parent]
 sys.path.insert(0, str(HERE))
 
 import ddp  # noqa: E402
