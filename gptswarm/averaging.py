@@ -32,7 +32,7 @@ import hivemind  # noqa: E402
 from hivemind.averaging import DecentralizedAverager, matchmaking  # noqa: E402
 from hivemind.averaging.allreduce import AllReduceRunner, AveragingMode  # noqa: E402
 from hivemind.averaging.key_manager import GroupKeyManager  # noqa: E402
-from hivemind.averaging.partition import BannedException, TensorPartReducer  # noqa: E402
+from hivemind.averaging.partition import AllreduceException, BannedException, TensorPartReducer  # noqa: E402
 from hivemind.compression import (Float16Compression, NoCompression, Uniform8BitQuantization,  # noqa: E402
                                   deserialize_torch_tensor, serialize_torch_tensor)
 from hivemind.proto import averaging_pb2  # noqa: E402
@@ -216,8 +216,12 @@ class _Averager(DecentralizedAverager):
         if runner.modes[group_info.peer_ids.index(self.peer_id)] != AveragingMode.AUX:
             async for tensor, averaged in azip(as_aiter(*tensors), runner):
                 tensor.copy_(averaged)
-                self.last_updated = get_dht_time()
-                self._state_updated.set()
+            container = runner.tensor_part_container
+            if container.failed_size:  # a reducer failed: part of "the average" is only our own values
+                raise AllreduceException(f"lost {container.failed_size / container.total_size:.1%} of the average "
+                                         "(a reducer failed)")
+            self.last_updated = get_dht_time()
+            self._state_updated.set()
         else:
             async for _ in runner:
                 raise ValueError("aux peers should not receive averaged tensors")
