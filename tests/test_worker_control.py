@@ -43,8 +43,9 @@ def test_pause_resume_finish(tmp_path):
         assert "paused by you" in state_of(sd, "vol")[1]
         row = page_row(page, "vol")
         assert row["state"] == "paused" and "paused by you" in row["reason"]  # the reason on the status page
-        r = run_cli("worker", "status", "--state-dir", ws)
-        assert r.returncode == 0 and "state:   paused (paused by you" in r.stdout
+        # (a worker paused mid-round first averages what it trained in it, then shows as paused)
+        wait_until(lambda: "state:   paused (paused by you" in run_cli("worker", "status", "--state-dir", ws).stdout,
+                   30, "`worker status` to say paused")
         # while paused it trains nothing: no shard stays leased to it, rounds go on without it
         wait_until(lambda: not ledger(sd, "SELECT 1 FROM leases l JOIN workers w ON w.id = l.worker_id "
                                           "WHERE w.name = 'vol' AND l.state = 'active'"), 30, "vol to hold no lease")
