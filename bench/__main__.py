@@ -16,7 +16,6 @@ import json
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import time
 import traceback
@@ -32,8 +31,8 @@ sys.path.insert(0, str(HERE))
 import ddp  # noqa: E402
 import hivemind_opt  # noqa: E402
 from netns import available  # noqa: E402
-from report import KEYS, plot, report  # noqa: E402
-from swarm import EXE, MODEL, evaluate, run_swarm  # noqa: E402
+from report import KEYS, mean, plot, report  # noqa: E402
+from swarm import MODEL, evaluate, gptswarm, run_swarm  # noqa: E402
 
 # gptswarm runs: (label, compression, rounds this many times longer than tokens_per_round)
 FULL = dict(tokens=1_536_000, tokens_per_round=48_000, hm_tokens=1_536_000, hm_target=192, hm_lr=2e-3, rate="20mbit",
@@ -62,9 +61,9 @@ def versions():
 def run_single(text, tokens, out):
     iters = tokens // (24 * 64)
     t0 = time.time()
-    subprocess.run([EXE, "train", "--text", text, *MODEL, "--batch-size", "24", "--max-iters", str(iters), "--lr", "1e-3",
-                    "--min-lr", "1e-4", "--warmup-iters", "100", "--eval-interval", str(iters), "--device", "cpu",
-                    "--quiet", "--out", str(out)], check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "2"})
+    gptswarm(["train", "--text", text, *MODEL, "--batch-size", 24, "--max-iters", iters, "--lr", "1e-3", "--min-lr",
+              "1e-4", "--warmup-iters", 100, "--eval-interval", iters, "--device", "cpu", "--quiet", "--out", out],
+             env={**os.environ, "OMP_NUM_THREADS": "2"})
     return {"loss_single": evaluate(out, text)["val_loss"], "single_seconds": round(time.time() - t0, 1)}
 
 
@@ -122,8 +121,8 @@ def main():
             r["swarm"][label] = s
         s = r["swarm"]["fp16"]
         r.update(loss_swarm=s["loss_swarm"], bytes_per_mtok_swarm=s["bytes_per_mtok"],
-                 compute_utilization=mean(s["compute_utilization_per_worker"]),
-                 join_seconds=mean(s["join_seconds_per_worker"]))
+                 compute_utilization=mean(s["compute_utilization_per_worker"], 4),
+                 join_seconds=mean(s["join_seconds_per_worker"], 4))
 
     def hivemind_run():
         h = hivemind_opt.run(text, plan["hm_tokens"], work / "hivemind-opt", plan["hm_target"], plan["hm_lr"])
@@ -160,11 +159,6 @@ def main():
         shutil.rmtree(work, ignore_errors=True)  # on a failure its logs stay for a look
     else:
         sys.exit(f"Error: {len(r['errors'])} part(s) failed: {', '.join(r['errors'])}")
-
-
-def mean(xs):
-    xs = [x for x in xs if x is not None]
-    return round(sum(xs) / len(xs), 4) if xs else None
 
 
 if __name__ == "__main__":

@@ -63,11 +63,9 @@ def peer_main(args):
     batches = Batches(shards.split("train"), shards, MODEL["block_size"], BATCH, seed=1337 + rank)
     epochs = args.tokens // (args.target_batch_size * MODEL["block_size"])
     warmup = max(1, round(100 * 24 / args.target_batch_size))  # the others' 100 steps of 24 sequences
-    groups = [{"params": [p for p in model.parameters() if p.dim() >= 2], "weight_decay": 0.1},
-              {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0}]
     opt = hivemind.Optimizer(
         dht=dht, run_id="gsbench", target_batch_size=args.target_batch_size, batch_size_per_step=BATCH,
-        optimizer=lambda params: torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95)), params=groups,
+        optimizer=lambda params: torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95)), params=model.param_groups(0.1),
         scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda e: lr_factor(e, epochs, warmup, args.lr,
                                                                                       args.lr / 10)),
         matchmaking_time=args.matchmaking_time, averaging_timeout=30.0, offload_optimizer=True,

@@ -61,9 +61,14 @@ def goals(r):
     return "\n".join(out)
 
 
-def mean(xs):
+def mean(xs, ndigits=None):
+    """The mean of the measured values (None where a run measured nothing)."""
     xs = [x for x in xs if x is not None]
-    return f"{sum(xs) / len(xs):.1%}" if xs else "—"
+    return None if not xs else round(sum(xs) / len(xs), ndigits) if ndigits else sum(xs) / len(xs)
+
+
+def percent(x):
+    return "—" if x is None else f"{x:.1%}"
 
 
 def details(r):
@@ -72,7 +77,7 @@ def details(r):
         rows.append(f"| gptswarm, {c} | {s['loss_swarm']:.4f} | {s['bytes_per_mtok'] / 1e6:,.2f} MB | "
                     f"{s.get('comm_reduction', 0):,.1f}x | {s['rounds']} rounds of >= {s['tokens_per_round']:,} tokens "
                     f"({s['tokens_swarm'] / s['rounds']:,.0f} on average) | "
-                    f"{mean(s['compute_utilization_per_worker'])} | {s['swarm_seconds']:,.0f} s |")
+                    f"{percent(mean(s['compute_utilization_per_worker']))} | {s['swarm_seconds']:,.0f} s |")
     d = r.get("ddp")
     if d:
         rows.insert(0, f"| DDP, gloo, fp32, every step | {d['loss']:.4f} | {d['bytes_per_mtok'] / 1e6:,.2f} MB | 1x | "

@@ -110,13 +110,14 @@ def run_swarm(text, tokens, sd, tokens_per_round=48_000, compression="fp16", out
         sent = [net.tx_bytes(i) - before[i] for i in range(workers + 1)] if net else None
     out = {"swarm_seconds": round(wall, 1), "tokens_per_round": tokens_per_round, "compression": compression,
            "rate": rate, "network": "namespaces" if net else "loopback"}
+    history = [list(r[:3]) for r in done_rounds(sd)]
+    out["rounds"], out["tokens_swarm"], out["history"] = len(history), sum(r[1] for r in history), history
     db = sqlite3.connect(sd / "ledger.sqlite")
-    out["rounds"], out["tokens_swarm"] = db.execute("SELECT COUNT(*), SUM(tokens) FROM rounds WHERE state = 'done'").fetchone()
     # what each worker's averaging messages came to as they left the process, and (namespaces) at its interface
     out["averaging_bytes_per_worker"] = [n for (n,) in db.execute("SELECT bytes_sent FROM workers ORDER BY name")]
+    db.close()
     if sent:
         out["wire_bytes_per_worker"], out["wire_bytes_coordinator"] = sent[1:], sent[0]
-    out["history"] = [list(r[:3]) for r in done_rounds(sd)]
     records = [list(json_records(sd / f"worker{i}.log")) for i in range(workers)]
     out["join_seconds_per_worker"] = [next((r["seconds_since_start"] for r in rs if r.get("event") == "first_step"), None)
                                       for rs in records]

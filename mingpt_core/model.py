@@ -198,16 +198,19 @@ class GPT(nn.Module):
         T = seq_len or c.block_size
         return 6 * self.num_params() + 12 * c.n_layer * c.n_head * (c.n_embd // c.n_head) * T
 
-    def optimizer(self, lr, weight_decay=0.1, betas=(0.9, 0.95), fused=None):
-        """AdamW; weight decay only on >= 2-D tensors (matmul weights, embeddings)."""
+    def param_groups(self, weight_decay=0.1):
+        """Optimizer groups: weight decay only on >= 2-D tensors (matmul weights, embeddings)."""
         params = [p for p in self.parameters() if p.requires_grad]
-        groups = [
+        return [
             {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
         ]
+
+    def optimizer(self, lr, weight_decay=0.1, betas=(0.9, 0.95), fused=None):
+        """AdamW over param_groups()."""
         if fused is None:
             fused = next(self.parameters()).device.type == "cuda"
-        return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused)
+        return torch.optim.AdamW(self.param_groups(weight_decay), lr=lr, betas=betas, fused=fused)
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, greedy=False, generator=None):
