@@ -22,17 +22,12 @@ import traceback
 from datetime import datetime, timezone
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-# `python -m bench` puts the working directory first on sys.path; in a checkout, its gptswarm/
-# folder (the sources, laid out for packaging) would shadow the installed gptswarm package
-sys.path = [p for p in sys.path if Path(p or ".").resolve() != HERE.parent]
-sys.path.insert(0, str(HERE))
+from bench import ddp, hivemind_opt
+from bench.netns import available
+from bench.report import KEYS, mean, plot, report
+from bench.swarm import MODEL, evaluate, gptswarm, run_swarm
 
-import ddp  # noqa: E402
-import hivemind_opt  # noqa: E402
-from netns import available  # noqa: E402
-from report import KEYS, mean, plot, report  # noqa: E402
-from swarm import MODEL, evaluate, gptswarm, run_swarm  # noqa: E402
+HERE = Path(__file__).resolve().parent
 
 # gptswarm runs: (label, compression, rounds this many times longer than tokens_per_round)
 FULL = dict(tokens=1_536_000, tokens_per_round=48_000, hm_tokens=1_536_000, hm_target=192, hm_lr=2e-3, rate="20mbit",

@@ -1,7 +1,7 @@
 """Addition benchmark: a small GPT must reach >= 99.9% exact match on held-out 2-digit sums
 (minGPT's adder reached 999/1000).
 
-    python bench/addition.py [--out runs/bench-addition]
+    python -m bench.addition [--out runs/bench-addition]
 """
 
 import argparse

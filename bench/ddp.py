@@ -5,7 +5,7 @@ shapes the links (tc tbf). With --target-loss, rank 0 checks the validation loss
 --check-every steps (the coordinator's check: the first 65,536 validation tokens; the clock is
 stopped while it does) and both ranks stop once it is reached.
 
-    sudo python bench/ddp.py --text ../shared/data/tinyshakespeare.txt [--iters 1000] \
+    sudo python -m bench.ddp --text ../shared/data/tinyshakespeare.txt [--iters 1000] \
         [--rate 20mbit --target-loss 2.4]
 """
 
@@ -17,8 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
+REPO = Path(__file__).resolve().parents[1]  # where `python -m bench.<part>` finds the bench package
 MODEL = dict(model="gpt-micro", block_size=64)
 EVAL_TOKENS = 65536  # what the coordinator evaluates after every round
 
@@ -72,7 +71,7 @@ def rank_main(args):
 def run(text, iters, out, batch=12, rate=None, target_loss=None, check_every=5):
     """Both ranks on their own hosts; the figures (loss, bytes per rank, wall seconds, and the time
     to the target loss)."""
-    from netns import Net
+    from bench.netns import Net
 
     from gptswarm.mingpt_core import jobs
 
@@ -84,11 +83,11 @@ def run(text, iters, out, batch=12, rate=None, target_loss=None, check_every=5):
         for r in range(2):
             env = {**os.environ, "MASTER_ADDR": net.addrs[0], "MASTER_PORT": "29533", "WORLD_SIZE": "2",
                    "RANK": str(r), "GLOO_SOCKET_IFNAME": net.dev, "OMP_NUM_THREADS": "1"}
-            cmd = [sys.executable, __file__, "--text", text, "--iters", str(iters), "--batch", str(batch), "--out", out,
+            cmd = [sys.executable, "-m", "bench.ddp", "--text", text, "--iters", str(iters), "--batch", str(batch), "--out", out,
                    "--rank", str(r), "--check-every", str(check_every)]
             if target_loss:
                 cmd += ["--target-loss", str(target_loss)]
-            procs.append(subprocess.Popen(net.exec(r, cmd), env=env))
+            procs.append(subprocess.Popen(net.exec(r, cmd), env=env, cwd=REPO))
         codes = [q.wait() for q in procs]
         wall = time.time() - t0
         sent = [net.tx_bytes(i) - before[i] for i in range(2)]

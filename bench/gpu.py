@@ -4,8 +4,8 @@ the same run, on the same GPU. Tokens/s and MFU (6N + attention FLOPs per token,
 card's dense bf16 peak). Random tokens: this measures compute, not data. Under 5 minutes on one
 H100 for gpt2 (124M).
 
-    python bench/gpu.py [--model gpt2 --block-size 1024 --batch-size 16 --steps 50] [--out bench/results/gpu.json]
-    python bench/gpu.py --device cpu --model gpt-nano --block-size 64 --batch-size 8 --steps 5 --no-compile   # smoke
+    python -m bench.gpu [--model gpt2 --block-size 1024 --batch-size 16 --steps 50] [--out bench/results/gpu.json]
+    python -m bench.gpu --device cpu --model gpt-nano --block-size 64 --batch-size 8 --steps 5 --no-compile   # smoke
 """
 
 import argparse

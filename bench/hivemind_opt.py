@@ -8,7 +8,7 @@ network interface. (albert uses LAMB and a 4096-sample target; here AdamW, as in
 and a target of 192 sequences, 8x the others' global batch so that the per-epoch matchmaking does
 not dominate, with the peak learning rate doubled for the larger batch.)
 
-    sudo python bench/hivemind_opt.py --text ../shared/data/tinyshakespeare.txt [--tokens 1536000] \
+    sudo python -m bench.hivemind_opt --text ../shared/data/tinyshakespeare.txt [--tokens 1536000] \
         [--target-batch-size 192 --lr 2e-3]
 """
 
@@ -22,8 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
+REPO = Path(__file__).resolve().parents[1]  # where `python -m bench.<part>` finds the bench package
 MODEL = dict(model="gpt-micro", block_size=64)
 BATCH = 12  # sequences per local step, as every other run
 
@@ -90,7 +89,7 @@ def peer_main(args):
 
 
 def run(text, tokens, out, target_batch_size=192, lr=2e-3, matchmaking_time=2.0, max_seconds=600):
-    from netns import Net
+    from bench.netns import Net
 
     from gptswarm.mingpt_core import jobs
 
@@ -99,13 +98,14 @@ def run(text, tokens, out, target_batch_size=192, lr=2e-3, matchmaking_time=2.0,
     with Net(2) as net:
         before = [net.tx_bytes(i) for i in range(2)]
         t0 = time.time()
-        procs = [subprocess.Popen(net.exec(i, [sys.executable, __file__, "--text", text, "--tokens", str(tokens),
+        procs = [subprocess.Popen(net.exec(i, [sys.executable, "-m", "bench.hivemind_opt", "--text", text, "--tokens", str(tokens),
                                                "--target-batch-size", str(target_batch_size), "--lr", str(lr),
                                                "--matchmaking-time", str(matchmaking_time), "--max-seconds",
                                                str(max_seconds), "--out", str(out), "--peer", str(i), "--host",
                                                net.addrs[i]]),
                                   env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
-                                  stderr=open(out / f"peer{i}.log", "w"), start_new_session=True) for i in range(2)]
+                                  stderr=open(out / f"peer{i}.log", "w"), start_new_session=True, cwd=REPO)
+                 for i in range(2)]
         done = [out / f"peer{i}.json" for i in range(2)]
         while not all(f.exists() for f in done) and all(q.poll() is None for q in procs):
             time.sleep(0.2)

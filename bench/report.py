@@ -1,4 +1,4 @@
-"""The benchmark's REPORT.md and plots, from the figures in latest.json. `python bench/report.py
+"""The benchmark's REPORT.md and plots, from the figures in latest.json. `python -m bench.report
 [RESULTS_DIR]` writes them again from a results folder's latest.json."""
 
 import json

@@ -2,7 +2,7 @@
 block 64, batch 12, 2000 iters, dropout 0, no biases, lr 1e-3 -> 1e-4, warmup 100, beta2 0.99).
 Goal: validation loss <= 1.88, nanoGPT's published figure for this configuration.
 
-    python bench/shakespeare_char.py --text ../shared/data/tinyshakespeare.txt
+    python -m bench.shakespeare_char --text ../shared/data/tinyshakespeare.txt
 """
 
 import argparse

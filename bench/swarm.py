@@ -5,7 +5,7 @@ are counted at its network interface, with the links optionally shaped (--rate).
 final checkpoint's validation loss, bytes, each worker's compute utilization and join latency
 (from its JSON log), and with --target-loss the wall time until a round reaches that loss.
 
-    sudo python bench/swarm.py --text ../shared/data/tinyshakespeare.txt [--tokens 1536000] \
+    sudo python -m bench.swarm --text ../shared/data/tinyshakespeare.txt [--tokens 1536000] \
         [--tokens-per-round 48000] [--compression fp16|8bit|none] [--rate 20mbit --target-loss 2.5]
 """
 
@@ -22,9 +22,7 @@ import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from netns import Net, available  # noqa: E402
+from bench.netns import Net, available
 
 EXE = str(Path(sys.executable).with_name("gptswarm"))
 MODEL = ["--model", "gpt-micro", "--block-size", "64"]

@@ -1,6 +1,8 @@
-"""`gptswarm coordinator`: start (or resume) a swarm run and serve it until Ctrl+C."""
+"""`gptswarm coordinator`: start (or resume) a swarm run and serve it until Ctrl+C. Every default
+shown here is the one the run and the coordinator use (run.RunSettings, run.SWARM_TRAIN,
+config.CoordinatorConfig)."""
 
-import json
+import dataclasses
 import logging
 import signal
 import socket
@@ -8,6 +10,14 @@ import threading
 
 import click
 
+from gptswarm.coordinator.config import CoordinatorConfig
+from gptswarm.coordinator.run import DEFAULT_PRESET, SWARM_TRAIN, RunSettings
+from gptswarm.logs import setup_logging
+from gptswarm.mingpt_core.model import PRESETS
+from gptswarm.rounds import COMPRESSIONS
+
+RUN = {f.name: f.default for f in dataclasses.fields(RunSettings)}
+PROC = CoordinatorConfig()
 
 
 def worker_address(listen, announce_host):
@@ -17,29 +27,6 @@ def worker_address(listen, announce_host):
     elif host in ("", "0.0.0.0", "[::]"):
         host = socket.gethostname()
     return f"{host}:{port}"
-
-
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line, for running as a service (journald, Loki, ...); fields passed as
-    `extra={"fields": {...}}` are included."""
-
-    def format(self, record):
-        out = {"ts": round(record.created, 3), "level": record.levelname.lower(), "logger": record.name,
-               "msg": record.getMessage(), **getattr(record, "fields", {})}
-        if record.exc_info:
-            out["exc"] = self.formatException(record.exc_info)
-        return json.dumps(out)
-
-
-def setup_logging(json_logs=False):
-    handler = logging.StreamHandler()
-    handler.setFormatter(JsonFormatter() if json_logs else
-                         logging.Formatter("%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S"))
-    logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
-    for noisy in ("hivemind", "grpc"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    # a reducer given no part (client-mode peers reduce nothing) warns about it every round
-    logging.getLogger("hivemind.averaging.partition").setLevel(logging.ERROR)
 
 
 def wait_for_signal():
@@ -58,44 +45,54 @@ def wait_for_signal():
 @click.option("--tokenizer", "tokenizer_kind", type=click.Choice(["char", "bpe"]), default="char", show_default=True,
               help="Tokenizer for --text.")
 @click.option("--vocab-size", type=int, help="BPE vocabulary size (default 4096).")
-@click.option("--model", default=None, help="Model preset for a new run (default gpt-nano): gpt-nano, gpt-micro, "
-              "gpt-mini, gopher-44m, gpt2, gpt2-medium, gpt2-large, gpt2-xl.")
+@click.option("--model", default=None,
+              help=f"Model preset for a new run (default {DEFAULT_PRESET}): {', '.join(PRESETS)}.")
 @click.option("--block-size", type=int, help="Context length (default: 256 for text, 3*digits for addition).")
 @click.option("--state-dir", required=True, type=click.Path(file_okay=False),
               help="Where the run lives (shards, ledger, checkpoints). Restarting on the same directory resumes the run.")
-@click.option("--listen", default="0.0.0.0:7733", show_default=True, help="HOST:PORT of the gRPC control plane.")
-@click.option("--dht-listen", default="0.0.0.0:7734", show_default=True,
+@click.option("--listen", default=PROC.listen, show_default=True, help="HOST:PORT of the gRPC control plane.")
+@click.option("--dht-listen", default=PROC.dht_listen, show_default=True,
               help="HOST:PORT of the hivemind peer (DHT bootstrap and averaging); workers must reach it.")
-@click.option("--http", "http_listen", default="0.0.0.0:7780", show_default=True,
+@click.option("--http", "http_listen", default=PROC.http_listen, show_default=True,
               help="HOST:PORT of the status page (/), its JSON (/api/v1/status) and Prometheus metrics (/metrics).")
-@click.option("--announce-host", help="Public host name or IP that workers should use (default: this host's name).")
+@click.option("--announce-host", default=PROC.announce_host,
+              help="Public host name or IP that workers should use (default: this host's name).")
 @click.option("--token", envvar="GPTSWARM_TOKEN", help="Swarm token workers must present (default: the saved one, "
               "or a new random one). Giving a new one rotates it.")
-@click.option("--tokens-per-round", type=int, default=100_000, show_default=True,
+@click.option("--tokens-per-round", type=int, default=RUN["tokens_per_round"], show_default=True,
               help="A round ends when the swarm has trained this many tokens in it.")
-@click.option("--max-tokens", type=int, default=5_000_000, show_default=True, help="The run's token budget.")
-@click.option("--compression", type=click.Choice(["none", "fp16", "8bit"]), default="fp16", show_default=True,
+@click.option("--max-tokens", type=int, default=RUN["max_tokens"], show_default=True, help="The run's token budget.")
+@click.option("--compression", type=click.Choice(COMPRESSIONS), default=RUN["compression"], show_default=True,
               help="How pseudo-gradients travel during averaging.")
-@click.option("--outer-lr", type=float, default=0.7, show_default=True, help="Outer Nesterov SGD learning rate.")
-@click.option("--outer-momentum", type=float, default=0.9, show_default=True, help="Outer SGD momentum.")
-@click.option("--batch-size", type=int, default=64, show_default=True, help="Workers' sequences per inner step.")
-@click.option("--lr", "learning_rate", type=float, default=1e-3, show_default=True, help="Inner AdamW peak learning rate.")
-@click.option("--min-lr", type=float, default=1e-4, show_default=True, help="Inner learning rate at the end of the budget.")
-@click.option("--warmup-iters", type=int, default=100, show_default=True, help="Inner warmup steps.")
-@click.option("--shard-tokens", type=int, default=16384, show_default=True, help="Tokens per leased shard.")
-@click.option("--heartbeat-interval", type=float, default=1.0, show_default=True, help="Seconds between worker heartbeats.")
-@click.option("--matchmaking-time", type=float, default=5.0, show_default=True,
+@click.option("--outer-lr", type=float, default=RUN["outer_lr"], show_default=True,
+              help="Outer Nesterov SGD learning rate.")
+@click.option("--outer-momentum", type=float, default=RUN["outer_momentum"], show_default=True,
+              help="Outer SGD momentum.")
+@click.option("--batch-size", type=int, default=SWARM_TRAIN.batch_size, show_default=True,
+              help="Workers' sequences per inner step.")
+@click.option("--lr", "learning_rate", type=float, default=SWARM_TRAIN.learning_rate, show_default=True,
+              help="Inner AdamW peak learning rate.")
+@click.option("--min-lr", type=float, default=SWARM_TRAIN.min_lr, show_default=True,
+              help="Inner learning rate at the end of the budget.")
+@click.option("--warmup-iters", type=int, default=SWARM_TRAIN.warmup_iters, show_default=True,
+              help="Inner warmup steps.")
+@click.option("--shard-tokens", type=int, default=RUN["shard_tokens"], show_default=True,
+              help="Tokens per leased shard.")
+@click.option("--heartbeat-interval", type=float, default=PROC.heartbeat_interval, show_default=True,
+              help="Seconds between worker heartbeats.")
+@click.option("--matchmaking-time", type=float, default=PROC.matchmaking_time, show_default=True,
               help="Seconds the coordinator waits for workers to join a round's averaging group.")
-@click.option("--averaging-timeout", type=float, default=60.0, show_default=True, help="Seconds an averaging may take.")
-@click.option("--round-timeout", type=float, default=600.0, show_default=True,
+@click.option("--averaging-timeout", type=float, default=PROC.averaging_timeout, show_default=True,
+              help="Seconds an averaging may take.")
+@click.option("--round-timeout", type=float, default=PROC.round_timeout, show_default=True,
               help="End a round after this many seconds even if it has fewer tokens.")
-@click.option("--json-logs", is_flag=True, help="Log one JSON object per line (for running as a service).")
-@click.option("--lease-seconds", type=float, default=60.0, show_default=True,
+@click.option("--lease-seconds", type=float, default=PROC.lease_seconds, show_default=True,
               help="A lease not extended by a heartbeat for this long expires and its shard is leased again.")
+@click.option("--json-logs", is_flag=True, help="Log one JSON object per line (for running as a service).")
 def coordinator(task, text, digits, tokenizer_kind, vocab_size, model, block_size, state_dir, listen, dht_listen,
-                http_listen, announce_host, token, tokens_per_round, max_tokens, compression, outer_lr, outer_momentum, batch_size,
-                learning_rate, min_lr, warmup_iters, shard_tokens, heartbeat_interval, matchmaking_time,
-                averaging_timeout, round_timeout, json_logs, lease_seconds):
+                http_listen, announce_host, token, tokens_per_round, max_tokens, compression, outer_lr,
+                outer_momentum, batch_size, learning_rate, min_lr, warmup_iters, shard_tokens, heartbeat_interval,
+                matchmaking_time, averaging_timeout, round_timeout, lease_seconds, json_logs):
     """Run the coordinator of a swarm: prepare the data as shards, lease them to workers, end
     rounds and aggregate the workers' pseudo-gradients, keep theta_global and its checkpoints.
 
@@ -105,7 +102,6 @@ def coordinator(task, text, digits, tokenizer_kind, vocab_size, model, block_siz
 
     from gptswarm.coordinator import run as runs
     from gptswarm.coordinator.server import Coordinator
-    from gptswarm.mingpt_core.trainer import TrainConfig
 
     setup_logging(json_logs)
     log = logging.getLogger("gptswarm.coordinator")
@@ -114,18 +110,26 @@ def coordinator(task, text, digits, tokenizer_kind, vocab_size, model, block_siz
         runs.check_resume(s, state_dir, task, text, model)
         log.info("resuming run %s from %s", s.run_id, state_dir)
     else:
-        cfg = TrainConfig(batch_size=batch_size, learning_rate=learning_rate, min_lr=min_lr, warmup_iters=warmup_iters)
-        s = runs.new_run(state_dir, task, text, digits, tokenizer_kind, vocab_size, model or "gpt-nano", block_size,
-                         None, cfg, tokens_per_round, max_tokens, compression, outer_lr, outer_momentum, shard_tokens)
+        train = dataclasses.replace(SWARM_TRAIN, batch_size=batch_size, learning_rate=learning_rate, min_lr=min_lr,
+                                    warmup_iters=warmup_iters)
+        s = runs.new_run(state_dir, task=task, text=text, digits=digits, tokenizer_kind=tokenizer_kind,
+                         vocab_size=vocab_size, model=model or DEFAULT_PRESET, block_size=block_size,
+                         train_config=train, tokens_per_round=tokens_per_round, max_tokens=max_tokens,
+                         compression=compression, outer_lr=outer_lr, outer_momentum=outer_momentum,
+                         shard_tokens=shard_tokens)
         log.info("new run %s in %s", s.run_id, state_dir)
-    coord = Coordinator(state_dir, token, listen, dht_listen, announce_host, heartbeat_interval, averaging_timeout,
-                        matchmaking_time, round_timeout, lease_seconds, http_listen=http_listen)
+    config = CoordinatorConfig(listen=listen, dht_listen=dht_listen, http_listen=http_listen,
+                               announce_host=announce_host or "", heartbeat_interval=heartbeat_interval,
+                               lease_seconds=lease_seconds, matchmaking_time=matchmaking_time,
+                               averaging_timeout=averaging_timeout, round_timeout=round_timeout)
+    coord = Coordinator(state_dir, config, token=token)
     try:
         coord.start()
         join = worker_address(f"{listen.rpartition(':')[0]}:{coord.port}", announce_host)
-        page = worker_address(f"{http_listen.rpartition(':')[0]}:{coord.http.port}", announce_host)
-        click.echo(f"\nstatus page: http://{page}/\nworkers join with:\n"
-                   f"  gptswarm worker --join {join} --token {coord.token}\n", err=True)
+        if coord.http is not None:
+            page = worker_address(f"{http_listen.rpartition(':')[0]}:{coord.http.port}", announce_host)
+            click.echo(f"\nstatus page: http://{page}/", err=True)
+        click.echo(f"workers join with:\n  gptswarm worker --join {join} --token {coord.token}\n", err=True)
         wait_for_signal()
     finally:
         coord.shutdown()

@@ -11,6 +11,7 @@ from urllib.parse import parse_qs
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from gptswarm.coordinator import metrics
+from gptswarm.coordinator.reachability import is_reachable
 from gptswarm.coordinator.status import snapshot
 from gptswarm.errors import UserError
 
@@ -78,7 +79,7 @@ class Handler(BaseHTTPRequestHandler):
                 return self.send(200, metrics.exposition(srv.registry), CONTENT_TYPE_LATEST)
             if path.startswith("/api/v1/is_reachable/"):
                 peer = path.rsplit("/", 1)[1]
-                ok, detail = srv.coord.is_reachable(peer, parse_qs(query).get("addr", []))
+                ok, detail = is_reachable(peer, parse_qs(query).get("addr", []))
                 return self.send_json(400 if detail.startswith("invalid") else 200,
                                       {"peer_id": peer, "reachable": ok, "detail": detail})
             return self.send_json(404, {"error": f"no such page: {path[:100]}"})

@@ -48,14 +48,24 @@ CREATE TABLE IF NOT EXISTS events (
 """
 
 
+ONLINE_HEARTBEATS = 3  # a worker is online while its last heartbeat is this many intervals old at most,
+ONLINE_SLACK = 5.0  # plus this many seconds
+
+
 def digest(secret):
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
 class Ledger:
-    def __init__(self, path, lease_seconds=120.0, clock=time.time):
+    """The only code that knows the schema: everything else asks it named questions.
+
+    lease_seconds: how long a lease lives without a heartbeat; heartbeat_interval: how often workers
+    beat (it defines who is online); clock: time source (tests pass a fake one)."""
+
+    def __init__(self, path, *, lease_seconds, heartbeat_interval, clock=time.time):
         self.path = str(path)
         self.lease_seconds = lease_seconds
+        self.heartbeat_interval = heartbeat_interval
         self.clock = clock
         self.lock = threading.RLock()
         self.db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
@@ -140,7 +150,7 @@ class Ledger:
 
     # --- workers ---
 
-    def add_worker(self, name, device, peer_id, client_mode, current_round, round_started):
+    def add_worker(self, *, name, device, peer_id, client_mode, current_round, round_started):
         """A new worker and its session secret. It may train in the current round only if that
         round has not started yet (no tokens trained in it); otherwise from the next one."""
         worker_id = "w-" + secrets.token_hex(4)
@@ -162,7 +172,7 @@ class Ledger:
         rows = self.query("SELECT * FROM workers WHERE id = ?", (worker_id,))
         return rows[0] if rows else None
 
-    def heartbeat(self, worker_id, round_, round_tokens, tps, state, reason, lease_ids, bytes_sent, loss):
+    def heartbeat(self, worker_id, *, round_, round_tokens, tps, state, reason, lease_ids, bytes_sent, loss):
         """Record a heartbeat; extends the worker's named active leases. Returns (deadline, lost)
         where lost are the named leases that are no longer active."""
         now = self.clock()
@@ -183,11 +193,32 @@ class Ledger:
                     lost.append(lid)
         return deadline, lost
 
-    def swarm_tokens_per_second(self, seen_after):
-        return self.query("SELECT COALESCE(SUM(tokens_per_second), 0) AS n FROM workers WHERE left_at IS NULL "
-                          "AND last_seen > ? AND state = 'training'", (seen_after,))[0]["n"]
+    def online_after(self):
+        """The one definition of an online worker: it has not left, and its last heartbeat came
+        after this time."""
+        return self.clock() - (ONLINE_HEARTBEATS * self.heartbeat_interval + ONLINE_SLACK)
 
-    def come_back(self, worker_id, current_round, round_started):
+    def swarm_tokens_per_second(self):
+        """Sum of the online, training workers' throughput."""
+        return self.query("SELECT COALESCE(SUM(tokens_per_second), 0) AS n FROM workers WHERE left_at IS NULL "
+                          "AND last_seen > ? AND state = 'training'", (self.online_after(),))[0]["n"]
+
+    def anyone_training(self):
+        """Is an online worker training right now?"""
+        return bool(self.query("SELECT 1 FROM workers WHERE state = 'training' AND last_seen > ? AND left_at IS NULL "
+                               "LIMIT 1", (self.online_after(),)))
+
+    def workers_for_status(self):
+        """Every worker, most tokens contributed first, with `online` set."""
+        rows = self.query("SELECT id, name, device, client_mode, state, reason, tokens_per_second, tokens_contributed, "
+                          "last_seen, left_at, joined_at, bytes_sent FROM workers "
+                          "ORDER BY tokens_contributed DESC, joined_at")
+        cutoff = self.online_after()
+        for w in rows:
+            w["online"] = w["left_at"] is None and (w["last_seen"] or 0) > cutoff
+        return rows
+
+    def come_back(self, worker_id, *, current_round, round_started):
         """A worker that left (or crashed) is back with its session: same identity, same totals;
         like a new worker, it waits for the next round if this one is under way."""
         with self.tx() as db:
@@ -321,7 +352,7 @@ class Ledger:
         with self.tx() as db:
             db.execute("UPDATE rounds SET state = ? WHERE round = ?", (state, round_))
 
-    def finish_round(self, round_, state, included, excluded, averaging_seconds, loss=None, val_loss=None,
+    def finish_round(self, round_, *, state, included, excluded, averaging_seconds, loss=None, val_loss=None,
                      bytes_sent=None, detail=""):
         """Close a round: included/excluded map worker_id -> (tokens, reason)."""
         tokens = sum(t for t, _ in included.values())
@@ -346,6 +377,36 @@ class Ledger:
                 self.set_meta("tokens_trained", total + tokens, db)
             else:
                 self.event("round_failed", f"round {round_}: {detail}", None, db)
+
+    def round_rows(self, *rounds):
+        """{round: its row} for those of `rounds` the ledger knows."""
+        marks = ", ".join("?" * len(rounds))
+        return {r["round"]: r for r in self.query(f"SELECT * FROM rounds WHERE round IN ({marks})", rounds)}
+
+    def finished_rounds(self, limit):
+        """The last `limit` done or failed rounds, oldest first."""
+        return self.query("SELECT round, started_at, ended_at, state, tokens, contributors, loss, val_loss, "
+                          "averaging_seconds, bytes_sent, detail FROM rounds WHERE state IN ('done', 'failed') "
+                          "ORDER BY round DESC LIMIT ?", (limit,))[::-1]
+
+    def round_counts(self):
+        """{state: number of rounds}."""
+        return {r["state"]: r["n"] for r in self.query("SELECT state, COUNT(*) AS n FROM rounds GROUP BY state")}
+
+    def averaging_totals(self):
+        """Bytes the coordinator and the workers sent for averaging, and seconds spent averaging."""
+        rounds = self.query("SELECT COALESCE(SUM(bytes_sent), 0) AS b, COALESCE(SUM(averaging_seconds), 0) AS s "
+                            "FROM rounds")[0]
+        workers = self.query("SELECT COALESCE(SUM(bytes_sent), 0) AS b FROM workers")[0]
+        return {"coordinator_bytes": rounds["b"], "worker_bytes": workers["b"], "seconds": rounds["s"]}
+
+    def recent_events(self, limit):
+        """The last `limit` events, newest first, with the worker's name."""
+        return self.query("SELECT e.at, e.kind, e.detail, w.name FROM events e LEFT JOIN workers w ON "
+                          "w.id = e.worker_id ORDER BY e.id DESC LIMIT ?", (limit,))
+
+    def count_events(self, kind, since=0.0):
+        return self.query("SELECT COUNT(*) AS n FROM events WHERE kind = ? AND at > ?", (kind, since))[0]["n"]
 
     def included(self, round_, worker_id):
         rows = self.query("SELECT included FROM contributions WHERE round = ? AND worker_id = ?", (round_, worker_id))

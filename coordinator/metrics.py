@@ -17,7 +17,7 @@ class SwarmCollector:
         c = self.coord
         snap = snapshot(c, history=1, events=0)
         run = snap["run"]
-        q = c.ledger.query
+        ledger = c.ledger
 
         def gauge(name, doc, value, labels=None):
             g = GaugeMetricFamily(name, doc, labels=list(labels or {}))
@@ -35,21 +35,21 @@ class SwarmCollector:
         if run["val_loss"] is not None:
             yield gauge("gptswarm_val_loss", "Validation loss of theta_global after the last round", run["val_loss"])
         rounds = CounterMetricFamily("gptswarm_rounds", "Finished rounds by outcome", labels=["outcome"])
-        counts = {r["state"]: r["n"] for r in q("SELECT state, COUNT(*) AS n FROM rounds GROUP BY state")}
+        counts = ledger.round_counts()
         for outcome in ("done", "failed"):
             rounds.add_metric([outcome], counts.get(outcome, 0))
         yield rounds
+        totals = ledger.averaging_totals()
         sent = CounterMetricFamily("gptswarm_averaging_bytes_sent", "Bytes sent for averaging", labels=["peer"])
-        sent.add_metric(["coordinator"], q("SELECT COALESCE(SUM(bytes_sent), 0) AS n FROM rounds")[0]["n"])
-        sent.add_metric(["workers"], q("SELECT COALESCE(SUM(bytes_sent), 0) AS n FROM workers")[0]["n"])
+        sent.add_metric(["coordinator"], totals["coordinator_bytes"])
+        sent.add_metric(["workers"], totals["worker_bytes"])
         yield sent
         yield CounterMetricFamily("gptswarm_averaging_seconds", "Seconds the coordinator spent averaging",
-                                  value=q("SELECT COALESCE(SUM(averaging_seconds), 0) AS n FROM rounds")[0]["n"])
+                                  value=totals["seconds"])
         for kind, name, doc in (("lease_expired", "gptswarm_leases_expired", "Leases that expired"),
                                 ("contribution_rejected", "gptswarm_contributions_rejected", "Rejected contributions"),
                                 ("join", "gptswarm_worker_joins", "Workers that joined")):
-            n = q("SELECT COUNT(*) AS n FROM events WHERE kind = ?", (kind,))[0]["n"]
-            yield CounterMetricFamily(name, doc, value=n)
+            yield CounterMetricFamily(name, doc, value=ledger.count_events(kind))
         workers = GaugeMetricFamily("gptswarm_workers", "Workers by state", labels=["state"])
         for state in WORKER_STATES:
             workers.add_metric([state], sum(w["state"] == state for w in snap["workers"]))

@@ -14,7 +14,6 @@ import hashlib
 import json
 import os
 import secrets
-import shutil
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,24 +26,29 @@ from gptswarm.mingpt_core.data import ShardSet, read_text
 from gptswarm.mingpt_core.model import GPT, GPTConfig
 from gptswarm.mingpt_core.tasks import make_task
 from gptswarm.mingpt_core.trainer import TrainConfig
+from gptswarm.rounds import COMPRESSIONS
+from gptswarm.rounds.theta import save_theta
 
-COMPRESSIONS = ("none", "fp16", "8bit")
-KEEP_ROUNDS = 3
+DEFAULT_PRESET = "gpt-nano"
+# the workers' inner training, unless the operator says otherwise (TrainConfig's own defaults are
+# for one machine; a swarm round wants bigger batches)
+SWARM_TRAIN = TrainConfig(batch_size=64)
 
 
 @dataclass
 class RunSettings:
+    """run.json: what a run trains and how its rounds go. The defaults here are the CLI's."""
     run_id: str
-    task: dict
-    model: dict
-    train: dict
-    tokens_per_round: int = 100_000
-    max_tokens: int = 10_000_000
-    compression: str = "fp16"
-    outer_lr: float = 0.7
+    task: dict  # the task's metadata (mingpt_core/tasks.py)
+    model: dict  # GPTConfig
+    train: dict  # the workers' inner TrainConfig
+    tokens_per_round: int = 100_000  # a round ends when the swarm trained this many tokens in it
+    max_tokens: int = 10_000_000  # the run's token budget
+    compression: str = "fp16"  # how pseudo-gradients travel (COMPRESSIONS)
+    outer_lr: float = 0.7  # outer Nesterov SGD (DiLoCo's defaults)
     outer_momentum: float = 0.9
-    shard_tokens: int = 16384
-    extra: dict = field(default_factory=dict)
+    shard_tokens: int = 16384  # tokens per leased shard
+    extra: dict = field(default_factory=dict)  # {"preset": model preset name}
 
     def save(self, path):
         tmp = Path(path).with_suffix(".tmp")
@@ -56,27 +60,26 @@ class RunSettings:
         return cls(**json.loads(Path(path).read_text()))
 
 
-def new_run(state_dir, task=None, text=None, digits=2, tokenizer_kind="char", vocab_size=None, model="gpt-nano",
-            block_size=None, model_overrides=None, train_config=None, tokens_per_round=100_000, max_tokens=10_000_000,
-            compression="fp16", outer_lr=0.7, outer_momentum=0.9, shard_tokens=16384, seed=1337):
+def new_run(state_dir, *, task=None, text=None, digits=2, tokenizer_kind="char", vocab_size=None,
+            model=DEFAULT_PRESET, block_size=None, model_overrides=None, train_config=None, seed=1337, **settings):
     """Prepare a new run in state_dir: shards, tokenizer, run.json and theta_global(0).
     Everything is validated before the directory is created."""
     state_dir = Path(state_dir)
-    if compression not in COMPRESSIONS:
-        raise UserError(f"unknown compression {compression!r}; choose one of {', '.join(COMPRESSIONS)}")
-    if tokens_per_round < 1 or max_tokens < 1:
+    settings = RunSettings(uuid.uuid4().hex[:12], {}, {}, {}, extra={"preset": model}, **settings)
+    if settings.compression not in COMPRESSIONS:
+        raise UserError(f"unknown compression {settings.compression!r}; choose one of {', '.join(COMPRESSIONS)}")
+    if settings.tokens_per_round < 1 or settings.max_tokens < 1:
         raise UserError("--tokens-per-round and --max-tokens must be positive")
     t = make_task(task, text, digits, None, tokenizer_kind, vocab_size, block_size)
     bs = block_size or t.block_size
     t.check_block_size(bs)
     config = GPTConfig.from_preset(model, t.tokenizer.vocab_size, bs, **(model_overrides or {}))
-    shards = t.shard_set(shard_tokens, bs)
-    cfg = train_config or TrainConfig()
+    shards = t.shard_set(settings.shard_tokens, bs)
+    cfg = train_config or SWARM_TRAIN
     state_dir.mkdir(parents=True, exist_ok=True)
     shards.write(state_dir / "shards")
     t.tokenizer.save(state_dir / "tokenizer.json")
-    settings = RunSettings(uuid.uuid4().hex[:12], t.meta(), config.to_dict(), cfg.to_dict(), tokens_per_round,
-                           max_tokens, compression, outer_lr, outer_momentum, shard_tokens, {"preset": model})
+    settings.task, settings.model, settings.train = t.meta(), config.to_dict(), cfg.to_dict()
     torch.manual_seed(seed)
     theta = GPT(config)
     save_theta(state_dir, theta, t.tokenizer, settings, round_=0, tokens_trained=0,
@@ -123,36 +126,6 @@ def swarm_token(state_dir, token=None):
         path.write_text(token)
     os.chmod(path, 0o600)
     return token
-
-
-def save_theta(state_dir, model, tokenizer, settings, round_, tokens_trained, momentum, extra_meta=None):
-    """Write checkpoints/latest for theta_global(round_) and keep a copy of the last few rounds."""
-    ckdir = Path(state_dir) / "checkpoints"
-    meta = {"round": round_, "tokens_trained": tokens_trained, "step": round_, "run_id": settings.run_id,
-            **settings.task, "swarm": {"outer_lr": settings.outer_lr, "outer_momentum": settings.outer_momentum,
-                                       "compression": settings.compression}, **(extra_meta or {})}
-    extra = {f"outer.momentum.{k}": v for k, v in momentum.items()}
-    checkpoint.save(ckdir / "latest", model, tokenizer, meta, extra)
-    keep = ckdir / f"round-{round_:06d}"
-    if not keep.exists():
-        tmp = ckdir / f".round-{round_:06d}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(ckdir / "latest", tmp)
-        os.replace(tmp, keep)
-    for old in sorted(ckdir.glob("round-*"))[:-KEEP_ROUNDS]:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def load_theta(directory):
-    """(model, tokenizer, meta, momentum) from a swarm checkpoint directory."""
-    model, tokenizer, meta = checkpoint.load(directory, "cpu")
-    extra = checkpoint.load_extra(directory) or {}
-    prefix = "outer.momentum."
-    momentum = {k[len(prefix):]: v for k, v in extra.items() if k.startswith(prefix)}
-    tensors = checkpoint.model_tensors(model)
-    if set(momentum) != set(tensors):
-        momentum = {k: torch.zeros_like(v) for k, v in tensors.items()}
-    return model, tokenizer, meta, momentum
 
 
 def read_shards(state_dir):

@@ -1,7 +1,6 @@
 """The Coordinator: one object that owns the ledger, the hivemind peer (DHT bootstrap + averaging
 aggregator), the gRPC server and the round loop. start() / shutdown()."""
 
-import asyncio
 import logging
 import threading
 import time
@@ -9,73 +8,68 @@ from pathlib import Path
 
 import torch
 
-from hivemind.p2p import P2P, PeerID
-from hivemind.utils.multiaddr import Multiaddr
-
-from gptswarm.averaging import SwarmAverager, start_dht
 from gptswarm.coordinator import run as runs
 from gptswarm.coordinator.http import StatusServer
 from gptswarm.coordinator.ledger import Ledger
 from gptswarm.coordinator.service import make_server
-from gptswarm.mingpt_core import checkpoint
 from gptswarm.mingpt_core.data import eval_batches
 from gptswarm.mingpt_core.trainer import evaluate_loss
-from gptswarm.outer import outer_step
+from gptswarm.rounds.averaging import SwarmAverager, start_dht
+from gptswarm.rounds.outer import outer_step
+from gptswarm.rounds.theta import load_theta, save_theta, theta_hash, theta_views
 
 log = logging.getLogger("gptswarm.coordinator")
 
 
 class Coordinator:
-    def __init__(self, state_dir, token=None, listen="0.0.0.0:7733", dht_listen="0.0.0.0:0", announce_host=None,
-                 heartbeat_interval=2.0, averaging_timeout=60.0, matchmaking_time=5.0, round_timeout=600.0,
-                 lease_seconds=120.0, eval_tokens=65536, http_listen=None):
+    """state_dir: a run made by run.new_run; config: CoordinatorConfig; token: a new swarm token
+    (rotates the saved one), or None to keep the saved one."""
+
+    def __init__(self, state_dir, config, *, token=None):
         self.state_dir = Path(state_dir)
-        self.token_arg = token
-        self.listen, self.dht_listen, self.announce_host = listen, dht_listen, announce_host
-        self.heartbeat_interval = heartbeat_interval
-        self.averaging_timeout = averaging_timeout
-        self.matchmaking_time = matchmaking_time
-        self.round_timeout = round_timeout
-        self.lease_seconds = lease_seconds
-        self.eval_tokens = eval_tokens
-        self.http_listen = http_listen
-        self.lock = threading.RLock()  # round state
+        self.config = config
+        self.settings = runs.load_run(self.state_dir)
+        self.token = runs.swarm_token(self.state_dir, token)
+        self.shard_set = runs.read_shards(self.state_dir)
+        self.train_shards = self.shard_set.split("train")
+        self.val_shards = self.shard_set.split("val")
+        self.model, self.tokenizer, meta, self.momentum = load_theta(self.state_dir / "checkpoints" / "latest")
+        self.theta = theta_views(self.model)  # theta_global, sharing storage with self.model
+        self.n_params = self.model.num_params(non_embedding=False)
+        self.averaging_prefix = f"gptswarm-{self.settings.run_id}"
+        # round state, under self.lock: the round loop writes it, gRPC and HTTP threads read it
+        self.lock = threading.RLock()
+        self.round = int(meta.get("round", 0))
+        self.tokens_trained = int(meta.get("tokens_trained", 0))
+        self.theta_hash = theta_hash(self.theta)
+        self.phase = "training"
+        self.finished = self.tokens_trained >= self.settings.max_tokens
+        self.val_loss = meta.get("val_loss")
+        self.round_started_at = time.time()
         self._stop = threading.Event()
-        self.server = self.dht = self.averager = self.thread = self.http = None
+        self.ledger = self.dht = self.averager = self.server = self.http = self.thread = None
+        self.initial_peers, self.port = [], None
 
     # --- lifecycle ---
 
     def start(self):
-        self.settings = runs.load_run(self.state_dir)
-        self.token = runs.swarm_token(self.state_dir, self.token_arg)
-        self.shard_set = runs.read_shards(self.state_dir)
-        self.train_shards = self.shard_set.split("train")
-        self.val_shards = self.shard_set.split("val")
-        self.model, self.tokenizer, meta, self.momentum = runs.load_theta(self.state_dir / "checkpoints" / "latest")
-        self.theta = theta_views(self.model)
-        self.n_params = self.model.num_params(non_embedding=False)
-        self.round = int(meta.get("round", 0))
-        self.tokens_trained = int(meta.get("tokens_trained", 0))
-        self.theta_hash = checkpoint.state_hash(self.theta)
-        self.phase = "training"
-        self.finished = self.tokens_trained >= self.settings.max_tokens
-        self.val_loss = meta.get("val_loss")
-
-        self.ledger = Ledger(self.state_dir / "ledger.sqlite", self.lease_seconds)
+        cfg = self.config
+        self.ledger = Ledger(self.state_dir / "ledger.sqlite", lease_seconds=cfg.lease_seconds,
+                             heartbeat_interval=cfg.heartbeat_interval)
         self.ledger.add_shards([(s.sha256, len(s)) for s in self.train_shards])
         self.ledger.recover(self.round, self.theta_hash)
         self.round_started_at = time.time()
 
         # hivemind first, then gRPC (gRPC objects created before hivemind forks print warnings)
-        self.averaging_prefix = f"gptswarm-{self.settings.run_id}"
-        self.dht = start_dht(self.dht_listen, announce_host=self.announce_host,
+        self.dht = start_dht(cfg.dht_listen, announce_host=cfg.announce_host,
                              identity_path=self.state_dir / "p2p_identity.key")
         self.initial_peers = [str(m) for m in self.dht.get_visible_maddrs()]
-        self.averager = SwarmAverager(self.dht, self.theta, self.averaging_prefix, self.settings.compression,
-                                      client_mode=False, matchmaking_time=self.matchmaking_time)
-        self.server, self.port = make_server(self, self.listen)
-        if self.http_listen:
-            self.http = StatusServer(self, self.http_listen).start()
+        self.averager = SwarmAverager(self.dht, self.theta, prefix=self.averaging_prefix,
+                                      compression=self.settings.compression, client_mode=False,
+                                      matchmaking_time=cfg.matchmaking_time)
+        self.server, self.port = make_server(self, cfg.listen)
+        if cfg.http_listen:
+            self.http = StatusServer(self, cfg.http_listen).start()
         self.thread = threading.Thread(target=self._round_loop, name="rounds", daemon=True)
         self.thread.start()
         log.info("coordinator of run %s: gRPC on port %d, hivemind peer %s, round %d", self.settings.run_id,
@@ -85,7 +79,7 @@ class Coordinator:
     def shutdown(self):
         self._stop.set()
         if self.thread is not None:
-            self.thread.join(timeout=self.averaging_timeout + 10)
+            self.thread.join(timeout=self.config.averaging_timeout + 10)
         if self.http is not None:
             self.http.shutdown()
         if self.server is not None:
@@ -94,7 +88,7 @@ class Coordinator:
             self.averager.shutdown()
         if self.dht is not None:
             self.dht.shutdown()
-        if getattr(self, "ledger", None) is not None:
+        if self.ledger is not None:
             self.ledger.close()
 
     # --- what the service asks ---
@@ -105,11 +99,12 @@ class Coordinator:
 
     def add_worker(self, name, device, peer_id, client_mode):
         with self.lock:
-            return self.ledger.add_worker(name, device, peer_id, client_mode, self.round, self._round_started())
+            return self.ledger.add_worker(name=name, device=device, peer_id=peer_id, client_mode=client_mode,
+                                          current_round=self.round, round_started=self._round_started())
 
     def come_back(self, worker):
         with self.lock:
-            self.ledger.come_back(worker["id"], self.round, self._round_started())
+            self.ledger.come_back(worker["id"], current_round=self.round, round_started=self._round_started())
         return self.ledger.worker(worker["id"])
 
     def may_train(self, worker, round_):
@@ -134,8 +129,7 @@ class Coordinator:
             if round_ >= self.round:
                 return {"state": self.phase if round_ == self.round else "training", "included": False,
                         "theta_hash": "", "detail": "round in progress"}
-        rows = {r["round"]: r for r in self.ledger.query("SELECT * FROM rounds WHERE round IN (?, ?)",
-                                                         (round_, round_ + 1))}
+        rows = self.ledger.round_rows(round_, round_ + 1)
         if round_ not in rows or round_ + 1 not in rows:
             return {"state": "failed", "included": False, "theta_hash": self.theta_hash,
                     "detail": "unknown round: resynchronize from the latest checkpoint"}
@@ -149,28 +143,16 @@ class Coordinator:
             files = [(p.name, open(p, "rb")) for p in sorted(d.iterdir())]
             return files, self.round, self.theta_hash
 
-    def is_reachable(self, peer_id, addrs, timeout=5.0):
-        """(reachable, detail): can a fresh peer, with no connection to it yet, dial peer_id at one of
-        its addresses? (Petals' check: a worker behind NAT is not, and should stay in client mode.)"""
-        try:
-            target = PeerID.from_base58(peer_id)
-            maddrs = [Multiaddr(a) for a in addrs]
-        except Exception:
-            return False, "invalid peer id or address"
-        if not maddrs:
-            return False, "invalid peer id or address: give the peer's address as ?addr=/ip4/HOST/tcp/PORT"
-        return asyncio.run(probe_peer(target, maddrs, timeout))
-
     # --- rounds ---
 
     def _round_loop(self):
-        while not self._stop.wait(min(0.5, self.heartbeat_interval / 2)):
+        while not self._stop.wait(min(0.5, self.config.heartbeat_interval / 2)):
             try:
                 self.ledger.expire()
                 if self.finished:
                     continue
                 tokens = self.ledger.round_tokens(self.round)
-                late = time.time() - self.round_started_at > self.round_timeout
+                late = time.time() - self.round_started_at > self.config.round_timeout
                 if tokens >= self.settings.tokens_per_round or (tokens > 0 and (late or self._epoch_drained())):
                     self._finish_round()
             except Exception:  # the coordinator must outlive any one bad round
@@ -181,11 +163,7 @@ class Coordinator:
     def _epoch_drained(self):
         """No shard left to lease and nobody training: the epoch's last shards wait for this round's
         average before they can be reported, so the round must end now."""
-        if self.ledger.shard_counts()["pending"]:
-            return False
-        recent = time.time() - 3 * self.heartbeat_interval
-        return not self.ledger.query("SELECT 1 FROM workers WHERE state = 'training' AND last_seen > ? "
-                                     "AND left_at IS NULL", (recent,))
+        return not self.ledger.shard_counts()["pending"] and not self.ledger.anyone_training()
 
     def _finish_round(self):
         r = self.round
@@ -199,7 +177,7 @@ class Coordinator:
         # whole matchmaking window: only a worker that held a lease during this round can
         expected = self.ledger.lease_holders_since(self.round_started_at)
         outcome = self.averager.average(zeros, weight=0.0, round_=r, worker_id="coordinator",
-                                        timeout=self.averaging_timeout, group_size=expected + 1)
+                                        timeout=self.config.averaging_timeout, group_size=expected + 1)
         seconds = time.time() - t0
         members = {m["worker_id"]: m for m in outcome.members if m.get("worker_id") != "coordinator"}
         included = {w: (int(m["tokens"]), "") for w, m in members.items() if w not in outcome.rejected}
@@ -211,17 +189,19 @@ class Coordinator:
             self.val_loss = self.evaluate()
             losses = [w["loss"] for w in map(self.ledger.worker, included) if w and w["loss"] is not None]
             loss = sum(losses) / len(losses) if losses else None
-            runs.save_theta(self.state_dir, self.model, self.tokenizer, self.settings, r + 1, self.tokens_trained,
-                            self.momentum, {"val_loss": self.val_loss, "train_loss": loss})
-            self.ledger.finish_round(r, "done", included, excluded, seconds, loss, self.val_loss,
-                                     outcome.bytes_sent)
+            save_theta(self.state_dir, self.model, self.tokenizer, self.settings, round_=r + 1,
+                       tokens_trained=self.tokens_trained, momentum=self.momentum,
+                       extra_meta={"val_loss": self.val_loss, "train_loss": loss})
+            self.ledger.finish_round(r, state="done", included=included, excluded=excluded, averaging_seconds=seconds,
+                                     loss=loss, val_loss=self.val_loss, bytes_sent=outcome.bytes_sent)
             log.info("round %d done: %d worker(s), %d tokens, val loss %.4f, averaging %.1f s", r, len(included),
                      tokens, self.val_loss, seconds)
         else:
             detail = outcome.error or "no worker joined the averaging group"
-            self.ledger.finish_round(r, "failed", {}, excluded, seconds, detail=detail)
+            self.ledger.finish_round(r, state="failed", included={}, excluded=excluded, averaging_seconds=seconds,
+                                     detail=detail)
             log.warning("round %d failed: %s", r, detail)
-        new_hash = checkpoint.state_hash(self.theta)
+        new_hash = theta_hash(self.theta)
         self.ledger.start_round(r + 1, new_hash)
         with self.lock:
             self.round, self.theta_hash, self.phase = r + 1, new_hash, "training"
@@ -231,21 +211,6 @@ class Coordinator:
             self.ledger.event("finished", f"run reached its budget of {self.settings.max_tokens} tokens")
 
     def evaluate(self):
-        batches = eval_batches(self.val_shards, self.shard_set, self.model.config.block_size, 64, self.eval_tokens)
+        batches = eval_batches(self.val_shards, self.shard_set, self.model.config.block_size, 64,
+                               self.config.eval_tokens)
         return round(evaluate_loss(self.model, batches), 4)
-
-
-async def probe_peer(target, maddrs, timeout):
-    p2p = await P2P.create()
-    try:
-        await asyncio.wait_for(p2p._client.connect(target, maddrs), timeout)
-        return True, "connected"
-    except Exception as e:
-        return False, f"{type(e).__name__}: {str(e)[:200] or 'no answer'}"
-    finally:
-        await p2p.shutdown()
-
-
-def theta_views(model):
-    """{name: tensor} sharing storage with the model's weights (the tied head appears once)."""
-    return {k: v for k, v in model.state_dict().items() if k != checkpoint.TIED}

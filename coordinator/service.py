@@ -3,7 +3,6 @@
 import hmac
 import json
 import logging
-import time
 from concurrent import futures
 
 import grpc
@@ -11,6 +10,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from gptswarm import __version__
+from gptswarm.coordinator.reachability import is_reachable
 from gptswarm.errors import UserError
 from gptswarm.proto import PROTOCOL_VERSION
 from gptswarm.proto import gptswarm_pb2 as pb
@@ -66,34 +66,34 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             tokens_per_round=s.tokens_per_round, max_tokens=s.max_tokens, compression=s.compression,
             outer_lr=s.outer_lr, outer_momentum=s.outer_momentum,
             initial_peers=c.initial_peers, averaging_prefix=c.averaging_prefix,
-            averaging_timeout=c.averaging_timeout, heartbeat_interval=c.heartbeat_interval,
-            matchmaking_time=c.matchmaking_time)
+            averaging_timeout=c.config.averaging_timeout, heartbeat_interval=c.config.heartbeat_interval,
+            matchmaking_time=c.config.matchmaking_time)
 
     def LeaseShard(self, request, context):
         w = self._worker(context)
         ok, reason = self.coord.may_train(w, request.round)
         if not ok:
-            return pb.LeaseResponse(granted=False, reason=reason, retry_after=self.coord.heartbeat_interval)
+            return pb.LeaseResponse(granted=False, reason=reason, retry_after=self.coord.config.heartbeat_interval)
         lease = self.coord.ledger.lease(w["id"], request.round)
         if lease is None:
             return pb.LeaseResponse(granted=False, reason="no shards available: all are leased, waiting for reports",
-                                    retry_after=self.coord.heartbeat_interval)
+                                    retry_after=self.coord.config.heartbeat_interval)
         return pb.LeaseResponse(granted=True, **lease)
 
     def Heartbeat(self, request, context):
         w = self._worker(context)
         c = self.coord
         deadline, lost = c.ledger.heartbeat(
-            w["id"], request.round, request.round_tokens, request.tokens_per_second, request.state[:32],
-            request.reason[:200], list(request.lease_ids), request.bytes_sent, request.loss or None)
+            w["id"], round_=request.round, round_tokens=request.round_tokens, tps=request.tokens_per_second,
+            state=request.state[:32], reason=request.reason[:200], lease_ids=list(request.lease_ids),
+            bytes_sent=request.bytes_sent, loss=request.loss or None)
         r = c.round_view()
         may, _ = c.may_train(w, r["round"])
         return pb.HeartbeatResponse(round=r["round"], phase=r["phase"], theta_hash=r["theta_hash"], may_train=may,
                                     lease_deadline=deadline, expired_lease_ids=lost,
                                     tokens_trained=r["tokens_trained"], finished=r["finished"],
                                     swarm_round_tokens=c.ledger.round_tokens(r["round"]),
-                                    swarm_tokens_per_second=c.ledger.swarm_tokens_per_second(
-                                        time.time() - 3 * c.heartbeat_interval - 5),
+                                    swarm_tokens_per_second=c.ledger.swarm_tokens_per_second(),
                                     tokens_per_round=c.settings.tokens_per_round)
 
     def GetShard(self, request, context):
@@ -140,7 +140,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
 
     def CheckReachability(self, request, context):
         self._worker(context)
-        ok, detail = self.coord.is_reachable(request.peer_id, list(request.addrs)[:8])
+        ok, detail = is_reachable(request.peer_id, list(request.addrs)[:8])
         return pb.ReachabilityResponse(reachable=ok, detail=detail)
 
     def Leave(self, request, context):

@@ -8,18 +8,10 @@ STALL_SECONDS = 120  # no token trained for this long while workers are online: 
 RECENT_SECONDS = 300  # failures this recent make the swarm "degraded"
 
 
-def online_after(coord):
-    return time.time() - (3 * coord.heartbeat_interval + 5)
-
-
 def worker_rows(coord, now):
-    rows = coord.ledger.query("SELECT id, name, device, client_mode, state, reason, tokens_per_second, "
-                              "tokens_contributed, last_seen, left_at, joined_at, bytes_sent FROM workers "
-                              "ORDER BY tokens_contributed DESC, joined_at")
-    cutoff = online_after(coord)
     out = []
-    for w in rows:
-        online = w["left_at"] is None and (w["last_seen"] or 0) >= cutoff
+    for w in coord.ledger.workers_for_status():
+        online = w["online"]
         state, reason = w["state"] or "joining", w["reason"] or ""
         if w["left_at"] is not None:
             state, reason = "offline", "left the swarm"
@@ -49,12 +41,10 @@ def health(coord, workers, rounds, now):
     failed = [r for r in rounds if r["state"] == "failed" and (r["ended_at"] or 0) > recent]
     if failed:
         return "degraded", f"round {failed[-1]['round']} failed: {failed[-1]['detail'] or 'no averaging group'}"
-    rejected = coord.ledger.query("SELECT COUNT(*) AS n FROM events WHERE kind = 'contribution_rejected' AND at > ?",
-                                  (recent,))[0]["n"]
+    rejected = coord.ledger.count_events("contribution_rejected", since=recent)
     if rejected:
         return "degraded", f"{rejected} contribution(s) rejected in the last {RECENT_SECONDS // 60} minutes"
-    expired = coord.ledger.query("SELECT COUNT(*) AS n FROM events WHERE kind = 'lease_expired' AND at > ?",
-                                 (recent,))[0]["n"]
+    expired = coord.ledger.count_events("lease_expired", since=recent)
     if expired:
         return "degraded", f"{expired} lease(s) expired in the last {RECENT_SECONDS // 60} minutes (workers vanished)"
     training = sum(w["state"] == "training" for w in online)
@@ -66,15 +56,12 @@ def snapshot(coord, history=200, events=30):
     view = coord.round_view()
     s = coord.settings
     workers = worker_rows(coord, now)
-    rounds = coord.ledger.query("SELECT round, started_at, ended_at, state, tokens, contributors, loss, val_loss, "
-                                "averaging_seconds, bytes_sent, detail FROM rounds WHERE state IN ('done', 'failed') "
-                                "ORDER BY round DESC LIMIT ?", (history,))[::-1]
+    rounds = coord.ledger.finished_rounds(history)
     state, reason = health(coord, workers, rounds, now)
     tps = sum(w["tokens_per_second"] for w in workers)
     left = max(0, s.max_tokens - view["tokens_trained"])
     counts = coord.ledger.shard_counts()
-    evs = coord.ledger.query("SELECT e.at, e.kind, e.detail, w.name FROM events e LEFT JOIN workers w ON "
-                             "w.id = e.worker_id ORDER BY e.id DESC LIMIT ?", (events,))
+    evs = coord.ledger.recent_events(events)
     return {
         "generated_at": now,
         "run": {

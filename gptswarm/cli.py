@@ -7,6 +7,9 @@ import click
 
 from gptswarm.errors import UserError
 from gptswarm.mingpt_core.model import ARCHS, PRESETS
+from gptswarm.mingpt_core.trainer import DTYPES, TrainConfig
+
+TRAIN = TrainConfig()  # `gptswarm train` shows the trainer's own defaults
 
 TASK_OPTIONS = [
     click.option("--task", type=click.Choice(["addition"]), help="Train on a built-in task: 'addition' "
@@ -58,21 +61,21 @@ def cli():
 @click.option("--dropout", type=float, default=0.0, show_default=True, help="Dropout probability.")
 @click.option("--no-bias", is_flag=True, help="Linear layers and LayerNorms without biases.")
 @click.option("--max-iters", type=int, required=True, help="Optimizer steps to train for (in total, when resuming).")
-@click.option("--batch-size", type=int, default=12, show_default=True, help="Sequences per optimizer step.")
-@click.option("--micro-batch-size", type=int, default=0, help="Split each batch into slices of this size and "
+@click.option("--batch-size", type=int, default=TRAIN.batch_size, show_default=True, help="Sequences per optimizer step.")
+@click.option("--micro-batch-size", type=int, default=TRAIN.micro_batch_size, help="Split each batch into slices of this size and "
               "accumulate gradients (saves memory; 0 = no split).")
-@click.option("--lr", "learning_rate", type=float, default=1e-3, show_default=True, help="Peak learning rate.")
-@click.option("--min-lr", type=float, default=1e-4, show_default=True, help="Learning rate at the end of the cosine decay.")
-@click.option("--warmup-iters", type=int, default=100, show_default=True, help="Linear warmup steps.")
-@click.option("--lr-decay-iters", type=int, default=0, help="Steps of cosine decay (default: --max-iters).")
-@click.option("--weight-decay", type=float, default=0.1, show_default=True, help="AdamW weight decay (>= 2-D weights only).")
-@click.option("--beta1", type=float, default=0.9, show_default=True, help="AdamW beta1.")
-@click.option("--beta2", type=float, default=0.99, show_default=True, help="AdamW beta2.")
-@click.option("--grad-clip", type=float, default=1.0, show_default=True, help="Clip the gradient norm (0 = off).")
-@click.option("--eval-interval", type=int, default=250, show_default=True, help="Evaluate and save every N steps.")
-@click.option("--seed", type=int, default=1337, show_default=True, help="Seed for initialisation and batch sampling.")
+@click.option("--lr", "learning_rate", type=float, default=TRAIN.learning_rate, show_default=True, help="Peak learning rate.")
+@click.option("--min-lr", type=float, default=TRAIN.min_lr, show_default=True, help="Learning rate at the end of the cosine decay.")
+@click.option("--warmup-iters", type=int, default=TRAIN.warmup_iters, show_default=True, help="Linear warmup steps.")
+@click.option("--lr-decay-iters", type=int, default=TRAIN.lr_decay_iters, help="Steps of cosine decay (default: --max-iters).")
+@click.option("--weight-decay", type=float, default=TRAIN.weight_decay, show_default=True, help="AdamW weight decay (>= 2-D weights only).")
+@click.option("--beta1", type=float, default=TRAIN.beta1, show_default=True, help="AdamW beta1.")
+@click.option("--beta2", type=float, default=TRAIN.beta2, show_default=True, help="AdamW beta2.")
+@click.option("--grad-clip", type=float, default=TRAIN.grad_clip, show_default=True, help="Clip the gradient norm (0 = off).")
+@click.option("--eval-interval", type=int, default=TRAIN.eval_interval, show_default=True, help="Evaluate and save every N steps.")
+@click.option("--seed", type=int, default=TRAIN.seed, show_default=True, help="Seed for initialisation and batch sampling.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto", show_default=True,
+@click.option("--dtype", type=click.Choice(["auto", *DTYPES]), default=TRAIN.dtype, show_default=True,
               help="auto: bf16 autocast on GPUs that support it, fp16 + grad scaling on older GPUs, fp32 on CPU.")
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the model (faster on GPUs, slow to start).")
 @click.option("--shard-tokens", type=int, default=65536, show_default=True, help="Tokens per data shard.")
@@ -92,7 +95,6 @@ def train(task, text, digits, tokenizer_kind, vocab_size, model, n_layer, n_head
       gptswarm train --text input.txt --model gpt-micro --block-size 64 --max-iters 2000 --out runs/char
     """
     from gptswarm.mingpt_core import jobs
-    from gptswarm.mingpt_core.trainer import TrainConfig
 
     cfg = TrainConfig(max_iters=max_iters, batch_size=batch_size, micro_batch_size=micro_batch_size,
                       learning_rate=learning_rate, min_lr=min_lr, warmup_iters=warmup_iters,
@@ -100,8 +102,10 @@ def train(task, text, digits, tokenizer_kind, vocab_size, model, n_layer, n_head
                       grad_clip=grad_clip, eval_interval=eval_interval, seed=seed, dtype=dtype, compile=compile_)
     overrides = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, arch=arch, attn_window=attn_window,
                      dropout=dropout, bias=not no_bias)
-    history = jobs.train(out, task, text, digits, tokenizer_kind, vocab_size, model, block_size, overrides, cfg,
-                         device, resume, overwrite, shard_tokens, progress=not quiet)
+    history = jobs.train(out, task=task, text=text, digits=digits, tokenizer_kind=tokenizer_kind, vocab_size=vocab_size,
+                         model=model, block_size=block_size, model_overrides=overrides, train_config=cfg,
+                         device=device, resume=resume, overwrite=overwrite, shard_tokens=shard_tokens,
+                         progress=not quiet)
     click.echo(f"saved checkpoint to {out} ({json.dumps(history[-1])})")
 
 
@@ -115,7 +119,7 @@ def eval_(directory, task, text, as_json, device):
     --task addition, validation loss on the last 10% of FILE for --text FILE."""
     from gptswarm.mingpt_core import jobs
 
-    metrics = jobs.evaluate(directory, task, text, device)
+    metrics = jobs.evaluate(directory, task=task, text=text, device=device)
     if as_json:
         click.echo(json.dumps(metrics))
         return
@@ -138,7 +142,8 @@ def sample(directory, prompt, max_new_tokens, temperature, top_k, top_p, greedy,
     """Print PROMPT continued by the checkpoint in DIRECTORY."""
     from gptswarm.mingpt_core import jobs
 
-    click.echo(jobs.sample(directory, prompt, max_new_tokens, temperature, top_k, top_p, greedy, seed, device))
+    click.echo(jobs.sample(directory, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                           top_p=top_p, greedy=greedy, seed=seed, device=device))
 
 
 @cli.command()

@@ -50,8 +50,7 @@ class Proc:
 
 
 def gptswarm(*args):
-    # -P: not the current directory first on sys.path, where a checkout's gptswarm/ would shadow the install
-    return [sys.executable, "-P", "-m", "gptswarm", *map(str, args)]
+    return [sys.executable, "-m", "gptswarm", *map(str, args)]
 
 
 @click.command()

@@ -9,7 +9,6 @@ Nothing is pickled. Directories are written beside the target and renamed into p
 never leaves a half-written checkpoint.
 """
 
-import hashlib
 import json
 import os
 import shutil
@@ -32,16 +31,6 @@ TIED = "lm_head.weight"  # same tensor as transformer.wte.weight
 def model_tensors(model):
     """The model's weights by name, without the tied duplicate, contiguous, on CPU."""
     return {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items() if k != TIED}
-
-
-def state_hash(tensors):
-    """sha256 over names, dtypes, shapes and bytes of a {name: tensor} dict, in name order."""
-    h = hashlib.sha256()
-    for name in sorted(tensors):
-        t = tensors[name].detach().to("cpu").contiguous()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
 
 
 def is_checkpoint(path):

@@ -34,7 +34,7 @@ def build_model(tokenizer, task, model="gpt-micro", block_size=None, **overrides
     return GPT(config)
 
 
-def train(out, task=None, text=None, digits=2, tokenizer_kind="char", vocab_size=None, model="gpt-micro",
+def train(out, *, task=None, text=None, digits=2, tokenizer_kind="char", vocab_size=None, model="gpt-micro",
           block_size=None, model_overrides=None, train_config=None, device="auto", resume=False, overwrite=False,
           shard_tokens=65536, progress=True):
     """Train a GPT locally and keep its checkpoint in `out`; returns the evaluation history.
@@ -75,7 +75,7 @@ def train(out, task=None, text=None, digits=2, tokenizer_kind="char", vocab_size
     return fit(trainer, batches, evaluate=lambda: t.evaluate(trainer, shards), save=save, progress=progress)
 
 
-def evaluate(directory, task=None, text=None, device="auto"):
+def evaluate(directory, *, task=None, text=None, device="auto"):
     """Metrics of a checkpoint: held-out accuracy and loss for addition, validation loss for text."""
     device = resolve_device(device)
     model, tokenizer, meta = checkpoint.load(directory, device)
@@ -90,7 +90,7 @@ def evaluate(directory, task=None, text=None, device="auto"):
             "tokens_trained": meta.get("tokens_trained"), **t.evaluate(trainer, shards)}
 
 
-def sample(directory, prompt, max_new_tokens=100, temperature=1.0, top_k=None, top_p=None, greedy=False,
+def sample(directory, prompt, *, max_new_tokens=100, temperature=1.0, top_k=None, top_p=None, greedy=False,
            seed=None, device="auto"):
     """The prompt followed by the model's continuation."""
     if not prompt:

@@ -19,10 +19,13 @@ FAST = ["--http", "127.0.0.1:0", "--tokens-per-round", "6000", "--matchmaking-ti
 
 
 class Process:
-    def __init__(self, args, env=None):
+    """args: the `gptswarm` command's arguments, or (exe=None) a whole command line."""
+
+    def __init__(self, args, env=None, exe=EXE):
         self.args = args
         self.lines = []
-        self.p = subprocess.Popen([EXE, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        self.p = subprocess.Popen([*([exe] if exe else []), *map(str, args)], stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT,
                                   text=True, bufsize=1, start_new_session=True,
                                   env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
         threading.Thread(target=self._pump, daemon=True).start()
@@ -87,6 +90,13 @@ def worker(join, name, *extra, token="sekrit", env=None):
         extra = (*extra, "--state-dir", tempfile.mkdtemp(prefix="gptswarm-worker-"))
     return Process(["worker", "--join", join, "--token", token, "--name", name, "--device", "cpu", "--threads", "1",
                     *extra], env=env)
+
+
+def hostile_worker(join, name, attack, token="sekrit"):
+    """A worker process whose contribution is tampered with (tests/hostile_worker.py)."""
+    args = [sys.executable, str(Path(__file__).with_name("hostile_worker.py")), "--attack", attack, "--join", join,
+            "--token", token, "--name", name, "--state-dir", tempfile.mkdtemp(prefix="gptswarm-hostile-")]
+    return Process(args, exe=None)
 
 
 def ledger(state_dir, sql, args=()):

@@ -5,7 +5,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from gptswarm.averaging import SwarmAverager, start_dht
+from gptswarm.rounds.averaging import SwarmAverager, start_dht
 
 TEMPLATE = {"a.weight": torch.zeros(300, 100), "b.bias": torch.zeros(77)}  # 30,077 floats
 
@@ -16,7 +16,8 @@ def swarm(request):
     peers = [str(m) for m in coord_dht.get_visible_maddrs()]
     w1_dht = start_dht("127.0.0.1:0", peers)
     w2_dht = start_dht(initial_peers=peers, client_mode=True)
-    avs = [SwarmAverager(d, TEMPLATE, "test-" + request.param, request.param, client_mode=cm, matchmaking_time=2.0)
+    avs = [SwarmAverager(d, TEMPLATE, prefix="test-" + request.param, compression=request.param, client_mode=cm,
+                         matchmaking_time=2.0)
            for d, cm in ((coord_dht, False), (w1_dht, False), (w2_dht, True))]
     yield request.param, avs
     for a in avs:
@@ -27,7 +28,8 @@ def swarm(request):
 
 def run_round(avs, tensors, weights, round_):
     with ThreadPoolExecutor(len(avs)) as ex:
-        futs = [ex.submit(a.average, t, w, round_, f"p{i}", 30) for i, (a, t, w) in enumerate(zip(avs, tensors, weights))]
+        futs = [ex.submit(a.average, t, weight=w, round_=round_, worker_id=f"p{i}", timeout=30)
+                for i, (a, t, w) in enumerate(zip(avs, tensors, weights))]
         return [f.result() for f in futs]
 
 
@@ -77,6 +79,6 @@ def test_non_finite_contribution_is_excluded(swarm):
 def test_rounds_do_not_mix(swarm):
     _, avs = swarm
     outs = run_round(avs[:2], [filled(0.0), filled(1.0)], [0, 1], round_=3)
-    late = avs[2].average(filled(9.0), 1, 3, "p2", timeout=4)  # its round's group is gone
+    late = avs[2].average(filled(9.0), weight=1, round_=3, worker_id="p2", timeout=4)  # its round's group is gone
     assert outs[0].ok and {m["worker_id"] for m in outs[0].members} == {"p0", "p1"}
     assert not late.ok and late.error

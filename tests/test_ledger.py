@@ -18,7 +18,7 @@ class Clock:
 @pytest.fixture
 def ledger(tmp_path):
     clock = Clock()
-    led = Ledger(tmp_path / "ledger.sqlite", lease_seconds=60, clock=clock)
+    led = Ledger(tmp_path / "ledger.sqlite", lease_seconds=60, heartbeat_interval=1.0, clock=clock)
     led.add_shards([(f"sha{i}", 100 + i) for i in range(3)])
     led.clock_ = clock
     yield led
@@ -26,14 +26,20 @@ def ledger(tmp_path):
 
 
 def join(led, name="a"):
-    return led.add_worker(name, "cpu", "peer-" + name, False, 0, False)[0]
+    return led.add_worker(name=name, device="cpu", peer_id="peer-" + name, client_mode=False, current_round=0,
+                          round_started=False)[0]
+
+
+def beat(ledger, worker_id, round_tokens, lease_ids=(), tps=1.0, loss=None):
+    return ledger.heartbeat(worker_id, round_=0, round_tokens=round_tokens, tps=tps, state="training", reason="",
+                            lease_ids=list(lease_ids), bytes_sent=0, loss=loss)
 
 
 def test_wal_and_persistence(tmp_path, ledger):
     w = join(ledger)
     ledger.lease(w, 0)
     assert ledger.query("PRAGMA journal_mode")[0]["journal_mode"] == "wal"
-    again = Ledger(tmp_path / "ledger.sqlite")
+    again = Ledger(tmp_path / "ledger.sqlite", lease_seconds=60, heartbeat_interval=1.0)
     assert again.shard_counts() == {"pending": 2, "leased": 1, "done": 0}
     assert again.worker(w)["name"] == "a"
     again.close()
@@ -45,13 +51,13 @@ def test_expired_lease_returns_shard_and_heartbeat_extends(ledger):
     lb = ledger.lease(b, 0)
     assert la["shard_index"] != lb["shard_index"]
     ledger.clock_.t += 50
-    deadline, lost = ledger.heartbeat(a, 0, 10, 5.0, "training", "", [la["lease_id"]], 0, 2.0)
+    deadline, lost = beat(ledger, a, 10, [la["lease_id"]], tps=5.0, loss=2.0)
     assert deadline == ledger.clock_.t + 60 and lost == []
     ledger.clock_.t += 20  # b's lease is past its deadline, a's was extended
     assert ledger.expire() == 1
     assert ledger.lease_row(lb["lease_id"])["state"] == "expired"
     assert ledger.shard(lb["shard_index"])["state"] == "pending"
-    _, lost = ledger.heartbeat(b, 0, 0, 0, "training", "", [lb["lease_id"]], 0, None)
+    _, lost = beat(ledger, b, 0, [lb["lease_id"]])
     assert lost == [lb["lease_id"]]  # the worker learns that its lease is gone
     assert ledger.report(b, lb["lease_id"], 0, 101, 1.0) == (False, "lease expired: the shard went back to the queue")
     assert ledger.shard(lb["shard_index"])["times_done"] == 0
@@ -97,11 +103,12 @@ def test_leave_returns_leases(ledger):
 def test_round_accounting(ledger):
     a, b = join(ledger, "a"), join(ledger, "b")
     ledger.start_round(0, "h0")
-    ledger.heartbeat(a, 0, 300, 1, "training", "", [], 0, None)
-    ledger.heartbeat(a, 0, 200, 1, "training", "", [], 0, None)  # cumulative: a late smaller figure is ignored
-    ledger.heartbeat(b, 0, 100, 1, "training", "", [], 0, None)
+    beat(ledger, a, 300)
+    beat(ledger, a, 200)  # cumulative: a late smaller figure is ignored
+    beat(ledger, b, 100)
     assert ledger.round_tokens(0) == 400
-    ledger.finish_round(0, "done", {a: (300, "")}, {b: (100, "non-finite values")}, 1.5)
+    ledger.finish_round(0, state="done", included={a: (300, "")}, excluded={b: (100, "non-finite values")},
+                        averaging_seconds=1.5)
     assert ledger.get_meta("tokens_trained") == 300
     assert ledger.included(0, a) and not ledger.included(0, b)
     assert ledger.worker(a)["tokens_contributed"] == 300 and ledger.worker(b)["tokens_contributed"] == 0
@@ -110,7 +117,8 @@ def test_round_accounting(ledger):
 
 
 def test_sessions_are_stored_hashed(ledger):
-    wid, session = ledger.add_worker("x", "cpu", "p", True, 3, True)
+    wid, session = ledger.add_worker(name="x", device="cpu", peer_id="p", client_mode=True, current_round=3,
+                                     round_started=True)
     assert ledger.worker_for_session(session)["id"] == wid
     assert ledger.worker(wid)["eligible_round"] == 4  # joined mid-round: waits for the next
     raw = sqlite3.connect(ledger.path).execute("SELECT group_concat(session_hash) FROM workers").fetchone()[0]
@@ -118,7 +126,7 @@ def test_sessions_are_stored_hashed(ledger):
 
 
 def test_lease_order_is_a_seeded_shuffle_per_epoch(tmp_path):
-    led = Ledger(tmp_path / "l.sqlite")
+    led = Ledger(tmp_path / "l.sqlite", lease_seconds=60, heartbeat_interval=1.0)
     led.add_shards([(f"s{i}", 10) for i in range(40)])
     w = join(led)
     order = []
@@ -130,7 +138,7 @@ def test_lease_order_is_a_seeded_shuffle_per_epoch(tmp_path):
     first, second = order[:40], order[40:]
     assert sorted(first) == sorted(second) == list(range(40))  # each epoch: every shard once
     assert first != list(range(40)) and first != second  # not the file's order, and new each epoch
-    again = Ledger(tmp_path / "m.sqlite")
+    again = Ledger(tmp_path / "m.sqlite", lease_seconds=60, heartbeat_interval=1.0)
     again.add_shards([(f"s{i}", 10) for i in range(40)])
     assert [again.lease(w, 0)["shard_index"] for _ in range(5)] == first[:5]  # reproducible
 

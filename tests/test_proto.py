@@ -12,7 +12,7 @@ def test_generated_code_is_up_to_date(tmp_path):
     spec.loader.exec_module(gen)
     gen.generate(tmp_path)
     for name in gen.OUTPUTS:
-        assert (tmp_path / name).read_text() == (REPO / "proto" / name).read_text(), \
+        assert (tmp_path / "gptswarm" / "proto" / name).read_text() == (REPO / "proto" / name).read_text(), \
             f"proto/{name} is stale: run python proto/generate.py"
 
 

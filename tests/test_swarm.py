@@ -11,12 +11,12 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from gptswarm.coordinator.run import load_theta
 from gptswarm.mingpt_core import checkpoint
 from gptswarm.proto import PROTOCOL_VERSION
 from gptswarm.proto import gptswarm_pb2 as pb
 from gptswarm.proto import gptswarm_pb2_grpc as pb_grpc
-from swarm import coordinator, join_address, ledger, wait_until, worker
+from gptswarm.rounds.theta import load_theta, theta_hash
+from swarm import coordinator, hostile_worker, join_address, ledger, wait_until, worker
 
 
 def rounds_done(state_dir):
@@ -54,7 +54,7 @@ def test_two_workers_train_one_model(tmp_path):
     # every round's theta hash is the hash of what the coordinator saved, and both workers agreed with it
     hashes = ledger(sd, "SELECT round, theta_hash FROM rounds ORDER BY round")
     model, _, meta, _ = load_theta(sd / "checkpoints" / "latest")
-    assert dict(hashes)[meta["round"]] == checkpoint.state_hash(checkpoint.model_tensors(model))
+    assert dict(hashes)[meta["round"]] == theta_hash(checkpoint.model_tensors(model))
     for w in (a, b):
         agreed = w.count(r"round \d+ done: theta \w+\.\.\. agrees with the coordinator")
         assert agreed >= 3, w.output()[-2000:]
@@ -198,7 +198,7 @@ def test_bad_tokens_versions_and_poisoned_contributions(tmp_path):
         assert bad.p.returncode != 0 and "Error: the coordinator at" in bad.output() and "Traceback" not in bad.output()
 
         good = worker(join, "good")
-        poisoned = worker(join, "poisoned", env={"GPTSWARM_TEST_FAULT": "nan-gradient"})
+        poisoned = hostile_worker(join, "poisoned", "nan")
         procs += [good, poisoned]
         wait_until(lambda: ledger(sd, "SELECT 1 FROM events WHERE kind = 'contribution_rejected'"), 120,
                    "the poisoned contribution to be rejected")

@@ -8,6 +8,7 @@ from gptswarm.errors import UserError
 from gptswarm.mingpt_core import checkpoint, jobs
 from gptswarm.mingpt_core.addition import AdditionTask
 from gptswarm.mingpt_core.trainer import Trainer, TrainConfig, resolve_dtype
+from gptswarm.rounds.theta import theta_hash
 
 MODEL = dict(n_layer=2, n_head=2, n_embd=32, dropout=0.1)  # dropout: resume must restore the RNG too
 
@@ -105,13 +106,13 @@ def test_corrupt_checkpoints_are_refused(ckpt, tmp_path):
         checkpoint.load(tmp_path)
 
 
-def test_state_hash_sees_every_bit(ckpt):
+def test_theta_hash_sees_every_bit(ckpt):
     model, _, _ = checkpoint.load(ckpt)
     t = checkpoint.model_tensors(model)
-    h = checkpoint.state_hash(t)
-    assert h == checkpoint.state_hash({k: v.clone() for k, v in t.items()})
+    h = theta_hash(t)
+    assert h == theta_hash({k: v.clone() for k, v in t.items()})
     t["transformer.ln_f.bias"][3] = torch.nextafter(t["transformer.ln_f.bias"][3], torch.tensor(1.0))
-    assert checkpoint.state_hash(t) != h
+    assert theta_hash(t) != h
 
 
 def test_precision_policy_and_schedule():

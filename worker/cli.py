@@ -1,5 +1,7 @@
-"""`gptswarm worker`: lend this machine to a swarm, and control a running worker."""
+"""`gptswarm worker`: lend this machine to a swarm, and control a running worker. The defaults
+shown are WorkerConfig's (worker/config.py)."""
 
+import dataclasses
 import json
 import logging
 import signal
@@ -8,8 +10,11 @@ from pathlib import Path
 
 import click
 
-from gptswarm.errors import UserError
-from gptswarm.worker.control import default_state_dir, send
+from gptswarm.logs import setup_logging
+from gptswarm.worker.config import WorkerConfig
+from gptswarm.worker.control import send
+
+DEFAULTS = {f.name: f.default for f in dataclasses.fields(WorkerConfig)}
 
 CONFIG = Path("~/.config/gptswarm/worker.toml").expanduser()
 
@@ -36,7 +41,7 @@ def load_config(ctx, param, value):
 
 def state_dir_option(f):
     return click.option("--state-dir", envvar="GPTSWARM_STATE_DIR", type=click.Path(file_okay=False),
-                        default=str(default_state_dir()), show_default=True,
+                        default=str(DEFAULTS["state_dir"]), show_default=True,
                         help="The worker's own directory (control socket, saved pause, session, benchmark cache); "
                              "give each worker on a machine its own, e.g. one per GPU.")(f)
 
@@ -45,8 +50,8 @@ def state_dir_option(f):
 @click.option("--config", envvar="GPTSWARM_CONFIG", callback=load_config, is_eager=True, expose_value=False,
               type=click.Path(dir_okay=False), help=f"TOML file of settings named like these options (default {CONFIG}).")
 @click.option("--join", envvar="GPTSWARM_JOIN", metavar="HOST:PORT", help="The coordinator's address, as it printed it.")
-@click.option("--token", envvar="GPTSWARM_TOKEN", default="", help="The swarm token from the operator.")
-@click.option("--device", envvar="GPTSWARM_DEVICE", default="auto", show_default=True,
+@click.option("--token", envvar="GPTSWARM_TOKEN", default=DEFAULTS["token"], help="The swarm token from the operator.")
+@click.option("--device", envvar="GPTSWARM_DEVICE", default=DEFAULTS["device"], show_default=True,
               help="auto (a GPU if there is one), cpu, cuda or cuda:N.")
 @click.option("--name", envvar="GPTSWARM_NAME", help="Public name shown on the status page (default: host name).")
 @click.option("--schedule", envvar="GPTSWARM_SCHEDULE", metavar="WINDOWS",
@@ -81,15 +86,20 @@ def worker(ctx, join, token, device, name, schedule, idle_only, max_hours, p2p_l
         raise click.UsageError("--join HOST:PORT is required (or a subcommand: status, pause, resume, finish)")
     import torch
 
-    from gptswarm.coordinator.cli import setup_logging
     from gptswarm.worker.loop import Worker
-    from gptswarm.worker.schedule import Schedule
 
     setup_logging(json_logs)
     if threads:
         torch.set_num_threads(threads)
-    w = Worker(join, token, device, name, p2p_listen, announce_host, state_dir,
-               Schedule.parse(schedule) if schedule else None, idle_only, max_hours, max_vram)
+    config = WorkerConfig(join=join, token=token, device=device, name=name or "", state_dir=Path(state_dir),
+                          schedule=schedule or "", idle_only=idle_only, max_hours=max_hours or 0.0,
+                          max_vram=max_vram or 0.0, p2p_listen=p2p_listen or "", announce_host=announce_host or "")
+    run(Worker(config))
+
+
+def run(w):
+    """Run a Worker in the foreground: the first Ctrl+C (or SIGTERM) returns its leases and leaves,
+    a second one stops at once."""
     pressed = []
 
     def on_signal(*_):

@@ -13,11 +13,6 @@ from gptswarm.errors import UserError
 COMMANDS = ("status", "pause", "resume", "finish")
 
 
-def default_state_dir():
-    base = os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state"
-    return Path(base) / "gptswarm" / "worker"
-
-
 class ControlServer:
     def __init__(self, state_dir, handle):
         self.path = Path(state_dir) / "control.sock"

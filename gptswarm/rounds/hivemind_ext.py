@@ -1,14 +1,22 @@
-"""Round averaging through hivemind, shared by the coordinator and the workers.
+"""Everything gptswarm changes in hivemind, in one place, against one pinned version.
 
-Four changes to hivemind 1.1.12's DecentralizedAverager, each small and local to its all-reduce:
+gptswarm subclasses hivemind 1.1.12's DecentralizedAverager, its AllReduceRunner, its
+TensorPartReducer and its GroupKeyManager. Methods copied from hivemind and then edited say which
+file and function they come from and what changed, so that a hivemind upgrade is a diff against
+those functions. Nothing here replaces a hivemind class or module attribute: the subclasses are
+used only where gptswarm builds its own averager.
+
+What the changes do:
 - identical results: a reducer sends every groupmate the same compressed average of its part (and
   applies the same round trip to its own copy), instead of per-peer deltas, so all peers of a
   group end with bit-identical averaged pseudo-gradients and can take the same outer step;
 - validation: a reducer excludes a sender whose part is not finite (or absurdly large) from the
   average, as hivemind already does for senders that time out, and reports it;
+- no partial results: a peer whose all-reduce lost a reducer's part fails the step instead of
+  returning its own values as part of "the average";
 - accounting: the bytes of every message this peer sends in an all-reduce are counted;
-- matchmaking polls the DHT twice a second instead of busy-looping.
-Rounds are kept apart by the group key: the round number is the averager's group bits.
+- matchmaking polls the DHT twice a second instead of busy-looping;
+- the leader's group size can be changed between steps.
 """
 
 import asyncio
@@ -19,17 +27,24 @@ import signal
 import threading
 import time
 import warnings
-from dataclasses import dataclass, field
 
 import torch
 
 from gptswarm.errors import UserError
+from gptswarm.rounds import COMPRESSIONS
 
 warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"hivemind\..*")
 warnings.filterwarnings("ignore", message=".*Conversion of an array with ndim > 0 to a scalar.*")
 
 import hivemind  # noqa: E402
-from hivemind.averaging import DecentralizedAverager, matchmaking  # noqa: E402
+
+HIVEMIND_VERSION = "1.1.12"  # the version the code below was copied from and tested against
+if hivemind.__version__ != HIVEMIND_VERSION:
+    raise UserError(f"gptswarm needs hivemind=={HIVEMIND_VERSION} (gptswarm/rounds/hivemind_ext.py adapts its "
+                    f"averaging internals), but hivemind {hivemind.__version__} is installed: "
+                    f"pip install hivemind=={HIVEMIND_VERSION}")
+
+from hivemind.averaging import DecentralizedAverager  # noqa: E402
 from hivemind.averaging.allreduce import AllReduceRunner, AveragingMode  # noqa: E402
 from hivemind.averaging.key_manager import GroupKeyManager  # noqa: E402
 from hivemind.averaging.partition import AllreduceException, BannedException, TensorPartReducer  # noqa: E402
@@ -41,18 +56,15 @@ from hivemind.utils.mpfuture import MPFuture  # noqa: E402
 from hivemind.utils.timed_storage import get_dht_time  # noqa: E402
 
 CODECS = {"none": NoCompression, "fp16": Float16Compression, "8bit": Uniform8BitQuantization}
+assert tuple(CODECS) == COMPRESSIONS
 MAX_ABS = 1e4  # a pseudo-gradient entry beyond this is not a real contribution
-ROUND_BITS = 24
-
-
-def round_bits(round_):
-    return format(round_ % (1 << ROUND_BITS), f"0{ROUND_BITS}b")
 
 
 @contextlib.contextmanager
 def keep_sigint():
-    """hivemind's averager sets SIGINT to SIG_IGN in the calling process before it forks, and never
-    puts it back; keep the caller's handler so that Ctrl+C still works."""
+    """hivemind's averager sets SIGINT to SIG_IGN in the calling process before it forks
+    (DecentralizedAverager.run_in_background), and never puts it back; keep the caller's handler so
+    that Ctrl+C still works."""
     main = threading.current_thread() is threading.main_thread()
     handler = signal.getsignal(signal.SIGINT) if main else None
     try:
@@ -62,39 +74,28 @@ def keep_sigint():
             signal.signal(signal.SIGINT, handler)
 
 
-def start_dht(listen="0.0.0.0:0", initial_peers=(), client_mode=False, announce_host=None, identity_path=None):
-    """A hivemind DHT peer. listen is HOST:PORT for incoming connections (ignored in client mode);
-    identity_path keeps the peer id across restarts (the coordinator's must not change)."""
-    host, _, port = listen.rpartition(":")
-    kwargs = {"identity_path": str(identity_path)} if identity_path else {}
-    if not client_mode:
-        kwargs["host_maddrs"] = [f"/ip4/{host or '0.0.0.0'}/tcp/{port or 0}"]
-        if announce_host:
-            kwargs["announce_maddrs"] = [f"/ip4/{announce_host}/tcp/{port}"]
-    try:
-        return hivemind.DHT(start=True, initial_peers=list(initial_peers), client_mode=client_mode, **kwargs)
-    except Exception as e:
-        raise UserError(f"cannot start the hivemind peer on {listen}: {str(e).splitlines()[0][:200]}") from None
-
-
 class ThrottledKeyManager(GroupKeyManager):
     """hivemind's matchmaking polls the DHT for leaders every 1-2 ms while it finds none (measured:
     8 CPU-seconds in 10 s for one waiting worker); twice a second is plenty."""
 
     min_interval = 0.5
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._last_poll = 0.0
+
     async def get_averagers(self, group_key, only_active):
-        delay = getattr(self, "_last_poll", 0.0) + self.min_interval - time.monotonic()
+        delay = self._last_poll + self.min_interval - time.monotonic()
         if delay > 0:
             await asyncio.sleep(delay)
         self._last_poll = time.monotonic()
         return await super().get_averagers(group_key, only_active)
 
 
-matchmaking.GroupKeyManager = ThrottledKeyManager  # the name Matchmaking builds its key manager with
-
-
 class ValidatingReducer(TensorPartReducer):
+    """TensorPartReducer that refuses a sender's part that cannot be a real pseudo-gradient: the
+    sender is then treated as failed (excluded from the average) and reported on `report`."""
+
     def __init__(self, part_shapes, num_senders, sender_peer_ids, report):
         super().__init__(part_shapes, num_senders)
         self.sender_peer_ids, self.report = sender_peer_ids, report
@@ -124,6 +125,8 @@ class ValidatingReducer(TensorPartReducer):
 
 
 class SwarmAllReduceRunner(AllReduceRunner):
+    """AllReduceRunner whose reducers hand every sender the same bytes: the compressed average."""
+
     def __init__(self, *, counters, **kwargs):
         super().__init__(**kwargs)
         self.counters = counters
@@ -151,6 +154,9 @@ class SwarmAllReduceRunner(AllReduceRunner):
             yield self._count(msg)
 
     async def _communicate_with_peer(self, peer_id):
+        # from hivemind/averaging/allreduce.py, AllReduceRunner._communicate_with_peer, the branch for
+        # peer_id == self.peer_id; changed: our own part goes through the same serialization as the
+        # groupmates' copies, and the container receives the average itself, not a delta
         if peer_id != self.peer_id:
             return await super()._communicate_with_peer(peer_id)
         peer_index = self.ordered_peer_ids.index(peer_id)
@@ -163,6 +169,9 @@ class SwarmAllReduceRunner(AllReduceRunner):
                                                                deserialize_torch_tensor(serialized))
 
     async def _accumulate_parts_streaming(self, stream, sender_index):
+        # from hivemind/averaging/allreduce.py, AllReduceRunner._accumulate_parts_streaming; changed:
+        # the reply is the (cached) serialized average instead of `averaged_part - tensor_part`, and
+        # every reply is counted
         part_index = 0
         try:
             loop = asyncio.get_event_loop()
@@ -182,24 +191,46 @@ class SwarmAllReduceRunner(AllReduceRunner):
                 await self._ban_sender(self.sender_peer_ids[sender_index])
 
 
-class _Counters:
+class Counters:
+    """Shared with the averager's process: bytes sent, and (peer id, reason) of rejected senders."""
+
     def __init__(self):
         ctx = mp.get_context("fork")
         self.bytes_sent = ctx.Value("q", 0)
         self.rejections = ctx.SimpleQueue()
 
+    def drain_rejections(self):
+        out = []
+        while not self.rejections.empty():
+            out.append(self.rejections.get())
+        return out
 
-class _Averager(DecentralizedAverager):
+
+class SwarmDecentralizedAverager(DecentralizedAverager):
+    """DecentralizedAverager running SwarmAllReduceRunner, with a throttled key manager and a leader
+    group size that can change between steps. Build it inside keep_sigint()."""
+
     def __init__(self, *args, **kwargs):
-        self.counters = _Counters()  # made before the averager process forks
+        self.counters = Counters()  # made before the averager process forks
         super().__init__(*args, **kwargs)
+        self._call("_throttle_matchmaking")
+
+    def _call(self, method, **kwargs):
+        """Run `method` in the averager's process (its event loop) and wait for it."""
+        future = MPFuture()
+        self._outer_pipe.send((method, [], dict(kwargs, future=future)))
+        return future.result()
+
+    async def _throttle_matchmaking(self, future):
+        old = self._matchmaking.group_key_manager
+        self._matchmaking.group_key_manager = ThrottledKeyManager(self.dht, old.prefix, old.group_bits,
+                                                                  old.target_group_size)
+        future.set_result(None)
 
     def set_group_size(self, size):
         """Start the next group's all-reduce as soon as it has `size` members (the leader's
         matchmaking window is then only the upper bound)."""
-        future = MPFuture()
-        self._outer_pipe.send(("_set_group_size", [], dict(size=size, future=future)))
-        return future.result()
+        self._call("_set_group_size", size=size)
 
     async def _set_group_size(self, size, future):
         self._matchmaking.target_group_size = size
@@ -207,6 +238,9 @@ class _Averager(DecentralizedAverager):
         future.set_result(None)
 
     async def _run_allreduce_inplace_(self, tensors, group_info, group_id=None, **kwargs):
+        # from hivemind/averaging/averager.py, DecentralizedAverager._run_allreduce_inplace_; changed:
+        # SwarmAllReduceRunner instead of AllReduceRunner, the averaged values are copied in (not
+        # added as deltas), and a step that lost a reducer's part raises instead of succeeding
         group_id = group_info.group_id if group_id is None else group_id
         runner = SwarmAllReduceRunner(counters=self.counters, p2p=self._p2p, servicer_type=type(self),
                                       prefix=self.prefix, tensors=tensors, group_id=group_id,
@@ -225,83 +259,3 @@ class _Averager(DecentralizedAverager):
         else:
             async for _ in runner:
                 raise ValueError("aux peers should not receive averaged tensors")
-
-
-@dataclass
-class Outcome:
-    ok: bool
-    averaged: dict = field(default_factory=dict)
-    members: list = field(default_factory=list)  # what each groupmate sent with `gather`
-    rejected: dict = field(default_factory=dict)  # worker_id -> reason, as seen by this peer's reducer
-    bytes_sent: int = 0
-    error: str = ""
-
-
-class SwarmAverager:
-    """Averages {name: tensor} dicts of a fixed schema with the other peers of the same round."""
-
-    def __init__(self, dht, template, prefix, compression="fp16", client_mode=False, matchmaking_time=5.0,
-                 target_group_size=256, next_chunk_timeout=10.0):
-        self.names = list(template)
-        tensors = [torch.zeros(template[k].shape, dtype=torch.float32) for k in self.names]
-        with keep_sigint():
-            self.av = _Averager(tensors, dht, prefix=prefix, start=True, target_group_size=target_group_size,
-                                min_group_size=2, min_matchmaking_time=matchmaking_time,
-                                request_timeout=max(0.5, matchmaking_time / 2),
-                                next_chunk_timeout=next_chunk_timeout,  # a stalled peer is dropped, not waited for
-                                compression=CODECS[compression](), client_mode=client_mode,
-                                initial_group_bits=round_bits(0))
-        self.bytes_sent_total = 0
-        self.cancel_grace = max(0.5, matchmaking_time / 2) + 0.5  # one matchmaking request_timeout, and some
-
-    def average(self, tensors, weight, round_, worker_id, timeout, give_up=None, group_size=None):
-        """Average `tensors` (weighted) with the round's group; gives up early once `give_up()` is
-        true. A leader given `group_size` closes the group once that many peers are in (else at the
-        end of its matchmaking window). Never raises for network trouble: the Outcome says what
-        happened."""
-        av = self.av
-        av.set_group_bits(round_bits(round_))
-        if group_size:
-            av.set_group_size(group_size)
-        with av.get_tensors() as local:
-            for t, k in zip(local, self.names):
-                t.copy_(tensors[k])
-        self._drain()
-        before = av.counters.bytes_sent.value
-        try:
-            control = av.step(weight=float(weight), timeout=timeout, wait=False,
-                              gather={"worker_id": worker_id, "round": round_, "tokens": int(weight)})
-            while not control.done():
-                if give_up is not None and give_up():
-                    control.cancel()
-                    # the cancel reaches the averager process asynchronously: let it drop the step
-                    # before anyone re-keys the averager for the next round
-                    time.sleep(self.cancel_grace)
-                    return Outcome(False, error="gave up: stopping, or the round is over")
-                time.sleep(0.05)
-            gathered = control.result()
-            error = "" if gathered else "no averaging group formed"
-        except Exception as e:  # matchmaking or all-reduce failure: the round goes on without us
-            gathered, error = None, f"averaging failed: {type(e).__name__}: {e}"[:300]
-        sent = av.counters.bytes_sent.value - before
-        self.bytes_sent_total += sent
-        if not gathered:
-            return Outcome(False, bytes_sent=sent, error=error)
-        by_peer = {str(p): g for p, g in gathered.items()}
-        members = [g for g in by_peer.values() if isinstance(g, dict)]
-        rejected = {by_peer.get(p, {}).get("worker_id", p): reason for p, reason in self._drain()}
-        if any(m.get("round") != round_ for m in members):
-            return Outcome(False, members=members, bytes_sent=sent, error="group mixed several rounds")
-        with av.get_tensors() as local:
-            averaged = {k: t.clone() for k, t in zip(self.names, local)}
-        return Outcome(True, averaged, members, rejected, sent)
-
-    def _drain(self):
-        out = []
-        q = self.av.counters.rejections
-        while not q.empty():
-            out.append(q.get())
-        return out
-
-    def shutdown(self):
-        self.av.shutdown()

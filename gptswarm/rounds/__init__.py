@@ -1,0 +1,6 @@
+"""The round protocol that the coordinator and every worker apply the same way: averaging through
+hivemind (averaging.py, with the hivemind adaptation fenced in hivemind_ext.py), the outer step
+(outer.py) and theta_global on disk and its hash (theta.py). Importing this package imports no
+hivemind; its modules do."""
+
+COMPRESSIONS = ("none", "fp16", "8bit")  # how pseudo-gradients travel; hivemind_ext.CODECS implements each

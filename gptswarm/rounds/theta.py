@@ -1,0 +1,63 @@
+"""theta_global on disk and in memory, the same on the coordinator and every worker.
+
+A swarm checkpoint is the one checkpoint format (mingpt_core/checkpoint.py) holding theta_global
+after a round, with the outer optimizer's momentum in optimizer.safetensors
+(`outer.momentum.<name>`) and the round and tokens_trained in its metadata. theta_hash() is what
+workers compare with the coordinator's after every round.
+"""
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from gptswarm.mingpt_core import checkpoint
+
+KEEP_ROUNDS = 3  # copies of older rounds kept beside checkpoints/latest
+MOMENTUM = "outer.momentum."
+
+
+def theta_views(model):
+    """{name: tensor} sharing storage with the model's weights (the tied head appears once)."""
+    return {k: v for k, v in model.state_dict().items() if k != checkpoint.TIED}
+
+
+def theta_hash(tensors):
+    """sha256 over names, dtypes, shapes and bytes of a {name: tensor} dict, in name order."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def save_theta(state_dir, model, tokenizer, settings, *, round_, tokens_trained, momentum, extra_meta=None):
+    """Write checkpoints/latest for theta_global(round_) and keep a copy of the last few rounds."""
+    ckdir = Path(state_dir) / "checkpoints"
+    meta = {"round": round_, "tokens_trained": tokens_trained, "step": round_, "run_id": settings.run_id,
+            **settings.task, "swarm": {"outer_lr": settings.outer_lr, "outer_momentum": settings.outer_momentum,
+                                       "compression": settings.compression}, **(extra_meta or {})}
+    extra = {MOMENTUM + k: v for k, v in momentum.items()}
+    checkpoint.save(ckdir / "latest", model, tokenizer, meta, extra)
+    keep = ckdir / f"round-{round_:06d}"
+    if not keep.exists():
+        tmp = ckdir / f".round-{round_:06d}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(ckdir / "latest", tmp)
+        os.replace(tmp, keep)
+    for old in sorted(ckdir.glob("round-*"))[:-KEEP_ROUNDS]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def load_theta(directory):
+    """(model, tokenizer, meta, momentum) from a swarm checkpoint directory."""
+    model, tokenizer, meta = checkpoint.load(directory, "cpu")
+    extra = checkpoint.load_extra(directory) or {}
+    momentum = {k[len(MOMENTUM):]: v for k, v in extra.items() if k.startswith(MOMENTUM)}
+    tensors = checkpoint.model_tensors(model)
+    if set(momentum) != set(tensors):
+        momentum = {k: torch.zeros_like(v) for k, v in tensors.items()}
+    return model, tokenizer, meta, momentum

@@ -1,0 +1,25 @@
+"""How a worker runs, with every default in one place (the CLI shows these)."""
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def default_state_dir():
+    base = os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state"
+    return Path(base) / "gptswarm" / "worker"
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    join: str  # the coordinator's HOST:PORT
+    token: str = ""  # the swarm token
+    device: str = "auto"  # auto, cpu, cuda or cuda:N
+    name: str = ""  # public name on the status page ("": the host name)
+    state_dir: Path = default_state_dir()  # control socket, saved pause, session, throughput cache
+    schedule: str = ""  # local-time training windows (worker/schedule.py); "": always
+    idle_only: bool = False  # pause while other processes use the GPU (or the CPU)
+    max_hours: float = 0.0  # finish the round and leave after this many hours; 0: never
+    max_vram: float = 0.0  # GiB of GPU memory to use at most; 0: no cap
+    p2p_listen: str = ""  # HOST:PORT to accept hivemind connections on; "": client mode
+    announce_host: str = ""  # public host for p2p_listen

@@ -1,0 +1,83 @@
+"""The worker's heartbeat thread: every heartbeat_interval it tells the coordinator what it is
+doing (round, tokens, state and reason, leases to extend) and keeps the coordinator's answer in
+the shared state; every 10 s it logs the progress line. An unreachable coordinator is logged once
+per outage, and training goes on."""
+
+import logging
+import threading
+import time
+
+from gptswarm.proto import gptswarm_pb2 as pb
+
+log = logging.getLogger("gptswarm.worker")
+PROGRESS_SECONDS = 10.0
+UNREACHABLE = "coordinator unreachable"
+
+
+class Heartbeats:
+    """shared: SharedState; client: CoordinatorClient; interval: seconds; bytes_sent: fn() -> bytes
+    this worker sent for averaging so far."""
+
+    def __init__(self, shared, client, *, interval, bytes_sent):
+        self.shared, self.client, self.interval, self.bytes_sent = shared, client, interval, bytes_sent
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
+
+    def start(self):
+        self.thread.start()
+        return self
+
+    def shutdown(self):
+        self.stop.set()
+        if self.thread.is_alive():
+            self.thread.join(timeout=3)
+
+    def _run(self):
+        last_progress = time.monotonic()
+        while not self.stop.wait(self.interval):
+            if time.monotonic() - last_progress >= PROGRESS_SECONDS:
+                last_progress = time.monotonic()
+                log_progress(self.shared)
+            self.beat()
+
+    def beat(self):
+        """One heartbeat now (also called by the round loop to learn of a new round at once)."""
+        s = self.shared
+        with s.lock:
+            req = pb.HeartbeatRequest(round=s.round, round_tokens=s.round_tokens, tokens_per_second=s.tokens_per_second,
+                                      state=s.state, reason=s.reason, bytes_sent=self.bytes_sent())
+        req.lease_ids.extend(s.lease_ids())
+        req.loss = s.mean_loss()
+        try:
+            resp = self.client.call("Heartbeat", req, timeout=5, retry=False)
+        except Exception as e:
+            code = getattr(e, "code", lambda: None)()
+            with s.lock:
+                state = s.state
+            unreachable(s, state, f"{UNREACHABLE} ({code.name if code else type(e).__name__}); training on, retrying")
+            return
+        s.heard(resp)
+
+
+def unreachable(shared, state, reason):
+    """Record that the coordinator is unreachable; log it once per outage, not at every retry."""
+    if not shared.get()[1].startswith(UNREACHABLE):
+        log.warning("%s", reason)
+    shared.set(state, reason)
+
+
+def log_progress(shared):
+    """The terminal's status line (a JSON record with --json-logs)."""
+    s = shared
+    with s.lock:
+        v, state, reason = s.view, s.state, s.reason
+        fields = {"round": s.round, "state": state, "reason": reason, "tokens_per_second": round(s.tokens_per_second),
+                  "round_tokens": s.round_tokens, "tokens_contributed": s.tokens_contributed}
+    eta = ""
+    if v is not None and v.swarm_tokens_per_second > 0 and state == "training":
+        left = max(0, v.tokens_per_round - v.swarm_round_tokens)
+        eta = f" · sync in ~{left / v.swarm_tokens_per_second:.0f} s"
+    what = state + (f" ({reason})" if reason else "")
+    log.info("round %d · %s · %s tok/s · %s tokens this round · %s contributed%s", fields["round"], what,
+             f"{fields['tokens_per_second']:,}", f"{fields['round_tokens']:,}", f"{fields['tokens_contributed']:,}",
+             eta, extra={"fields": fields})

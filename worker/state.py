@@ -1,0 +1,72 @@
+"""What the worker's three threads share: the round loop writes its progress here, the heartbeat
+thread reads it (and writes what the coordinator answered), the control socket reads it. Every
+read and write goes through the lock."""
+
+import threading
+from dataclasses import dataclass
+
+
+@dataclass
+class LeasedShard:
+    """A shard leased from the coordinator and the training done on it."""
+    lease_id: str
+    tokens: int
+    batches: object  # mingpt_core.data.Batches over this shard alone
+    steps_needed: int
+    steps_done: int = 0
+    loss: float = None
+
+
+class SharedState:
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.state, self.reason = "joining", ""
+        self.round = 0
+        self.round_tokens = 0  # tokens trained in self.round so far
+        self.tokens_contributed = 0  # tokens of ours that rounds included
+        self.tokens_per_second = 0.0  # moving average over training steps
+        self.losses = []  # the last training losses
+        self.shard = None  # the LeasedShard in training
+        self.completed = []  # (lease_id, tokens, loss) trained in this round, reported after its average
+        self.view = None  # the coordinator's last HeartbeatResponse
+        self.lost = set()  # lease ids the coordinator no longer holds for us
+
+    def set(self, state, reason=""):
+        with self.lock:
+            self.state, self.reason = state, reason
+
+    def get(self):
+        with self.lock:
+            return self.state, self.reason
+
+    def lease_ids(self):
+        with self.lock:
+            ids = [c[0] for c in self.completed]
+            if self.shard is not None:
+                ids.append(self.shard.lease_id)
+            return ids
+
+    def trained(self, tokens, loss, seconds):
+        """One training step of `tokens` done in `seconds`."""
+        with self.lock:
+            self.round_tokens += tokens
+            self.losses = (self.losses + [loss])[-50:]
+            tps = tokens / seconds
+            self.tokens_per_second = 0.9 * self.tokens_per_second + 0.1 * tps if self.tokens_per_second else tps
+
+    def mean_loss(self):
+        with self.lock:
+            return sum(self.losses) / len(self.losses) if self.losses else 0.0
+
+    def heard(self, view):
+        """The coordinator answered a heartbeat."""
+        with self.lock:
+            self.view = view
+            self.lost.update(view.expired_lease_ids)
+
+    def next_round(self, round_, contributed=0):
+        """This round is over for us: the next one starts with nothing trained in it."""
+        with self.lock:
+            self.round, self.round_tokens = round_, 0
+            self.tokens_contributed += contributed
+            self.completed = []
