@@ -55,7 +55,7 @@ def done_rounds(sd):
 
 
 def run_swarm(text, tokens, sd, tokens_per_round=48_000, compression="fp16", outer_lr=0.7, outer_momentum=0.9,
-              shard_tokens=4096, batch=12, workers=2, netns=None, rate=None, target_loss=None, matchmaking_time=3):
+              shard_tokens=4096, batch=12, workers=2, netns=None, rate=None, target_loss=None, sender_timeout=3):
     """Coordinator and workers train to the token budget (or until a round's validation loss reaches
     target_loss); the figures. netns: None = on a private network if root, else loopback."""
     sd = Path(sd)
@@ -68,11 +68,11 @@ def run_swarm(text, tokens, sd, tokens_per_round=48_000, compression="fp16", out
         before = [net.tx_bytes(i) for i in range(workers + 1)] if net else None
         t0 = time.time()
         coord = subprocess.Popen(on(0, [EXE, *map(str, [
-            "coordinator", "--text", text, *MODEL, "--state-dir", sd, "--listen", f"{host}:0", "--dht-listen",
+            "coordinator", "--text", text, *MODEL, "--state-dir", sd, "--listen", f"{host}:0", "--p2p-listen",
             f"{host}:0", "--http", "127.0.0.1:0", "--token", "bench", "--batch-size", batch, "--lr", "1e-3",
             "--min-lr", "1e-4", "--warmup-iters", "100", "--tokens-per-round", tokens_per_round, "--max-tokens", tokens,
             "--compression", compression, "--outer-lr", outer_lr, "--outer-momentum", outer_momentum,
-            "--matchmaking-time", matchmaking_time, "--shard-tokens", shard_tokens])]), stderr=subprocess.PIPE, text=True)
+            "--sender-timeout", sender_timeout, "--shard-tokens", shard_tokens])]), stderr=subprocess.PIPE, text=True)
         join = None
         log = open(sd / "coordinator.log", "w")
         for line in coord.stderr:
@@ -137,7 +137,7 @@ def main():
     p.add_argument("--outer-lr", type=float, default=0.7)
     p.add_argument("--outer-momentum", type=float, default=0.9)
     p.add_argument("--shard-tokens", type=int, default=4096, help="tokens per leased shard")
-    p.add_argument("--matchmaking-time", type=float, default=3.0)
+    p.add_argument("--sender-timeout", type=float, default=3.0)
     p.add_argument("--loopback", action="store_true", help="do not use network namespaces even as root")
     p.add_argument("--rate", help="shape each host's link with tc tbf, e.g. 20mbit (needs namespaces)")
     p.add_argument("--target-loss", type=float, help="stop once a round's validation loss reaches this")
@@ -147,7 +147,7 @@ def main():
     out = run_swarm(str(Path(args.text).resolve()), args.tokens, Path(args.workdir).resolve(), args.tokens_per_round,
                     args.compression, args.outer_lr, args.outer_momentum, args.shard_tokens,
                     netns=False if args.loopback else None, rate=args.rate, target_loss=args.target_loss,
-                    matchmaking_time=args.matchmaking_time)
+                    sender_timeout=args.sender_timeout)
     print(json.dumps(out, indent=1))
 
 

@@ -51,8 +51,9 @@ def wait_for_signal():
 @click.option("--state-dir", required=True, type=click.Path(file_okay=False),
               help="Where the run lives (shards, ledger, checkpoints). Restarting on the same directory resumes the run.")
 @click.option("--listen", default=PROC.listen, show_default=True, help="HOST:PORT of the gRPC control plane.")
-@click.option("--dht-listen", default=PROC.dht_listen, show_default=True,
-              help="HOST:PORT of the hivemind peer (DHT bootstrap and averaging); workers must reach it.")
+@click.option("--p2p-listen", default=PROC.p2p_listen, show_default=True,
+              help="HOST:PORT of the coordinator's hivemind peer, which every round's averaging goes through; "
+                   "workers must reach it (they only dial out).")
 @click.option("--http", "http_listen", default=PROC.http_listen, show_default=True,
               help="HOST:PORT of the status page (/), its JSON (/api/v1/status) and Prometheus metrics (/metrics).")
 @click.option("--announce-host", default=PROC.announce_host,
@@ -80,8 +81,11 @@ def wait_for_signal():
               help="Tokens per leased shard.")
 @click.option("--heartbeat-interval", type=float, default=PROC.heartbeat_interval, show_default=True,
               help="Seconds between worker heartbeats.")
-@click.option("--matchmaking-time", type=float, default=PROC.matchmaking_time, show_default=True,
-              help="Seconds the coordinator waits for workers to join a round's averaging group.")
+@click.option("--sender-timeout", type=float, default=PROC.sender_timeout, show_default=True,
+              help="Seconds a member of a round's averaging group may stay silent (before it starts sending, "
+                   "or between parts) before the round goes on without it.")
+@click.option("--max-leases", type=int, default=PROC.max_leases, show_default=True,
+              help="Data shards a worker may be training at once; more requests are refused.")
 @click.option("--averaging-timeout", type=float, default=PROC.averaging_timeout, show_default=True,
               help="Seconds an averaging may take.")
 @click.option("--round-timeout", type=float, default=PROC.round_timeout, show_default=True,
@@ -89,10 +93,10 @@ def wait_for_signal():
 @click.option("--lease-seconds", type=float, default=PROC.lease_seconds, show_default=True,
               help="A lease not extended by a heartbeat for this long expires and its shard is leased again.")
 @click.option("--json-logs", is_flag=True, help="Log one JSON object per line (for running as a service).")
-def coordinator(task, text, digits, tokenizer_kind, vocab_size, model, block_size, state_dir, listen, dht_listen,
+def coordinator(task, text, digits, tokenizer_kind, vocab_size, model, block_size, state_dir, listen, p2p_listen,
                 http_listen, announce_host, token, tokens_per_round, max_tokens, compression, outer_lr,
                 outer_momentum, batch_size, learning_rate, min_lr, warmup_iters, shard_tokens, heartbeat_interval,
-                matchmaking_time, averaging_timeout, round_timeout, lease_seconds, json_logs):
+                sender_timeout, max_leases, averaging_timeout, round_timeout, lease_seconds, json_logs):
     """Run the coordinator of a swarm: prepare the data as shards, lease them to workers, end
     rounds and aggregate the workers' pseudo-gradients, keep theta_global and its checkpoints.
 
@@ -118,9 +122,12 @@ def coordinator(task, text, digits, tokenizer_kind, vocab_size, model, block_siz
                          compression=compression, outer_lr=outer_lr, outer_momentum=outer_momentum,
                          shard_tokens=shard_tokens)
         log.info("new run %s in %s", s.run_id, state_dir)
-    config = CoordinatorConfig(listen=listen, dht_listen=dht_listen, http_listen=http_listen,
+    if max_leases < 1 or sender_timeout <= 0 or heartbeat_interval <= 0 or lease_seconds <= 0:
+        raise click.BadParameter("--max-leases, --sender-timeout, --heartbeat-interval and --lease-seconds must "
+                                 "be positive")
+    config = CoordinatorConfig(listen=listen, p2p_listen=p2p_listen, http_listen=http_listen,
                                announce_host=announce_host or "", heartbeat_interval=heartbeat_interval,
-                               lease_seconds=lease_seconds, matchmaking_time=matchmaking_time,
+                               lease_seconds=lease_seconds, sender_timeout=sender_timeout, max_leases=max_leases,
                                averaging_timeout=averaging_timeout, round_timeout=round_timeout)
     coord = Coordinator(state_dir, config, token=token)
     try:

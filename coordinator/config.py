@@ -7,12 +7,13 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class CoordinatorConfig:
     listen: str = "0.0.0.0:7733"  # gRPC control plane, HOST:PORT
-    dht_listen: str = "0.0.0.0:7734"  # hivemind peer (DHT bootstrap and averaging), HOST:PORT
+    p2p_listen: str = "0.0.0.0:7734"  # hivemind peer (every round's averaging goes through it), HOST:PORT
     http_listen: str = "0.0.0.0:7780"  # status page, /api/v1/status, /metrics; "" for none
     announce_host: str = ""  # public host name workers use ("": this host's name)
     heartbeat_interval: float = 1.0  # seconds between a worker's heartbeats
     lease_seconds: float = 60.0  # a lease not extended by a heartbeat for this long expires
-    matchmaking_time: float = 5.0  # seconds the coordinator keeps a round's averaging group open
+    sender_timeout: float = 5.0  # seconds a group member may stay silent in an averaging before it is excluded
+    max_leases: int = 2  # active (untrained) leases a worker may hold at once
     averaging_timeout: float = 60.0  # seconds an averaging may take
     round_timeout: float = 600.0  # a round with any tokens ends after this many seconds
     eval_tokens: int = 65536  # validation tokens per evaluation of theta_global

@@ -1,17 +1,15 @@
-"""The coordinator's HTTP server: the status page (/), its JSON (/api/v1/status), Prometheus
-metrics (/metrics) and a reachability probe (/api/v1/is_reachable/<peer_id>). Read-only."""
+"""The coordinator's HTTP server: the status page (/), its JSON (/api/v1/status) and Prometheus
+metrics (/metrics). Read-only."""
 
 import json
 import logging
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import parse_qs
 
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from gptswarm.coordinator import metrics
-from gptswarm.coordinator.reachability import is_reachable
 from gptswarm.coordinator.status import snapshot
 from gptswarm.errors import UserError
 
@@ -68,7 +66,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_GET(self):
         srv = self.server_ref
-        path, _, query = self.path.partition("?")
+        path = self.path.partition("?")[0]
         try:
             if path in FILES:
                 name, ctype = FILES[path]
@@ -77,11 +75,6 @@ class Handler(BaseHTTPRequestHandler):
                 return self.send_json(200, snapshot(srv.coord))
             if path == "/metrics":
                 return self.send(200, metrics.exposition(srv.registry), CONTENT_TYPE_LATEST)
-            if path.startswith("/api/v1/is_reachable/"):
-                peer = path.rsplit("/", 1)[1]
-                ok, detail = is_reachable(peer, parse_qs(query).get("addr", []))
-                return self.send_json(400 if detail.startswith("invalid") else 200,
-                                      {"peer_id": peer, "reachable": ok, "detail": detail})
             return self.send_json(404, {"error": f"no such page: {path[:100]}"})
         except Exception:  # a bad request must never take the coordinator down
             log.exception("error serving %s", path[:100])

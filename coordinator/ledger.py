@@ -1,11 +1,24 @@
-"""The coordinator's ledger: one SQLite database (WAL) in the state directory.
+"""The coordinator's ledger: one SQLite database (WAL) in the state directory, and the only code
+that knows its schema; everything else asks it named questions.
 
-Tables: workers, shards, leases, rounds, contributions, events, meta. Every change is one
+Tables: workers, shards, leases, rounds, contributions, refusals, events, meta. Every change is one
 transaction, so a coordinator killed at any moment restarts with a consistent ledger.
 
 Leases are BOINC-style: a lease has a deadline that heartbeats extend; an expired lease returns
-its shard to the queue; a shard is counted done once per epoch, so a late or repeated report never
-counts tokens twice; the next epoch starts only when every shard of this one is done.
+its shard to the queue; the next epoch starts only when every shard of this one is done. A lease
+is `active` while its worker trains it, `trained` once the worker says it finished (then it no
+longer counts against the worker's cap of active leases), and `done` once the tokens the ledger
+credited to the worker's included contributions cover all of its tokens; `expired` and
+`released` leases gave their shard back.
+
+Every number a worker claims is clamped here against what the ledger knows: the tokens it trained
+on a lease in a round cannot exceed what is left of the lease's tokens (less what earlier rounds
+credited), a round's claim is the sum over the leases the worker held in it, and that cannot
+exceed what the fastest machine could have trained since the round began. A round's commit
+credits each included lease with what was claimed on it: a lease whose tokens are all credited is
+done, and so is its shard.
+A refused or clamped claim is counted per worker and kind (`refusals`) and written as an event,
+at most once a minute per worker and kind.
 """
 
 import contextlib
@@ -17,13 +30,15 @@ import sqlite3
 import threading
 import time
 
+SCHEMA_VERSION = 2
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS workers (
     id TEXT PRIMARY KEY, name TEXT NOT NULL, device TEXT, peer_id TEXT, client_mode INTEGER,
     session_hash TEXT UNIQUE, joined_at REAL, last_seen REAL, left_at REAL,
     state TEXT, reason TEXT, tokens_per_second REAL DEFAULT 0, loss REAL,
-    tokens_contributed INTEGER DEFAULT 0, bytes_sent INTEGER DEFAULT 0, eligible_round INTEGER DEFAULT 0);
+    tokens_contributed INTEGER DEFAULT 0, bytes_sent INTEGER DEFAULT 0, eligible_round INTEGER DEFAULT 0,
+    active_since REAL);
 CREATE TABLE IF NOT EXISTS shards (
     idx INTEGER PRIMARY KEY, sha256 TEXT NOT NULL, tokens INTEGER NOT NULL,
     rank INTEGER NOT NULL DEFAULT 0,  -- lease order within the epoch (a seeded shuffle per epoch)
@@ -32,24 +47,41 @@ CREATE TABLE IF NOT EXISTS shards (
 CREATE TABLE IF NOT EXISTS leases (
     id TEXT PRIMARY KEY, shard_idx INTEGER NOT NULL, worker_id TEXT NOT NULL, epoch INTEGER NOT NULL,
     round INTEGER NOT NULL, granted_at REAL NOT NULL, deadline REAL NOT NULL,
-    state TEXT NOT NULL,  -- active | reported | expired | released
-    tokens INTEGER, loss REAL, closed_at REAL);
+    state TEXT NOT NULL,  -- active | trained | done | expired | released
+    tokens INTEGER, loss REAL, closed_at REAL,
+    credited INTEGER NOT NULL DEFAULT 0,  -- of its tokens, how many included contributions were credited with
+    claimed INTEGER NOT NULL DEFAULT 0, claim_round INTEGER,  -- tokens its worker trained on it in claim_round
+    done_round INTEGER, reported_at REAL);
 CREATE INDEX IF NOT EXISTS leases_active ON leases (state, deadline);
+CREATE INDEX IF NOT EXISTS leases_worker ON leases (worker_id, state);
 CREATE TABLE IF NOT EXISTS rounds (
     round INTEGER PRIMARY KEY, started_at REAL, ended_at REAL,
     state TEXT NOT NULL,  -- training | averaging | done | failed
     tokens INTEGER DEFAULT 0, contributors INTEGER DEFAULT 0, theta_hash TEXT, loss REAL, val_loss REAL,
-    averaging_seconds REAL, bytes_sent INTEGER, detail TEXT);
+    averaging_seconds REAL, bytes_sent INTEGER, detail TEXT, group_size INTEGER);
 CREATE TABLE IF NOT EXISTS contributions (
     round INTEGER NOT NULL, worker_id TEXT NOT NULL, tokens INTEGER NOT NULL DEFAULT 0,
     included INTEGER, reason TEXT, PRIMARY KEY (round, worker_id));
+CREATE TABLE IF NOT EXISTS refusals (
+    worker_id TEXT NOT NULL, kind TEXT NOT NULL, n INTEGER NOT NULL, last_at REAL, last_detail TEXT,
+    PRIMARY KEY (worker_id, kind));
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL, kind TEXT NOT NULL, worker_id TEXT, detail TEXT);
 """
-
+# ledgers made before SCHEMA_VERSION 2 lack these columns
+MIGRATIONS = ["ALTER TABLE workers ADD COLUMN active_since REAL",
+              "ALTER TABLE leases ADD COLUMN credited INTEGER NOT NULL DEFAULT 0",
+              "ALTER TABLE leases ADD COLUMN done_round INTEGER",
+              "ALTER TABLE leases ADD COLUMN claimed INTEGER NOT NULL DEFAULT 0",
+              "ALTER TABLE leases ADD COLUMN claim_round INTEGER",
+              "ALTER TABLE leases ADD COLUMN reported_at REAL",
+              "ALTER TABLE rounds ADD COLUMN group_size INTEGER",
+              "UPDATE leases SET state = 'done', credited = tokens WHERE state = 'reported'"]
 
 ONLINE_HEARTBEATS = 3  # a worker is online while its last heartbeat is this many intervals old at most,
 ONLINE_SLACK = 5.0  # plus this many seconds
+EVENT_EVERY = 60.0  # seconds between two events of the same refusal kind for the same worker
+OPEN = ("active", "trained")  # lease states that hold a shard
 
 
 def digest(secret):
@@ -57,23 +89,37 @@ def digest(secret):
 
 
 class Ledger:
-    """The only code that knows the schema: everything else asks it named questions.
+    """lease_seconds: how long a lease lives without a heartbeat; heartbeat_interval: how often
+    workers beat (it defines who is online); max_leases: active leases a worker may hold at once;
+    max_tokens_per_second: the fastest a worker could possibly train (claims beyond are clamped);
+    clock: time source (tests pass a fake one)."""
 
-    lease_seconds: how long a lease lives without a heartbeat; heartbeat_interval: how often workers
-    beat (it defines who is online); clock: time source (tests pass a fake one)."""
-
-    def __init__(self, path, *, lease_seconds, heartbeat_interval, clock=time.time):
+    def __init__(self, path, *, lease_seconds, heartbeat_interval, max_leases=2, max_tokens_per_second=float("inf"),
+                 clock=time.time):
         self.path = str(path)
         self.lease_seconds = lease_seconds
         self.heartbeat_interval = heartbeat_interval
+        self.max_leases = max_leases
+        self.max_tokens_per_second = max_tokens_per_second
         self.clock = clock
         self.lock = threading.RLock()
+        self._last_event = {}  # (worker_id, kind) -> when its last refusal event was written
         self.db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
         self.db.row_factory = sqlite3.Row
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.execute("PRAGMA foreign_keys=ON")
+        self._migrate()
+
+    def _migrate(self):
+        version = self.db.execute("PRAGMA user_version").fetchone()[0]
+        existing = self.db.execute("SELECT COUNT(*) FROM sqlite_master WHERE name = 'workers'").fetchone()[0]
+        if existing and version < SCHEMA_VERSION:
+            for sql in MIGRATIONS:
+                with contextlib.suppress(sqlite3.OperationalError):  # a column that is already there
+                    self.db.execute(sql)
         self.db.executescript(SCHEMA)
+        self.db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     def close(self):
         with self.lock:
@@ -95,7 +141,7 @@ class Ledger:
         with self.lock:
             return [dict(r) for r in self.db.execute(sql, args).fetchall()]
 
-    # --- meta ---
+    # --- meta, events, refusals ---
 
     def get_meta(self, key, default=None):
         rows = self.query("SELECT value FROM meta WHERE key = ?", (key,))
@@ -116,6 +162,26 @@ class Ledger:
         else:
             with self.tx() as db:
                 db.execute("INSERT INTO events (at, kind, worker_id, detail) VALUES (?, ?, ?, ?)", args)
+
+    def refuse(self, kind, detail, worker_id="", db=None):
+        """Count a refused or clamped claim (worker_id "" for a peer the ledger does not know) and
+        write it as a `refused` event, at most once a minute per worker and kind."""
+        if db is None:
+            with self.tx() as db:
+                return self.refuse(kind, detail, worker_id, db)
+        now = self.clock()
+        detail = detail[:300]
+        db.execute("INSERT INTO refusals (worker_id, kind, n, last_at, last_detail) VALUES (?, ?, 1, ?, ?) "
+                   "ON CONFLICT (worker_id, kind) DO UPDATE SET n = n + 1, last_at = excluded.last_at, "
+                   "last_detail = excluded.last_detail", (worker_id, kind, now, detail))
+        key = (worker_id, kind)
+        if now - self._last_event.get(key, float("-inf")) >= EVENT_EVERY:
+            self._last_event[key] = now
+            self.event("refused", f"{kind}: {detail}", worker_id or None, db)
+
+    def refusal_counts(self):
+        """{kind: times refused}, over all workers and strangers."""
+        return {r["kind"]: r["n"] for r in self.query("SELECT kind, SUM(n) AS n FROM refusals GROUP BY kind")}
 
     # --- shards ---
 
@@ -150,19 +216,38 @@ class Ledger:
 
     # --- workers ---
 
-    def add_worker(self, *, name, device, peer_id, client_mode, current_round, round_started):
+    def add_worker(self, *, name, device, peer_id, current_round, round_started):
         """A new worker and its session secret. It may train in the current round only if that
-        round has not started yet (no tokens trained in it); otherwise from the next one."""
+        round has not started yet (no tokens trained in it); otherwise from the next one. peer_id
+        must be free (see register_peer)."""
         worker_id = "w-" + secrets.token_hex(4)
         session = secrets.token_urlsafe(24)
         now = self.clock()
         eligible = current_round + 1 if round_started else current_round
         with self.tx() as db:
             db.execute("INSERT INTO workers (id, name, device, peer_id, client_mode, session_hash, joined_at, "
-                       "last_seen, state, reason, eligible_round) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'joining', '', ?)",
-                       (worker_id, name, device, peer_id, int(client_mode), digest(session), now, now, eligible))
+                       "last_seen, state, reason, eligible_round, active_since) "
+                       "VALUES (?, ?, ?, ?, 1, ?, ?, ?, 'joining', '', ?, ?)",
+                       (worker_id, name, device, peer_id, digest(session), now, now, eligible, now))
             self.event("join", f"{name} ({device})", worker_id, db)
         return worker_id, session
+
+    def peer_owner(self, peer_id):
+        """The id of the worker still in the swarm that registered this hivemind peer id, or None."""
+        rows = self.query("SELECT id FROM workers WHERE peer_id = ? AND left_at IS NULL", (peer_id,))
+        return rows[0]["id"] if rows else None
+
+    def register_peer(self, worker_id, peer_id):
+        """Tie a worker to the hivemind peer id that will send its contributions. (ok, detail)."""
+        with self.tx() as db:
+            taken = db.execute("SELECT id FROM workers WHERE peer_id = ? AND id != ? AND left_at IS NULL",
+                               (peer_id, worker_id)).fetchone()
+            if taken is not None:
+                self.refuse("peer_id_taken", f"tried to register peer id {peer_id[:60]}, which another worker holds",
+                            worker_id, db)
+                return False, "that hivemind peer id is registered by another worker"
+            db.execute("UPDATE workers SET peer_id = ? WHERE id = ?", (peer_id, worker_id))
+            return True, ""
 
     def worker_for_session(self, session):
         rows = self.query("SELECT * FROM workers WHERE session_hash = ?", (digest(session),))
@@ -172,26 +257,22 @@ class Ledger:
         rows = self.query("SELECT * FROM workers WHERE id = ?", (worker_id,))
         return rows[0] if rows else None
 
-    def heartbeat(self, worker_id, *, round_, round_tokens, tps, state, reason, lease_ids, bytes_sent, loss):
-        """Record a heartbeat; extends the worker's named active leases. Returns (deadline, lost)
-        where lost are the named leases that are no longer active."""
+    def come_back(self, worker_id, *, current_round, round_started):
+        """A worker that left (or crashed) is back with its session: same identity, same totals;
+        like a new worker, it waits for the next round if this one is under way."""
         now = self.clock()
-        deadline = now + self.lease_seconds
         with self.tx() as db:
-            db.execute("UPDATE workers SET last_seen = ?, state = ?, reason = ?, tokens_per_second = ?, "
-                       "bytes_sent = MAX(bytes_sent, ?), loss = COALESCE(?, loss) WHERE id = ?",
-                       (now, state, reason, tps, bytes_sent, loss, worker_id))
-            if round_tokens:
-                db.execute("INSERT INTO contributions (round, worker_id, tokens) VALUES (?, ?, ?) "
-                           "ON CONFLICT (round, worker_id) DO UPDATE SET tokens = MAX(tokens, excluded.tokens)",
-                           (round_, worker_id, round_tokens))
-            lost = []
-            for lid in lease_ids:
-                cur = db.execute("UPDATE leases SET deadline = ? WHERE id = ? AND worker_id = ? AND state = 'active'",
-                                 (deadline, lid, worker_id))
-                if cur.rowcount == 0:
-                    lost.append(lid)
-        return deadline, lost
+            db.execute("UPDATE workers SET left_at = NULL, state = 'joining', reason = '', last_seen = ?, "
+                       "eligible_round = ?, active_since = ? WHERE id = ?",
+                       (now, current_round + 1 if round_started else current_round, now, worker_id))
+            self.event("rejoin", "back with its session", worker_id, db)
+
+    def leave(self, worker_id):
+        with self.tx() as db:
+            db.execute("UPDATE workers SET left_at = ?, state = 'offline', reason = 'left' WHERE id = ?",
+                       (self.clock(), worker_id))
+            n = self._release(db, worker_id, None)
+            self.event("leave", f"returned {n} lease(s)", worker_id, db)
 
     def online_after(self):
         """The one definition of an online worker: it has not left, and its last heartbeat came
@@ -209,39 +290,102 @@ class Ledger:
                                "LIMIT 1", (self.online_after(),)))
 
     def workers_for_status(self):
-        """Every worker, most tokens contributed first, with `online` set."""
-        rows = self.query("SELECT id, name, device, client_mode, state, reason, tokens_per_second, tokens_contributed, "
-                          "last_seen, left_at, joined_at, bytes_sent FROM workers "
-                          "ORDER BY tokens_contributed DESC, joined_at")
+        """Every worker, most tokens contributed first, with `online` and its refusals set."""
+        rows = self.query("SELECT w.id, w.name, w.device, w.state, w.reason, w.tokens_per_second, "
+                          "w.tokens_contributed, w.last_seen, w.left_at, w.joined_at, w.bytes_sent, "
+                          "COALESCE(SUM(r.n), 0) AS refused, MAX(r.last_at) AS refused_at FROM workers w "
+                          "LEFT JOIN refusals r ON r.worker_id = w.id GROUP BY w.id "
+                          "ORDER BY w.tokens_contributed DESC, w.joined_at")
+        last = {r["worker_id"]: f"{r['kind']}: {r['last_detail']}" for r in self.query(
+            "SELECT worker_id, kind, last_detail FROM refusals r WHERE last_at = (SELECT MAX(last_at) FROM refusals "
+            "WHERE worker_id = r.worker_id)")}
         cutoff = self.online_after()
         for w in rows:
             w["online"] = w["left_at"] is None and (w["last_seen"] or 0) > cutoff
+            w["last_refusal"] = last.get(w["id"], "")
         return rows
 
-    def come_back(self, worker_id, *, current_round, round_started):
-        """A worker that left (or crashed) is back with its session: same identity, same totals;
-        like a new worker, it waits for the next round if this one is under way."""
-        with self.tx() as db:
-            db.execute("UPDATE workers SET left_at = NULL, state = 'joining', reason = '', last_seen = ?, "
-                       "eligible_round = ? WHERE id = ?",
-                       (self.clock(), current_round + 1 if round_started else current_round, worker_id))
-            self.event("rejoin", "back with its session", worker_id, db)
+    # --- claims ---
 
-    def leave(self, worker_id):
+    def _claim(self, db, worker_id, round_, lease_tokens, now):
+        """Record a worker's claims {lease_id: tokens trained on it in the current round round_},
+        each clamped to what is left of the lease, and their sum to what the worker could have
+        trained since the round (or its session) began; the verified tokens of its round."""
+        started = db.execute("SELECT started_at FROM rounds WHERE round = ?", (round_,)).fetchone()
+        started = started[0] if started else now
+        for lid, claimed in lease_tokens.items():
+            row = db.execute("SELECT tokens, credited, claimed, claim_round FROM leases WHERE id = ? AND worker_id = ? "
+                             "AND (state IN ('active', 'trained') OR closed_at >= ?)",
+                             (lid, worker_id, started)).fetchone()
+            if row is None:
+                self.refuse("tokens_clamped", f"claimed {claimed} tokens on lease {lid[:40]}, which it did not hold "
+                            f"in round {round_}", worker_id, db)
+                continue
+            room = row["tokens"] - row["credited"]
+            if claimed > room:
+                self.refuse("tokens_clamped", f"claimed {claimed} tokens on lease {lid[:40]} in round {round_}; "
+                            f"it has {room} left", worker_id, db)
+            before = row["claimed"] if row["claim_round"] == round_ else 0
+            db.execute("UPDATE leases SET claimed = ?, claim_round = ? WHERE id = ?",
+                       (max(before, min(claimed, room)), round_, lid))
+        total = db.execute("SELECT COALESCE(SUM(claimed), 0) FROM leases WHERE worker_id = ? AND claim_round = ?",
+                           (worker_id, round_)).fetchone()[0]
+        since = max(started, db.execute("SELECT active_since FROM workers WHERE id = ?",
+                                        (worker_id,)).fetchone()[0] or now)
+        possible = (now - since) * self.max_tokens_per_second if now > since else 0.0
+        if total > possible:
+            self.refuse("tokens_clamped", f"claimed {total} tokens in round {round_}, more than the fastest machine "
+                        f"could have trained in {now - since:.1f} s", worker_id, db)
+        verified = int(min(total, possible))
+        db.execute("INSERT INTO contributions (round, worker_id, tokens) VALUES (?, ?, ?) "
+                   "ON CONFLICT (round, worker_id) DO UPDATE SET tokens = excluded.tokens", (round_, worker_id, verified))
+        return verified
+
+    def claim(self, worker_id, round_, lease_tokens):
+        """Record the worker's claims for the current round round_ (see _claim); its verified tokens."""
         with self.tx() as db:
-            db.execute("UPDATE workers SET left_at = ?, state = 'offline', reason = 'left' WHERE id = ?",
-                       (self.clock(), worker_id))
-            n = self._release(db, worker_id, None)
-            self.event("leave", f"returned {n} lease(s)", worker_id, db)
+            return self._claim(db, worker_id, round_, lease_tokens, self.clock())
+
+    def heartbeat(self, worker_id, *, current_round, round_, lease_tokens, tps, state, reason, lease_ids, bytes_sent,
+                  loss):
+        """Record a heartbeat (the caller checked each value's type and range). Its claims
+        {lease_id: tokens trained on it in round_} count only for the current round, clamped
+        (_claim); it extends the worker's named leases.
+        Returns (deadline, lost): lost are the named leases that no longer hold a shard."""
+        now = self.clock()
+        deadline = now + self.lease_seconds
+        with self.tx() as db:
+            db.execute("UPDATE workers SET last_seen = ?, state = ?, reason = ?, tokens_per_second = ?, "
+                       "bytes_sent = MAX(bytes_sent, ?), loss = COALESCE(?, loss) WHERE id = ?",
+                       (now, state, reason, tps, bytes_sent, loss, worker_id))
+            if round_ > current_round:
+                self.refuse("future_round", f"heartbeat for round {round_}; the current round is {current_round}",
+                            worker_id, db)
+            elif round_ == current_round and lease_tokens:
+                self._claim(db, worker_id, round_, lease_tokens, now)
+            lost = []
+            for lid in lease_ids:
+                cur = db.execute("UPDATE leases SET deadline = ? WHERE id = ? AND worker_id = ? "
+                                 "AND state IN ('active', 'trained')", (deadline, lid, worker_id))
+                if cur.rowcount == 0:
+                    lost.append(lid)
+        return deadline, lost
 
     # --- leases ---
 
     def lease(self, worker_id, round_):
-        """Lease the next pending shard of the current epoch to worker_id, or None when every shard
-        of the epoch is leased or done (and not all done). A finished epoch starts the next."""
+        """Lease the next pending shard of the current epoch to worker_id: a dict, or a string that
+        says why not (every shard of the epoch leased or done, or the worker at its cap of active
+        leases). A finished epoch starts the next."""
         now = self.clock()
         with self.tx() as db:
             self._expire(db, now)
+            active = db.execute("SELECT COUNT(*) FROM leases WHERE worker_id = ? AND state = 'active'",
+                                (worker_id,)).fetchone()[0]
+            if active >= self.max_leases:
+                self.refuse("lease_cap", f"asked for a lease while holding {active} active ones "
+                            f"(at most {self.max_leases})", worker_id, db)
+                return f"at most {self.max_leases} active lease(s) per worker: finish or release one first"
             if db.execute("SELECT COUNT(*) FROM shards WHERE state != 'done'").fetchone()[0] == 0:
                 epoch = json.loads(db.execute("SELECT value FROM meta WHERE key = 'epoch'").fetchone()[0]) + 1
                 db.execute("UPDATE shards SET state = 'pending', epoch = ?", (epoch,))
@@ -250,46 +394,66 @@ class Ledger:
                 self.event("epoch", f"epoch {epoch} begins", None, db)
             row = db.execute("SELECT * FROM shards WHERE state = 'pending' ORDER BY rank LIMIT 1").fetchone()
             if row is None:
-                return None
+                return "no shards available: all are leased, waiting for reports"
             lease_id = "l-" + secrets.token_hex(8)
             deadline = now + self.lease_seconds
             db.execute("UPDATE shards SET state = 'leased' WHERE idx = ?", (row["idx"],))
-            db.execute("INSERT INTO leases (id, shard_idx, worker_id, epoch, round, granted_at, deadline, state) "
-                       "VALUES (?, ?, ?, ?, ?, ?, ?, 'active')", (lease_id, row["idx"], worker_id, row["epoch"],
-                                                                   round_, now, deadline))
+            db.execute("INSERT INTO leases (id, shard_idx, worker_id, epoch, round, granted_at, deadline, state, tokens) "
+                       "VALUES (?, ?, ?, ?, ?, ?, ?, 'active', ?)", (lease_id, row["idx"], worker_id, row["epoch"],
+                                                                      round_, now, deadline, row["tokens"]))
             return {"lease_id": lease_id, "shard_index": row["idx"], "sha256": row["sha256"],
                     "tokens": row["tokens"], "deadline": deadline, "epoch": row["epoch"]}
 
-    def lease_holders_since(self, since):
-        """How many workers still in the swarm held a lease at some time since `since`: the ones who
-        can have trained tokens since then (a lease in progress, or one reported, released or
-        expired since). Errs high: a worker counted here that does not turn up costs the round
-        its matchmaking window, nothing else."""
-        return self.query("SELECT COUNT(DISTINCT l.worker_id) AS n FROM leases l JOIN workers w ON w.id = l.worker_id "
-                          "WHERE w.left_at IS NULL AND (l.state = 'active' OR l.closed_at >= ? OR l.granted_at >= ?)",
-                          (since, since))[0]["n"]
+    def finish_leases(self, worker_id, lease_ids, *, current_round, round_, lease_tokens):
+        """The worker says it finished training these leases (and claims lease_tokens in round_, as
+        in heartbeat). A lease counts as trained only if it is the worker's, active, and what the
+        ledger credited and verified on it covers all of its tokens."""
+        with self.tx() as db:
+            if round_ == current_round and lease_tokens:
+                self._claim(db, worker_id, round_, lease_tokens, self.clock())
+            for lid in lease_ids:
+                row = db.execute("SELECT tokens, credited, claimed, claim_round, state FROM leases "
+                                 "WHERE id = ? AND worker_id = ?", (lid, worker_id)).fetchone()
+                if row is None or row["state"] != "active":
+                    continue  # not its lease, or no longer held: nothing to finish
+                claimed = row["claimed"] if row["claim_round"] == current_round else 0
+                if row["credited"] + claimed < row["tokens"]:
+                    self.refuse("finish_refused", f"said it finished lease {lid[:40]} but claimed only "
+                                f"{row['credited'] + claimed} of its {row['tokens']} tokens", worker_id, db)
+                    continue
+                db.execute("UPDATE leases SET state = 'trained' WHERE id = ?", (lid,))
+
+    def group_members(self, round_, since):
+        """The round's averaging group: every worker still in the swarm, with a registered peer id,
+        that held a lease since `since` (the round's start) or has verified tokens in it, and its
+        weight, the verified tokens. [(worker_id, peer_id, tokens)]"""
+        return [(r["id"], r["peer_id"], r["tokens"]) for r in self.query(
+            "SELECT w.id, w.peer_id, COALESCE(c.tokens, 0) AS tokens FROM workers w "
+            "LEFT JOIN contributions c ON c.worker_id = w.id AND c.round = ? "
+            "WHERE w.left_at IS NULL AND w.peer_id IS NOT NULL AND w.peer_id != '' AND (c.tokens > 0 OR EXISTS ("
+            "SELECT 1 FROM leases l WHERE l.worker_id = w.id AND (l.state IN ('active', 'trained') "
+            "OR l.closed_at >= ? OR l.granted_at >= ?))) ORDER BY w.id", (round_, since, since))]
 
     def lease_row(self, lease_id):
         rows = self.query("SELECT * FROM leases WHERE id = ?", (lease_id,))
         return rows[0] if rows else None
 
-    def report(self, worker_id, lease_id, round_, tokens, loss):
-        """Mark a leased shard done. Returns (accepted, detail); a duplicate, late or foreign report
-        changes nothing."""
-        now = self.clock()
+    def report(self, worker_id, lease_id, round_, loss):
+        """The worker reports a lease it trained in round_. Accepted only if round_'s included
+        contribution of this worker covered the lease's tokens (the round's commit then marked it
+        done). Returns (accepted, detail); a duplicate or unfounded report changes nothing."""
         with self.tx() as db:
             lease = db.execute("SELECT * FROM leases WHERE id = ?", (lease_id,)).fetchone()
             if lease is None or lease["worker_id"] != worker_id:
+                self.refuse("report_refused", f"reported lease {lease_id[:40]}, which is not its own", worker_id, db)
                 return False, "unknown lease"
-            if lease["state"] == "reported":
+            if lease["state"] != "done" or lease["done_round"] != round_:
+                self.refuse("report_refused", f"reported lease {lease_id} for round {round_}, whose included "
+                            "contribution does not cover it", worker_id, db)
+                return False, f"round {round_}'s included contribution does not cover this lease ({lease['state']})"
+            if lease["reported_at"] is not None:
                 return False, "duplicate report: already counted"
-            if lease["state"] != "active":
-                return False, f"lease {lease['state']}: the shard went back to the queue"
-            shard = db.execute("SELECT * FROM shards WHERE idx = ?", (lease["shard_idx"],)).fetchone()
-            db.execute("UPDATE leases SET state = 'reported', tokens = ?, loss = ?, closed_at = ? WHERE id = ?",
-                       (tokens, loss, now, lease_id))
-            db.execute("UPDATE shards SET state = 'done', done_round = ?, done_by = ?, times_done = times_done + 1 "
-                       "WHERE idx = ?", (round_, worker_id, shard["idx"]))
+            db.execute("UPDATE leases SET reported_at = ?, loss = ? WHERE id = ?", (self.clock(), loss, lease_id))
             return True, "counted"
 
     def release(self, worker_id, lease_ids=None):
@@ -300,7 +464,7 @@ class Ledger:
             return n
 
     def _release(self, db, worker_id, lease_ids):
-        rows = db.execute("SELECT id, shard_idx FROM leases WHERE worker_id = ? AND state = 'active'",
+        rows = db.execute("SELECT id, shard_idx FROM leases WHERE worker_id = ? AND state IN ('active', 'trained')",
                           (worker_id,)).fetchall()
         rows = [r for r in rows if lease_ids is None or r["id"] in lease_ids]
         for r in rows:
@@ -313,8 +477,8 @@ class Ledger:
             return self._expire(db, self.clock())
 
     def _expire(self, db, now):
-        rows = db.execute("SELECT id, shard_idx, worker_id FROM leases WHERE state = 'active' AND deadline < ?",
-                          (now,)).fetchall()
+        rows = db.execute("SELECT id, shard_idx, worker_id FROM leases WHERE state IN ('active', 'trained') "
+                          "AND deadline < ?", (now,)).fetchall()
         for r in rows:
             db.execute("UPDATE leases SET state = 'expired', closed_at = ? WHERE id = ?", (now, r["id"]))
             db.execute("UPDATE shards SET state = 'pending' WHERE idx = ? AND state = 'leased'", (r["shard_idx"],))
@@ -327,11 +491,13 @@ class Ledger:
         return self.query("SELECT COALESCE(SUM(tokens), 0) AS n FROM contributions WHERE round = ?",
                           (round_,))[0]["n"]
 
-    def start_round(self, round_, theta_hash):
-        with self.tx() as db:
-            db.execute("INSERT OR REPLACE INTO rounds (round, started_at, state, theta_hash) VALUES (?, ?, 'training', ?)",
-                       (round_, self.clock(), theta_hash))
-            self.set_meta("round", round_, db)
+    def start_round(self, round_, theta_hash, db=None):
+        if db is None:
+            with self.tx() as db:
+                return self.start_round(round_, theta_hash, db)
+        db.execute("INSERT OR REPLACE INTO rounds (round, started_at, state, theta_hash) VALUES (?, ?, 'training', ?)",
+                   (round_, self.clock(), theta_hash))
+        self.set_meta("round", round_, db)
 
     def recover(self, round_, theta_hash):
         """After a restart from the checkpoint of round_: rounds before it are closed, round_ is
@@ -348,35 +514,75 @@ class Ledger:
                 db.execute("UPDATE rounds SET state = 'training', theta_hash = ? WHERE round = ?", (theta_hash, round_))
             self.set_meta("round", round_, db)
 
-    def set_round_state(self, round_, state):
+    def set_round_state(self, round_, state, group_size=None):
         with self.tx() as db:
-            db.execute("UPDATE rounds SET state = ? WHERE round = ?", (state, round_))
+            db.execute("UPDATE rounds SET state = ?, group_size = COALESCE(?, group_size) WHERE round = ?",
+                       (state, group_size, round_))
 
-    def finish_round(self, round_, *, state, included, excluded, averaging_seconds, loss=None, val_loss=None,
-                     bytes_sent=None, detail=""):
-        """Close a round: included/excluded map worker_id -> (tokens, reason)."""
-        tokens = sum(t for t, _ in included.values())
+    def commit_round(self, round_, *, included, excluded, theta_hash, averaging_seconds, loss=None, val_loss=None,
+                     bytes_sent=None):
+        """Round round_ is done, all at once: included {worker_id: tokens} is credited (the budget,
+        each worker's total, and its leases in grant order: a lease whose tokens are all credited is
+        done, and so is its shard); excluded {worker_id: reason} gets nothing, and its leases go back;
+        round_ + 1 starts with theta_hash."""
+        tokens = sum(included.values())
+        now = self.clock()
         with self.tx() as db:
-            db.execute("UPDATE rounds SET ended_at = ?, state = ?, tokens = ?, contributors = ?, averaging_seconds = ?, "
-                       "loss = ?, val_loss = ?, bytes_sent = ?, detail = ? WHERE round = ?",
-                       (self.clock(), state, tokens, len(included), averaging_seconds, loss, val_loss, bytes_sent,
-                        detail, round_))
-            for wid, (t, reason) in included.items():
-                db.execute("INSERT INTO contributions (round, worker_id, tokens, included, reason) VALUES (?, ?, ?, 1, ?) "
-                           "ON CONFLICT (round, worker_id) DO UPDATE SET tokens = excluded.tokens, included = 1, "
-                           "reason = excluded.reason", (round_, wid, t, reason))
+            db.execute("UPDATE rounds SET ended_at = ?, state = 'done', tokens = ?, contributors = ?, "
+                       "averaging_seconds = ?, loss = ?, val_loss = ?, bytes_sent = ? WHERE round = ?",
+                       (now, tokens, len(included), averaging_seconds, loss, val_loss, bytes_sent, round_))
+            for wid, t in included.items():
+                db.execute("INSERT INTO contributions (round, worker_id, tokens, included, reason) VALUES (?, ?, ?, 1, '') "
+                           "ON CONFLICT (round, worker_id) DO UPDATE SET tokens = excluded.tokens, included = 1",
+                           (round_, wid, t))
                 db.execute("UPDATE workers SET tokens_contributed = tokens_contributed + ? WHERE id = ?", (t, wid))
-            for wid, (t, reason) in excluded.items():
-                db.execute("INSERT INTO contributions (round, worker_id, tokens, included, reason) VALUES (?, ?, ?, 0, ?) "
-                           "ON CONFLICT (round, worker_id) DO UPDATE SET included = 0, reason = excluded.reason",
-                           (round_, wid, t, reason))
-                self.event("contribution_rejected", f"round {round_}: {reason}", wid, db)
-            if state == "done":
-                total = json.loads((db.execute("SELECT value FROM meta WHERE key = 'tokens_trained'").fetchone()
-                                    or ["0"])[0])
-                self.set_meta("tokens_trained", total + tokens, db)
+                self._credit(db, wid, t, round_, now)
+            self._exclude(db, round_, excluded)
+            total = json.loads((db.execute("SELECT value FROM meta WHERE key = 'tokens_trained'").fetchone()
+                                or ["0"])[0])
+            self.set_meta("tokens_trained", total + tokens, db)
+            self.start_round(round_ + 1, theta_hash, db)
+
+    def fail_round(self, round_, *, excluded, detail, averaging_seconds=None):
+        """Round round_ failed: nothing is credited, every member's leases go back, round_ + 1 starts
+        from the same theta."""
+        with self.tx() as db:
+            row = db.execute("SELECT theta_hash FROM rounds WHERE round = ?", (round_,)).fetchone()
+            db.execute("UPDATE rounds SET ended_at = ?, state = 'failed', tokens = 0, contributors = 0, "
+                       "averaging_seconds = ?, detail = ? WHERE round = ?",
+                       (self.clock(), averaging_seconds, detail[:300], round_))
+            self._exclude(db, round_, excluded)
+            self.event("round_failed", f"round {round_}: {detail}"[:300], None, db)
+            self.start_round(round_ + 1, row[0] if row else "", db)
+
+    def _credit(self, db, worker_id, tokens, round_, now):
+        """Credit each of the worker's leases with what it claimed on it in round_ (up to `tokens`
+        in all, the leases it finished first)."""
+        rows = db.execute("SELECT id, shard_idx, tokens, credited, claimed, state FROM leases WHERE worker_id = ? AND "
+                          "claim_round = ? AND claimed > 0 ORDER BY state = 'trained' DESC, granted_at, rowid",
+                          (worker_id, round_)).fetchall()
+        for r in rows:
+            add = min(tokens, r["claimed"])
+            tokens -= add
+            if r["credited"] + add >= r["tokens"] and r["state"] in OPEN:
+                db.execute("UPDATE leases SET credited = tokens, claimed = 0, state = 'done', done_round = ?, "
+                           "closed_at = ? WHERE id = ?", (round_, now, r["id"]))
+                db.execute("UPDATE shards SET state = 'done', done_round = ?, done_by = ?, times_done = times_done + 1 "
+                           "WHERE idx = ? AND state = 'leased'", (round_, worker_id, r["shard_idx"]))
             else:
-                self.event("round_failed", f"round {round_}: {detail}", None, db)
+                db.execute("UPDATE leases SET credited = credited + ?, claimed = 0 WHERE id = ?", (add, r["id"]))
+
+    def _exclude(self, db, round_, excluded):
+        for wid, reason in excluded.items():
+            db.execute("INSERT INTO contributions (round, worker_id, tokens, included, reason) VALUES (?, ?, 0, 0, ?) "
+                       "ON CONFLICT (round, worker_id) DO UPDATE SET included = 0, reason = excluded.reason",
+                       (round_, wid, reason))
+            self.event("contribution_rejected", f"round {round_}: {reason}", wid, db)
+            self._release(db, wid, None)
+
+    def included(self, round_, worker_id):
+        rows = self.query("SELECT included FROM contributions WHERE round = ? AND worker_id = ?", (round_, worker_id))
+        return bool(rows and rows[0]["included"])
 
     def round_rows(self, *rounds):
         """{round: its row} for those of `rounds` the ledger knows."""
@@ -407,7 +613,3 @@ class Ledger:
 
     def count_events(self, kind, since=0.0):
         return self.query("SELECT COUNT(*) AS n FROM events WHERE kind = ? AND at > ?", (kind, since))[0]["n"]
-
-    def included(self, round_, worker_id):
-        rows = self.query("SELECT included FROM contributions WHERE round = ? AND worker_id = ?", (round_, worker_id))
-        return bool(rows and rows[0]["included"])

@@ -3,9 +3,10 @@
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from gptswarm.coordinator.service import WORKER_STATES
 from gptswarm.coordinator.status import snapshot
 
-WORKER_STATES = ("joining", "syncing", "training", "averaging", "waiting", "offline")
+WORKER_STATES = (*WORKER_STATES, "offline")
 HEALTH_STATES = ("healthy", "degraded", "stalled", "finished")
 
 
@@ -50,6 +51,11 @@ class SwarmCollector:
                                 ("contribution_rejected", "gptswarm_contributions_rejected", "Rejected contributions"),
                                 ("join", "gptswarm_worker_joins", "Workers that joined")):
             yield CounterMetricFamily(name, doc, value=ledger.count_events(kind))
+        refused = CounterMetricFamily("gptswarm_refused_claims", "Claims the coordinator refused or clamped, by kind "
+                                      "(tokens_clamped, lease_cap, averaging_refused, ...)", labels=["kind"])
+        for kind, n in sorted(ledger.refusal_counts().items()):
+            refused.add_metric([kind], n)
+        yield refused
         workers = GaugeMetricFamily("gptswarm_workers", "Workers by state", labels=["state"])
         for state in WORKER_STATES:
             workers.add_metric([state], sum(w["state"] == state for w in snap["workers"]))

@@ -5,9 +5,10 @@
   tokenizer.json
   shards/             training and validation shards + manifest.json (sha256-named)
   ledger.sqlite       workers, shards, leases, rounds, contributions, events (WAL)
-  checkpoints/latest  theta_global after the last finished round, in the checkpoint format of
-                      `gptswarm train` (+ outer momentum in optimizer.safetensors)
-  checkpoints/round-NNNNNN  a few older rounds
+  checkpoints/round-NNNNNN  theta_global after round NNNNNN, in the checkpoint format of
+                      `gptswarm train` (+ outer momentum in optimizer.safetensors); the last few
+  checkpoints/latest  a link to the newest one
+  p2p_identity.key    the coordinator's hivemind identity (workers dial its peer id)
 """
 
 import hashlib
@@ -27,7 +28,7 @@ from gptswarm.mingpt_core.model import GPT, GPTConfig
 from gptswarm.mingpt_core.tasks import make_task
 from gptswarm.mingpt_core.trainer import TrainConfig
 from gptswarm.rounds import COMPRESSIONS
-from gptswarm.rounds.theta import save_theta
+from gptswarm.rounds.theta import point_latest, save_round
 
 DEFAULT_PRESET = "gpt-nano"
 # the workers' inner training, unless the operator says otherwise (TrainConfig's own defaults are
@@ -82,8 +83,9 @@ def new_run(state_dir, *, task=None, text=None, digits=2, tokenizer_kind="char",
     settings.task, settings.model, settings.train = t.meta(), config.to_dict(), cfg.to_dict()
     torch.manual_seed(seed)
     theta = GPT(config)
-    save_theta(state_dir, theta, t.tokenizer, settings, round_=0, tokens_trained=0,
+    save_round(state_dir, theta, t.tokenizer, settings, round_=0, tokens_trained=0,
                momentum={k: torch.zeros_like(v) for k, v in checkpoint.model_tensors(theta).items()})
+    point_latest(state_dir, 0)
     settings.save(state_dir / "run.json")  # last: a state dir with run.json is complete
     return settings
 

@@ -1,7 +1,18 @@
-"""The Coordinator: one object that owns the ledger, the hivemind peer (DHT bootstrap + averaging
-aggregator), the gRPC server and the round loop. start() / shutdown()."""
+"""The Coordinator: one object that owns the ledger, the hivemind peer (the only reducer of every
+round's averaging), the gRPC server and the round loop. start() / shutdown().
 
+A round ends when the swarm's verified tokens reach tokens_per_round (or the round times out, or
+the epoch runs dry). Its averaging group is what the ledger says: every worker still in the swarm
+that held a lease in the round, with the hivemind peer id it registered over its session, weighed
+by its verified tokens. The round then commits all or nothing: the new theta is computed on a
+copy, checked, evaluated and written to its own checkpoint directory; one ledger transaction
+credits the included contributions and starts the next round with the new theta hash (the commit
+point); only then does the in-memory state move and checkpoints/latest point at the new round.
+"""
+
+import copy
 import logging
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -14,11 +25,16 @@ from gptswarm.coordinator.ledger import Ledger
 from gptswarm.coordinator.service import make_server
 from gptswarm.mingpt_core.data import eval_batches
 from gptswarm.mingpt_core.trainer import evaluate_loss
-from gptswarm.rounds.averaging import SwarmAverager, start_dht
+from gptswarm.rounds.averaging import Group, RoundReducer
 from gptswarm.rounds.outer import outer_step
-from gptswarm.rounds.theta import load_theta, save_theta, theta_hash, theta_views
+from gptswarm.rounds.p2p import P2PNode
+from gptswarm.rounds.theta import (latest_dir, load_theta, point_latest, round_dir, save_round, theta_hash,
+                                   theta_views)
 
 log = logging.getLogger("gptswarm.coordinator")
+# the fastest any one machine could train (a generous bound on a 2026 accelerator's dense FLOP/s):
+# a worker's claimed tokens per second of a round are clamped to this over the model's FLOPs per token
+MAX_WORKER_FLOPS = 1e16
 
 
 class Coordinator:
@@ -33,9 +49,16 @@ class Coordinator:
         self.shard_set = runs.read_shards(self.state_dir)
         self.train_shards = self.shard_set.split("train")
         self.val_shards = self.shard_set.split("val")
-        self.model, self.tokenizer, meta, self.momentum = load_theta(self.state_dir / "checkpoints" / "latest")
+        cfg = config
+        self.ledger = Ledger(self.state_dir / "ledger.sqlite", lease_seconds=cfg.lease_seconds,
+                             heartbeat_interval=cfg.heartbeat_interval, max_leases=cfg.max_leases)
+        # the round the ledger last committed (a crash can come between the commit and `latest` moving)
+        committed = round_dir(self.state_dir, self.ledger.get_meta("round", 0))
+        self.model, self.tokenizer, meta, self.momentum = load_theta(
+            committed if committed.is_dir() else latest_dir(self.state_dir))
         self.theta = theta_views(self.model)  # theta_global, sharing storage with self.model
         self.n_params = self.model.num_params(non_embedding=False)
+        self.ledger.max_tokens_per_second = MAX_WORKER_FLOPS / self.model.flops_per_token()
         self.averaging_prefix = f"gptswarm-{self.settings.run_id}"
         # round state, under self.lock: the round loop writes it, gRPC and HTTP threads read it
         self.lock = threading.RLock()
@@ -43,37 +66,34 @@ class Coordinator:
         self.tokens_trained = int(meta.get("tokens_trained", 0))
         self.theta_hash = theta_hash(self.theta)
         self.phase = "training"
+        self.group = None  # the averaging Group of the current round, while it averages
         self.finished = self.tokens_trained >= self.settings.max_tokens
         self.val_loss = meta.get("val_loss")
+        self.ledger.add_shards([(s.sha256, len(s)) for s in self.train_shards])
+        self.ledger.recover(self.round, self.theta_hash)
+        point_latest(self.state_dir, self.round)
         self.round_started_at = time.time()
         self._stop = threading.Event()
-        self.ledger = self.dht = self.averager = self.server = self.http = self.thread = None
-        self.initial_peers, self.port = [], None
+        self.node = self.reducer = self.server = self.http = self.thread = None
+        self.port = None
 
     # --- lifecycle ---
 
     def start(self):
         cfg = self.config
-        self.ledger = Ledger(self.state_dir / "ledger.sqlite", lease_seconds=cfg.lease_seconds,
-                             heartbeat_interval=cfg.heartbeat_interval)
-        self.ledger.add_shards([(s.sha256, len(s)) for s in self.train_shards])
-        self.ledger.recover(self.round, self.theta_hash)
         self.round_started_at = time.time()
-
-        # hivemind first, then gRPC (gRPC objects created before hivemind forks print warnings)
-        self.dht = start_dht(cfg.dht_listen, announce_host=cfg.announce_host,
-                             identity_path=self.state_dir / "p2p_identity.key")
-        self.initial_peers = [str(m) for m in self.dht.get_visible_maddrs()]
-        self.averager = SwarmAverager(self.dht, self.theta, prefix=self.averaging_prefix,
-                                      compression=self.settings.compression, client_mode=False,
-                                      matchmaking_time=cfg.matchmaking_time)
+        self.node = P2PNode(listen=cfg.p2p_listen, announce_host=cfg.announce_host or None,
+                            identity_path=self.state_dir / "p2p_identity.key")
+        self.reducer = RoundReducer(self.node, self.theta, prefix=self.averaging_prefix,
+                                    compression=self.settings.compression, sender_timeout=cfg.sender_timeout,
+                                    on_refused=self._refused_peer)
         self.server, self.port = make_server(self, cfg.listen)
         if cfg.http_listen:
             self.http = StatusServer(self, cfg.http_listen).start()
         self.thread = threading.Thread(target=self._round_loop, name="rounds", daemon=True)
         self.thread.start()
-        log.info("coordinator of run %s: gRPC on port %d, hivemind peer %s, round %d", self.settings.run_id,
-                 self.port, self.initial_peers[0] if self.initial_peers else "?", self.round)
+        log.info("coordinator of run %s: gRPC on port %d, hivemind peer %s at %s, round %d", self.settings.run_id,
+                 self.port, self.node.peer_id, ", ".join(self.node.maddrs()) or "?", self.round)
         return self
 
     def shutdown(self):
@@ -84,12 +104,9 @@ class Coordinator:
             self.http.shutdown()
         if self.server is not None:
             self.server.stop(grace=2).wait()
-        if self.averager is not None:
-            self.averager.shutdown()
-        if self.dht is not None:
-            self.dht.shutdown()
-        if self.ledger is not None:
-            self.ledger.close()
+        if self.node is not None:
+            self.node.shutdown()
+        self.ledger.close()
 
     # --- what the service asks ---
 
@@ -97,10 +114,10 @@ class Coordinator:
         """Tokens were already trained in the current round (a worker arriving now waits for the next)."""
         return self.phase == "averaging" or self.ledger.round_tokens(self.round) > 0
 
-    def add_worker(self, name, device, peer_id, client_mode):
+    def add_worker(self, name, device, peer_id):
         with self.lock:
-            return self.ledger.add_worker(name=name, device=device, peer_id=peer_id, client_mode=client_mode,
-                                          current_round=self.round, round_started=self._round_started())
+            return self.ledger.add_worker(name=name, device=device, peer_id=peer_id, current_round=self.round,
+                                          round_started=self._round_started())
 
     def come_back(self, worker):
         with self.lock:
@@ -124,6 +141,26 @@ class Coordinator:
             return {"round": self.round, "phase": self.phase, "theta_hash": self.theta_hash,
                     "tokens_trained": self.tokens_trained, "finished": self.finished}
 
+    def averaging_group(self, round_, worker, claims):
+        """This worker's place in round round_'s averaging (the AveragingGroup message's fields).
+        A member's final claims set its weight, before it can send a single part."""
+        with self.lock:
+            group, current, phase = self.group, self.round, self.phase
+        if round_ < current:
+            return {"state": "over", "detail": f"round {round_} is over"}
+        if round_ > current or phase != "averaging" or group is None or group.round != round_:
+            return {"state": "wait", "retry_after": 0.2, "detail": f"round {round_} is not averaging yet"}
+        member = group.members.get(worker["peer_id"] or "")
+        if member is None or member[0] != worker["id"]:
+            why = ("no hivemind peer id registered" if not worker["peer_id"] else
+                   "it held no lease in this round" if worker["eligible_round"] <= round_ else
+                   "it joined while the round was under way")
+            return {"state": "not_member", "detail": f"not in round {round_}'s averaging group: {why}"}
+        weight = self.ledger.claim(worker["id"], round_, claims) if claims else member[1]
+        self.reducer.set_weight(group, worker["peer_id"], weight)
+        return {"state": "member", "group_id": group.group_id, "reducer_peer_id": str(self.node.peer_id),
+                "reducer_maddrs": self.node.maddrs(), "weight": weight}
+
     def round_result(self, round_, worker_id):
         with self.lock:
             if round_ >= self.round:
@@ -137,11 +174,16 @@ class Coordinator:
                 "theta_hash": rows[round_ + 1]["theta_hash"] or "", "detail": rows[round_]["detail"] or ""}
 
     def open_checkpoint(self):
-        """Open the latest checkpoint's files (safe against the round loop replacing them)."""
+        """Open the current round's checkpoint files, with the round and theta hash they hold."""
         with self.lock:
-            d = self.state_dir / "checkpoints" / "latest"
+            d = round_dir(self.state_dir, self.round)
             files = [(p.name, open(p, "rb")) for p in sorted(d.iterdir())]
             return files, self.round, self.theta_hash
+
+    def _refused_peer(self, peer_id, reason):
+        """A hivemind peer was turned away from averaging (called on the p2p thread)."""
+        owner = self.ledger.peer_owner(peer_id) or ""
+        self.ledger.refuse("averaging_refused", f"hivemind peer {peer_id[:60]} {reason}", owner)
 
     # --- rounds ---
 
@@ -158,59 +200,77 @@ class Coordinator:
             except Exception:  # the coordinator must outlive any one bad round
                 log.exception("round %d failed", self.round)
                 with self.lock:
-                    self.phase = "training"
+                    self.phase, self.group = "training", None
 
     def _epoch_drained(self):
         """No shard left to lease and nobody training: the epoch's last shards wait for this round's
-        average before they can be reported, so the round must end now."""
+        average before they can be credited, so the round must end now."""
         return not self.ledger.shard_counts()["pending"] and not self.ledger.anyone_training()
 
     def _finish_round(self):
         r = self.round
+        members = self.ledger.group_members(r, self.round_started_at)
+        group = Group(r, {peer: (worker_id, tokens) for worker_id, peer, tokens in members})
         with self.lock:
-            self.phase = "averaging"
-        self.ledger.set_round_state(r, "averaging")
-        log.info("round %d: %d tokens trained, averaging", r, self.ledger.round_tokens(r))
+            self.group, self.phase = group, "averaging"
+        self.ledger.set_round_state(r, "averaging", group_size=len(members))
+        log.info("round %d: %d tokens trained, averaging with %d worker(s)", r, self.ledger.round_tokens(r),
+                 len(members))
         t0 = time.time()
-        zeros = {k: torch.zeros_like(v) for k, v in self.theta.items()}  # the coordinator adds no gradient
-        # close the group once every worker that can bring tokens is in, instead of waiting out the
-        # whole matchmaking window: only a worker that held a lease during this round can
-        expected = self.ledger.lease_holders_since(self.round_started_at)
-        outcome = self.averager.average(zeros, weight=0.0, round_=r, worker_id="coordinator",
-                                        timeout=self.config.averaging_timeout, group_size=expected + 1)
+        outcome = self.reducer.reduce(group, self.config.averaging_timeout)
         seconds = time.time() - t0
-        members = {m["worker_id"]: m for m in outcome.members if m.get("worker_id") != "coordinator"}
-        included = {w: (int(m["tokens"]), "") for w, m in members.items() if w not in outcome.rejected}
-        excluded = {w: (int(members.get(w, {}).get("tokens", 0)), reason) for w, reason in outcome.rejected.items()}
-        if outcome.ok and included:
-            outer_step(self.theta, self.momentum, outcome.averaged, self.settings.outer_lr, self.settings.outer_momentum)
-            tokens = sum(t for t, _ in included.values())
-            self.tokens_trained += tokens
-            self.val_loss = self.evaluate()
-            losses = [w["loss"] for w in map(self.ledger.worker, included) if w and w["loss"] is not None]
-            loss = sum(losses) / len(losses) if losses else None
-            save_theta(self.state_dir, self.model, self.tokenizer, self.settings, round_=r + 1,
-                       tokens_trained=self.tokens_trained, momentum=self.momentum,
-                       extra_meta={"val_loss": self.val_loss, "train_loss": loss})
-            self.ledger.finish_round(r, state="done", included=included, excluded=excluded, averaging_seconds=seconds,
-                                     loss=loss, val_loss=self.val_loss, bytes_sent=outcome.bytes_sent)
-            log.info("round %d done: %d worker(s), %d tokens, val loss %.4f, averaging %.1f s", r, len(included),
-                     tokens, self.val_loss, seconds)
-        else:
-            detail = outcome.error or "no worker joined the averaging group"
-            self.ledger.finish_round(r, state="failed", included={}, excluded=excluded, averaging_seconds=seconds,
-                                     detail=detail)
-            log.warning("round %d failed: %s", r, detail)
-        new_hash = theta_hash(self.theta)
-        self.ledger.start_round(r + 1, new_hash)
+        for worker_id, lie in outcome.lies.items():
+            self.ledger.refuse("weight_claimed", lie, worker_id)
+        detail = outcome.error
+        if outcome.ok:
+            try:
+                return self._commit(r, outcome, seconds)
+            except Exception as e:  # nothing moved: the round fails as a whole
+                log.exception("round %d: commit failed", r)
+                detail = f"commit failed: {type(e).__name__}: {e}"
+        excluded = {w: outcome.rejected.get(w, detail) for w, _ in group.members.values()}
+        self.ledger.fail_round(r, excluded=excluded, detail=detail, averaging_seconds=seconds)
+        log.warning("round %d failed: %s", r, detail)
         with self.lock:
-            self.round, self.theta_hash, self.phase = r + 1, new_hash, "training"
+            self.round, self.phase, self.group = r + 1, "training", None
+            self.round_started_at = time.time()
+
+    def _commit(self, r, outcome, seconds):
+        """Round r's average is in: the next theta, all or nothing (see the module's docstring)."""
+        model = copy.deepcopy(self.model)
+        theta = theta_views(model)
+        momentum = {k: v.clone() for k, v in self.momentum.items()}
+        outer_step(theta, momentum, outcome.averaged, self.settings.outer_lr, self.settings.outer_momentum)
+        if not all(torch.isfinite(t).all() for t in theta.values()):
+            raise ValueError("the outer step made theta non-finite")
+        tokens = sum(outcome.included.values())
+        val_loss = self.evaluate(model)
+        losses = [w["loss"] for w in map(self.ledger.worker, outcome.included) if w and w["loss"] is not None]
+        loss = sum(losses) / len(losses) if losses else None
+        digest = theta_hash(theta)
+        save_round(self.state_dir, model, self.tokenizer, self.settings, round_=r + 1,
+                   tokens_trained=self.tokens_trained + tokens, momentum=momentum,
+                   extra_meta={"val_loss": val_loss, "train_loss": loss})
+        try:
+            self.ledger.commit_round(r, included=outcome.included, excluded=outcome.rejected, theta_hash=digest,
+                                     averaging_seconds=seconds, loss=loss, val_loss=val_loss,
+                                     bytes_sent=outcome.bytes_sent)
+        except BaseException:
+            shutil.rmtree(round_dir(self.state_dir, r + 1), ignore_errors=True)
+            raise
+        with self.lock:  # the commit point has passed: move the in-memory state with it
+            self.model, self.theta, self.momentum = model, theta, momentum
+            self.round, self.theta_hash, self.phase, self.group = r + 1, digest, "training", None
+            self.tokens_trained += tokens
+            self.val_loss = val_loss
             self.round_started_at = time.time()
             self.finished = self.tokens_trained >= self.settings.max_tokens
+        point_latest(self.state_dir, r + 1)
+        log.info("round %d done: %d worker(s), %d tokens, val loss %.4f, averaging %.1f s", r, len(outcome.included),
+                 tokens, val_loss, seconds)
         if self.finished:
             self.ledger.event("finished", f"run reached its budget of {self.settings.max_tokens} tokens")
 
-    def evaluate(self):
-        batches = eval_batches(self.val_shards, self.shard_set, self.model.config.block_size, 64,
-                               self.config.eval_tokens)
-        return round(evaluate_loss(self.model, batches), 4)
+    def evaluate(self, model):
+        batches = eval_batches(self.val_shards, self.shard_set, model.config.block_size, 64, self.config.eval_tokens)
+        return round(evaluate_loss(model, batches), 4)

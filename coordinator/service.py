@@ -1,8 +1,14 @@
-"""The coordinator's gRPC service (proto/gptswarm.proto), plus grpc health and reflection."""
+"""The coordinator's gRPC service (proto/gptswarm.proto), plus grpc health and reflection.
+
+Every field of every request is a claim from a stranger: it is checked here for type and range
+(a malformed request is answered INVALID_ARGUMENT and counted as a refusal), and what it claims
+is then checked against the ledger (coordinator/ledger.py).
+"""
 
 import hmac
 import json
 import logging
+import math
 from concurrent import futures
 
 import grpc
@@ -10,7 +16,6 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from gptswarm import __version__
-from gptswarm.coordinator.reachability import is_reachable
 from gptswarm.errors import UserError
 from gptswarm.proto import PROTOCOL_VERSION
 from gptswarm.proto import gptswarm_pb2 as pb
@@ -19,13 +24,18 @@ from gptswarm.proto import gptswarm_pb2_grpc as pb_grpc
 log = logging.getLogger("gptswarm.coordinator")
 CHUNK = 1 << 20
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Coordinator"].full_name
+MAX_COUNT = 1 << 53  # the largest count (tokens, bytes, rounds) a request may carry
+MAX_IDS = 256  # lease ids in one request
+MAX_ID_LEN = 64
+MAX_PEER_ID_LEN = 128
+WORKER_STATES = ("joining", "syncing", "training", "averaging", "waiting", "paused", "finishing")
 
 
 class CoordinatorService(pb_grpc.CoordinatorServicer):
     def __init__(self, coord):
         self.coord = coord  # coordinator.server.Coordinator: ledger, settings, round state
 
-    # --- authentication ---
+    # --- authentication and checks ---
 
     def _worker(self, context):
         md = dict(context.invocation_metadata())
@@ -39,6 +49,49 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             worker = self.coord.come_back(worker)
         return worker
 
+    def _invalid(self, context, worker, what):
+        """Refuse a malformed request: counted against the worker, answered INVALID_ARGUMENT."""
+        self.coord.ledger.refuse("invalid_request", what, worker["id"] if worker else "")
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, what)
+
+    def _count(self, context, worker, value, what):
+        if value > MAX_COUNT:
+            self._invalid(context, worker, f"{what} {value} is out of range")
+        return value
+
+    def _real(self, context, worker, value, what, high):
+        if not (math.isfinite(value) and 0 <= value <= high):
+            self._invalid(context, worker, f"{what} {value} is not a number between 0 and {high:g}")
+        return value
+
+    def _ids(self, context, worker, ids, what):
+        if len(ids) > MAX_IDS or any(len(i) > MAX_ID_LEN for i in ids):
+            self._invalid(context, worker, f"too many or too long {what} ({len(ids)})")
+        return list(ids)
+
+    def _lease_tokens(self, context, worker, entries):
+        """{lease_id: tokens} from repeated LeaseTokens."""
+        claims = {}
+        self._ids(context, worker, [e.lease_id for e in entries], "lease claims")
+        for e in entries:
+            claims[e.lease_id] = max(claims.get(e.lease_id, 0), self._count(context, worker, e.tokens, "tokens"))
+        return claims
+
+    def _peer_id(self, context, worker, peer_id):
+        from hivemind.p2p import PeerID
+
+        try:
+            if len(peer_id) > MAX_PEER_ID_LEN:
+                raise ValueError
+            peer_id = PeerID.from_base58(peer_id).to_base58()
+        except Exception:
+            self._invalid(context, worker, f"peer id {peer_id[:MAX_PEER_ID_LEN]!r} is not a hivemind peer id")
+        if peer_id == str(self.coord.node.peer_id):
+            self._invalid(context, worker, "that is the coordinator's own hivemind peer id")
+        return peer_id
+
+    # --- the RPCs ---
+
     def Join(self, request, context):
         if request.protocol_version != PROTOCOL_VERSION:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION,
@@ -48,12 +101,23 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             self.coord.ledger.event("auth_failed", f"join refused for {request.name[:64]!r}: wrong or missing token")
             context.abort(grpc.StatusCode.UNAUTHENTICATED,
                           "wrong or missing swarm token: use the --token printed by `gptswarm coordinator`")
+        peer_id = self._peer_id(context, None, request.peer_id)
+        if self.coord.ledger.peer_owner(peer_id) is not None:
+            self.coord.ledger.refuse("peer_id_taken", f"a join tried to register peer id {peer_id}, which another "
+                                     "worker holds")
+            context.abort(grpc.StatusCode.ALREADY_EXISTS, "that hivemind peer id is registered by another worker")
         name = (request.name or "anonymous").strip()[:64]
-        worker_id, session = self.coord.add_worker(name, request.device[:128], request.peer_id[:128],
-                                                   request.client_mode)
+        worker_id, session = self.coord.add_worker(name, request.device[:128], peer_id)
         log.info("worker %s (%s) joined from %s", worker_id, name, context.peer())
         return pb.JoinResponse(worker_id=worker_id, session=session, run_id=self.coord.settings.run_id,
                                protocol_version=PROTOCOL_VERSION)
+
+    def RegisterPeer(self, request, context):
+        w = self._worker(context)
+        ok, detail = self.coord.ledger.register_peer(w["id"], self._peer_id(context, w, request.peer_id))
+        if not ok:
+            context.abort(grpc.StatusCode.ALREADY_EXISTS, detail)
+        return pb.RegisterPeerResponse()
 
     def GetRunConfig(self, request, context):
         self._worker(context)
@@ -64,30 +128,42 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             run_id=s.run_id, model_config_json=json.dumps(s.model), train_config_json=json.dumps(s.train),
             tokenizer_json=c.tokenizer.to_str(), shards_json=json.dumps(shards),
             tokens_per_round=s.tokens_per_round, max_tokens=s.max_tokens, compression=s.compression,
-            outer_lr=s.outer_lr, outer_momentum=s.outer_momentum,
-            initial_peers=c.initial_peers, averaging_prefix=c.averaging_prefix,
+            outer_lr=s.outer_lr, outer_momentum=s.outer_momentum, averaging_prefix=c.averaging_prefix,
             averaging_timeout=c.config.averaging_timeout, heartbeat_interval=c.config.heartbeat_interval,
-            matchmaking_time=c.config.matchmaking_time)
+            coordinator_peer_id=str(c.node.peer_id), coordinator_maddrs=c.node.maddrs(),
+            sender_timeout=c.config.sender_timeout)
 
     def LeaseShard(self, request, context):
         w = self._worker(context)
-        ok, reason = self.coord.may_train(w, request.round)
+        c = self.coord
+        round_ = self._count(context, w, request.round, "round")
+        finished = self._ids(context, w, request.finished_lease_ids, "finished lease ids")
+        claims = self._lease_tokens(context, w, request.lease_tokens)
+        if finished or claims:
+            c.ledger.finish_leases(w["id"], finished, current_round=c.round_view()["round"], round_=round_,
+                                   lease_tokens=claims)
+        ok, reason = c.may_train(w, round_)
         if not ok:
-            return pb.LeaseResponse(granted=False, reason=reason, retry_after=self.coord.config.heartbeat_interval)
-        lease = self.coord.ledger.lease(w["id"], request.round)
-        if lease is None:
-            return pb.LeaseResponse(granted=False, reason="no shards available: all are leased, waiting for reports",
-                                    retry_after=self.coord.config.heartbeat_interval)
+            return pb.LeaseResponse(granted=False, reason=reason, retry_after=c.config.heartbeat_interval)
+        lease = c.ledger.lease(w["id"], round_)
+        if isinstance(lease, str):
+            return pb.LeaseResponse(granted=False, reason=lease, retry_after=c.config.heartbeat_interval)
         return pb.LeaseResponse(granted=True, **lease)
 
     def Heartbeat(self, request, context):
         w = self._worker(context)
         c = self.coord
-        deadline, lost = c.ledger.heartbeat(
-            w["id"], round_=request.round, round_tokens=request.round_tokens, tps=request.tokens_per_second,
-            state=request.state[:32], reason=request.reason[:200], lease_ids=list(request.lease_ids),
-            bytes_sent=request.bytes_sent, loss=request.loss or None)
+        if request.state not in WORKER_STATES:
+            self._invalid(context, w, f"unknown worker state {request.state[:32]!r}")
         r = c.round_view()
+        deadline, lost = c.ledger.heartbeat(
+            w["id"], current_round=r["round"], round_=self._count(context, w, request.round, "round"),
+            lease_tokens=self._lease_tokens(context, w, request.lease_tokens),
+            tps=self._real(context, w, request.tokens_per_second, "tokens per second", 1e12),
+            state=request.state, reason=request.reason[:200],
+            lease_ids=self._ids(context, w, request.lease_ids, "lease ids"),
+            bytes_sent=self._count(context, w, request.bytes_sent, "bytes sent"),
+            loss=self._real(context, w, request.loss, "loss", 1e6) or None)
         may, _ = c.may_train(w, r["round"])
         return pb.HeartbeatResponse(round=r["round"], phase=r["phase"], theta_hash=r["theta_hash"], may_train=may,
                                     lease_deadline=deadline, expired_lease_ids=lost,
@@ -107,20 +183,26 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
 
     def ReportShard(self, request, context):
         w = self._worker(context)
-        if not self.coord.ledger.included(request.round, w["id"]):
-            return pb.ReportResponse(accepted=False, detail=f"round {request.round} did not include this worker's "
-                                     "contribution; release the lease instead")
-        ok, detail = self.coord.ledger.report(w["id"], request.lease_id, request.round, request.tokens,
-                                              request.loss)
+        if len(request.lease_id) > MAX_ID_LEN:
+            self._invalid(context, w, "lease id too long")
+        round_ = self._count(context, w, request.round, "round")
+        loss = self._real(context, w, request.loss, "loss", 1e6)
+        ok, detail = self.coord.ledger.report(w["id"], request.lease_id, round_, loss)
         return pb.ReportResponse(accepted=ok, detail=detail)
 
     def ReleaseLeases(self, request, context):
         w = self._worker(context)
-        return pb.ReleaseResponse(released=self.coord.ledger.release(w["id"], set(request.lease_ids)))
+        ids = set(self._ids(context, w, request.lease_ids, "lease ids"))
+        return pb.ReleaseResponse(released=self.coord.ledger.release(w["id"], ids))
+
+    def GetAveragingGroup(self, request, context):
+        w = self._worker(context)
+        return pb.AveragingGroup(**self.coord.averaging_group(self._count(context, w, request.round, "round"), w,
+                                                              self._lease_tokens(context, w, request.lease_tokens)))
 
     def GetRoundResult(self, request, context):
         w = self._worker(context)
-        return pb.RoundResult(**self.coord.round_result(request.round, w["id"]))
+        return pb.RoundResult(**self.coord.round_result(self._count(context, w, request.round, "round"), w["id"]))
 
     def GetCheckpoint(self, request, context):
         self._worker(context)
@@ -137,11 +219,6 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         finally:
             for _, f in files:
                 f.close()
-
-    def CheckReachability(self, request, context):
-        self._worker(context)
-        ok, detail = is_reachable(request.peer_id, list(request.addrs)[:8])
-        return pb.ReachabilityResponse(reachable=ok, detail=detail)
 
     def Leave(self, request, context):
         w = self._worker(context)

@@ -22,7 +22,8 @@ def worker_rows(coord, now):
             "tokens_per_second": round(w["tokens_per_second"] or 0.0, 1) if online else 0.0,
             "tokens_contributed": w["tokens_contributed"] or 0, "bytes_sent": w["bytes_sent"] or 0,
             "last_seen": w["last_seen"], "seconds_since_seen": round(now - (w["last_seen"] or now), 1),
-            "joined_at": w["joined_at"], "online": online, "reachable": not w["client_mode"],
+            "joined_at": w["joined_at"], "online": online,
+            "refused": w["refused"], "last_refusal": w["last_refusal"],
         })
     return out
 
@@ -44,6 +45,9 @@ def health(coord, workers, rounds, now):
     rejected = coord.ledger.count_events("contribution_rejected", since=recent)
     if rejected:
         return "degraded", f"{rejected} contribution(s) rejected in the last {RECENT_SECONDS // 60} minutes"
+    refused = coord.ledger.count_events("refused", since=recent)
+    if refused:
+        return "degraded", f"{refused} refused claim(s) in the last {RECENT_SECONDS // 60} minutes (see the events)"
     expired = coord.ledger.count_events("lease_expired", since=recent)
     if expired:
         return "degraded", f"{expired} lease(s) expired in the last {RECENT_SECONDS // 60} minutes (workers vanished)"

@@ -70,9 +70,9 @@ def demo(workers, state_dir, port, http_port, max_tokens, tokens_per_round):
     threads = max(1, (os.cpu_count() or 2) // workers)
     coord = Proc("coordinator", gptswarm(
         "coordinator", "--task", "addition", "--model", "gpt-nano", "--state-dir", state_dir,
-        "--listen", f"127.0.0.1:{port}", "--dht-listen", "127.0.0.1:0", "--http", f"127.0.0.1:{http_port}",
+        "--listen", f"127.0.0.1:{port}", "--p2p-listen", "127.0.0.1:0", "--http", f"127.0.0.1:{http_port}",
         "--token", token,
-        "--tokens-per-round", tokens_per_round, "--max-tokens", max_tokens, "--lr", "2e-3", "--matchmaking-time", "3",
+        "--tokens-per-round", tokens_per_round, "--max-tokens", max_tokens, "--lr", "2e-3", "--sender-timeout", "3",
         "--shard-tokens", "8192"), env={"OMP_NUM_THREADS": "1"})
     procs = [coord]
     stopping = threading.Event()

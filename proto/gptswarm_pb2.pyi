@@ -1,28 +1,36 @@
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Iterable as _Iterable
-from typing import ClassVar as _ClassVar, Optional as _Optional
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class JoinRequest(_message.Message):
-    __slots__ = ("protocol_version", "token", "name", "device", "peer_id", "client_mode", "software_version")
+    __slots__ = ("protocol_version", "token", "name", "device", "peer_id", "software_version")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
-    CLIENT_MODE_FIELD_NUMBER: _ClassVar[int]
     SOFTWARE_VERSION_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     token: str
     name: str
     device: str
     peer_id: str
-    client_mode: bool
     software_version: str
-    def __init__(self, protocol_version: _Optional[int] = ..., token: _Optional[str] = ..., name: _Optional[str] = ..., device: _Optional[str] = ..., peer_id: _Optional[str] = ..., client_mode: _Optional[bool] = ..., software_version: _Optional[str] = ...) -> None: ...
+    def __init__(self, protocol_version: _Optional[int] = ..., token: _Optional[str] = ..., name: _Optional[str] = ..., device: _Optional[str] = ..., peer_id: _Optional[str] = ..., software_version: _Optional[str] = ...) -> None: ...
+
+class RegisterPeerRequest(_message.Message):
+    __slots__ = ("peer_id",)
+    PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    peer_id: str
+    def __init__(self, peer_id: _Optional[str] = ...) -> None: ...
+
+class RegisterPeerResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
 
 class JoinResponse(_message.Message):
     __slots__ = ("worker_id", "session", "run_id", "protocol_version")
@@ -41,7 +49,7 @@ class RunConfigRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class RunConfig(_message.Message):
-    __slots__ = ("run_id", "model_config_json", "train_config_json", "tokenizer_json", "shards_json", "tokens_per_round", "max_tokens", "outer_lr", "outer_momentum", "matchmaking_time", "compression", "initial_peers", "averaging_prefix", "averaging_timeout", "heartbeat_interval")
+    __slots__ = ("run_id", "model_config_json", "train_config_json", "tokenizer_json", "shards_json", "tokens_per_round", "max_tokens", "outer_lr", "outer_momentum", "compression", "averaging_prefix", "averaging_timeout", "heartbeat_interval", "coordinator_peer_id", "coordinator_maddrs", "sender_timeout")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
     TRAIN_CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
@@ -51,12 +59,13 @@ class RunConfig(_message.Message):
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     OUTER_LR_FIELD_NUMBER: _ClassVar[int]
     OUTER_MOMENTUM_FIELD_NUMBER: _ClassVar[int]
-    MATCHMAKING_TIME_FIELD_NUMBER: _ClassVar[int]
     COMPRESSION_FIELD_NUMBER: _ClassVar[int]
-    INITIAL_PEERS_FIELD_NUMBER: _ClassVar[int]
     AVERAGING_PREFIX_FIELD_NUMBER: _ClassVar[int]
     AVERAGING_TIMEOUT_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_INTERVAL_FIELD_NUMBER: _ClassVar[int]
+    COORDINATOR_PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    COORDINATOR_MADDRS_FIELD_NUMBER: _ClassVar[int]
+    SENDER_TIMEOUT_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     model_config_json: str
     train_config_json: str
@@ -66,19 +75,32 @@ class RunConfig(_message.Message):
     max_tokens: int
     outer_lr: float
     outer_momentum: float
-    matchmaking_time: float
     compression: str
-    initial_peers: _containers.RepeatedScalarFieldContainer[str]
     averaging_prefix: str
     averaging_timeout: float
     heartbeat_interval: float
-    def __init__(self, run_id: _Optional[str] = ..., model_config_json: _Optional[str] = ..., train_config_json: _Optional[str] = ..., tokenizer_json: _Optional[str] = ..., shards_json: _Optional[str] = ..., tokens_per_round: _Optional[int] = ..., max_tokens: _Optional[int] = ..., outer_lr: _Optional[float] = ..., outer_momentum: _Optional[float] = ..., matchmaking_time: _Optional[float] = ..., compression: _Optional[str] = ..., initial_peers: _Optional[_Iterable[str]] = ..., averaging_prefix: _Optional[str] = ..., averaging_timeout: _Optional[float] = ..., heartbeat_interval: _Optional[float] = ...) -> None: ...
+    coordinator_peer_id: str
+    coordinator_maddrs: _containers.RepeatedScalarFieldContainer[str]
+    sender_timeout: float
+    def __init__(self, run_id: _Optional[str] = ..., model_config_json: _Optional[str] = ..., train_config_json: _Optional[str] = ..., tokenizer_json: _Optional[str] = ..., shards_json: _Optional[str] = ..., tokens_per_round: _Optional[int] = ..., max_tokens: _Optional[int] = ..., outer_lr: _Optional[float] = ..., outer_momentum: _Optional[float] = ..., compression: _Optional[str] = ..., averaging_prefix: _Optional[str] = ..., averaging_timeout: _Optional[float] = ..., heartbeat_interval: _Optional[float] = ..., coordinator_peer_id: _Optional[str] = ..., coordinator_maddrs: _Optional[_Iterable[str]] = ..., sender_timeout: _Optional[float] = ...) -> None: ...
+
+class LeaseTokens(_message.Message):
+    __slots__ = ("lease_id", "tokens")
+    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    lease_id: str
+    tokens: int
+    def __init__(self, lease_id: _Optional[str] = ..., tokens: _Optional[int] = ...) -> None: ...
 
 class LeaseRequest(_message.Message):
-    __slots__ = ("round",)
+    __slots__ = ("round", "finished_lease_ids", "lease_tokens")
     ROUND_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_LEASE_IDS_FIELD_NUMBER: _ClassVar[int]
+    LEASE_TOKENS_FIELD_NUMBER: _ClassVar[int]
     round: int
-    def __init__(self, round: _Optional[int] = ...) -> None: ...
+    finished_lease_ids: _containers.RepeatedScalarFieldContainer[str]
+    lease_tokens: _containers.RepeatedCompositeFieldContainer[LeaseTokens]
+    def __init__(self, round: _Optional[int] = ..., finished_lease_ids: _Optional[_Iterable[str]] = ..., lease_tokens: _Optional[_Iterable[_Union[LeaseTokens, _Mapping]]] = ...) -> None: ...
 
 class LeaseResponse(_message.Message):
     __slots__ = ("granted", "lease_id", "shard_index", "sha256", "tokens", "deadline", "epoch", "reason", "retry_after")
@@ -103,24 +125,24 @@ class LeaseResponse(_message.Message):
     def __init__(self, granted: _Optional[bool] = ..., lease_id: _Optional[str] = ..., shard_index: _Optional[int] = ..., sha256: _Optional[str] = ..., tokens: _Optional[int] = ..., deadline: _Optional[float] = ..., epoch: _Optional[int] = ..., reason: _Optional[str] = ..., retry_after: _Optional[float] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("round", "round_tokens", "tokens_per_second", "state", "reason", "lease_ids", "bytes_sent", "loss")
+    __slots__ = ("round", "tokens_per_second", "state", "reason", "lease_ids", "bytes_sent", "loss", "lease_tokens")
     ROUND_FIELD_NUMBER: _ClassVar[int]
-    ROUND_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TOKENS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     LEASE_IDS_FIELD_NUMBER: _ClassVar[int]
     BYTES_SENT_FIELD_NUMBER: _ClassVar[int]
     LOSS_FIELD_NUMBER: _ClassVar[int]
+    LEASE_TOKENS_FIELD_NUMBER: _ClassVar[int]
     round: int
-    round_tokens: int
     tokens_per_second: float
     state: str
     reason: str
     lease_ids: _containers.RepeatedScalarFieldContainer[str]
     bytes_sent: int
     loss: float
-    def __init__(self, round: _Optional[int] = ..., round_tokens: _Optional[int] = ..., tokens_per_second: _Optional[float] = ..., state: _Optional[str] = ..., reason: _Optional[str] = ..., lease_ids: _Optional[_Iterable[str]] = ..., bytes_sent: _Optional[int] = ..., loss: _Optional[float] = ...) -> None: ...
+    lease_tokens: _containers.RepeatedCompositeFieldContainer[LeaseTokens]
+    def __init__(self, round: _Optional[int] = ..., tokens_per_second: _Optional[float] = ..., state: _Optional[str] = ..., reason: _Optional[str] = ..., lease_ids: _Optional[_Iterable[str]] = ..., bytes_sent: _Optional[int] = ..., loss: _Optional[float] = ..., lease_tokens: _Optional[_Iterable[_Union[LeaseTokens, _Mapping]]] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
     __slots__ = ("round", "phase", "theta_hash", "may_train", "lease_deadline", "expired_lease_ids", "tokens_trained", "finished", "swarm_round_tokens", "swarm_tokens_per_second", "tokens_per_round")
@@ -161,16 +183,14 @@ class DataChunk(_message.Message):
     def __init__(self, data: _Optional[bytes] = ...) -> None: ...
 
 class ReportRequest(_message.Message):
-    __slots__ = ("lease_id", "round", "tokens", "loss")
+    __slots__ = ("lease_id", "round", "loss")
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
-    TOKENS_FIELD_NUMBER: _ClassVar[int]
     LOSS_FIELD_NUMBER: _ClassVar[int]
     lease_id: str
     round: int
-    tokens: int
     loss: float
-    def __init__(self, lease_id: _Optional[str] = ..., round: _Optional[int] = ..., tokens: _Optional[int] = ..., loss: _Optional[float] = ...) -> None: ...
+    def __init__(self, lease_id: _Optional[str] = ..., round: _Optional[int] = ..., loss: _Optional[float] = ...) -> None: ...
 
 class ReportResponse(_message.Message):
     __slots__ = ("accepted", "detail")
@@ -191,6 +211,32 @@ class ReleaseResponse(_message.Message):
     RELEASED_FIELD_NUMBER: _ClassVar[int]
     released: int
     def __init__(self, released: _Optional[int] = ...) -> None: ...
+
+class AveragingGroupRequest(_message.Message):
+    __slots__ = ("round", "lease_tokens")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    LEASE_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    lease_tokens: _containers.RepeatedCompositeFieldContainer[LeaseTokens]
+    def __init__(self, round: _Optional[int] = ..., lease_tokens: _Optional[_Iterable[_Union[LeaseTokens, _Mapping]]] = ...) -> None: ...
+
+class AveragingGroup(_message.Message):
+    __slots__ = ("state", "group_id", "reducer_peer_id", "reducer_maddrs", "weight", "detail", "retry_after")
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    GROUP_ID_FIELD_NUMBER: _ClassVar[int]
+    REDUCER_PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    REDUCER_MADDRS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    RETRY_AFTER_FIELD_NUMBER: _ClassVar[int]
+    state: str
+    group_id: bytes
+    reducer_peer_id: str
+    reducer_maddrs: _containers.RepeatedScalarFieldContainer[str]
+    weight: int
+    detail: str
+    retry_after: float
+    def __init__(self, state: _Optional[str] = ..., group_id: _Optional[bytes] = ..., reducer_peer_id: _Optional[str] = ..., reducer_maddrs: _Optional[_Iterable[str]] = ..., weight: _Optional[int] = ..., detail: _Optional[str] = ..., retry_after: _Optional[float] = ...) -> None: ...
 
 class RoundResultRequest(_message.Message):
     __slots__ = ("round",)
@@ -233,19 +279,3 @@ class LeaveRequest(_message.Message):
 class LeaveResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
-
-class ReachabilityRequest(_message.Message):
-    __slots__ = ("peer_id", "addrs")
-    PEER_ID_FIELD_NUMBER: _ClassVar[int]
-    ADDRS_FIELD_NUMBER: _ClassVar[int]
-    peer_id: str
-    addrs: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, peer_id: _Optional[str] = ..., addrs: _Optional[_Iterable[str]] = ...) -> None: ...
-
-class ReachabilityResponse(_message.Message):
-    __slots__ = ("reachable", "detail")
-    REACHABLE_FIELD_NUMBER: _ClassVar[int]
-    DETAIL_FIELD_NUMBER: _ClassVar[int]
-    reachable: bool
-    detail: str
-    def __init__(self, reachable: _Optional[bool] = ..., detail: _Optional[str] = ...) -> None: ...

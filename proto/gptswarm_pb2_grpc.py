@@ -39,6 +39,11 @@ class CoordinatorStub:
                 request_serializer=gptswarm_dot_proto_dot_gptswarm__pb2.JoinRequest.SerializeToString,
                 response_deserializer=gptswarm_dot_proto_dot_gptswarm__pb2.JoinResponse.FromString,
                 _registered_method=True)
+        self.RegisterPeer = channel.unary_unary(
+                '/gptswarm.v1.Coordinator/RegisterPeer',
+                request_serializer=gptswarm_dot_proto_dot_gptswarm__pb2.RegisterPeerRequest.SerializeToString,
+                response_deserializer=gptswarm_dot_proto_dot_gptswarm__pb2.RegisterPeerResponse.FromString,
+                _registered_method=True)
         self.GetRunConfig = channel.unary_unary(
                 '/gptswarm.v1.Coordinator/GetRunConfig',
                 request_serializer=gptswarm_dot_proto_dot_gptswarm__pb2.RunConfigRequest.SerializeToString,
@@ -69,6 +74,11 @@ class CoordinatorStub:
                 request_serializer=gptswarm_dot_proto_dot_gptswarm__pb2.ReleaseRequest.SerializeToString,
                 response_deserializer=gptswarm_dot_proto_dot_gptswarm__pb2.ReleaseResponse.FromString,
                 _registered_method=True)
+        self.GetAveragingGroup = channel.unary_unary(
+                '/gptswarm.v1.Coordinator/GetAveragingGroup',
+                request_serializer=gptswarm_dot_proto_dot_gptswarm__pb2.AveragingGroupRequest.SerializeToString,
+                response_deserializer=gptswarm_dot_proto_dot_gptswarm__pb2.AveragingGroup.FromString,
+                _registered_method=True)
         self.GetRoundResult = channel.unary_unary(
                 '/gptswarm.v1.Coordinator/GetRoundResult',
                 request_serializer=gptswarm_dot_proto_dot_gptswarm__pb2.RoundResultRequest.SerializeToString,
@@ -84,11 +94,6 @@ class CoordinatorStub:
                 request_serializer=gptswarm_dot_proto_dot_gptswarm__pb2.LeaveRequest.SerializeToString,
                 response_deserializer=gptswarm_dot_proto_dot_gptswarm__pb2.LeaveResponse.FromString,
                 _registered_method=True)
-        self.CheckReachability = channel.unary_unary(
-                '/gptswarm.v1.Coordinator/CheckReachability',
-                request_serializer=gptswarm_dot_proto_dot_gptswarm__pb2.ReachabilityRequest.SerializeToString,
-                response_deserializer=gptswarm_dot_proto_dot_gptswarm__pb2.ReachabilityResponse.FromString,
-                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -96,6 +101,13 @@ class CoordinatorServicer:
 
     def Join(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RegisterPeer(self, request, context):
+        """A resumed session's new hivemind peer id (the one that will send this worker's contributions).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -128,7 +140,8 @@ class CoordinatorServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ReportShard(self, request, context):
-        """A shard trained and averaged into the model. Idempotent: a repeated report changes nothing.
+        """A shard trained and averaged into the model: accepted only if that round's included
+        contribution covered all of its tokens. Idempotent: a repeated report changes nothing.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -136,6 +149,14 @@ class CoordinatorServicer:
 
     def ReleaseLeases(self, request, context):
         """Give leases back unfinished (the shard returns to the queue at once).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetAveragingGroup(self, request, context):
+        """This worker's place in a round's averaging: the group id and the reducer (the coordinator's
+        hivemind peer) to send its pseudo-gradient to, or why it is not a member.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -162,13 +183,6 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def CheckReachability(self, request, context):
-        """Can the coordinator dial this worker at these addresses (as a stranger would)? For NAT advice.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -176,6 +190,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.Join,
                     request_deserializer=gptswarm_dot_proto_dot_gptswarm__pb2.JoinRequest.FromString,
                     response_serializer=gptswarm_dot_proto_dot_gptswarm__pb2.JoinResponse.SerializeToString,
+            ),
+            'RegisterPeer': grpc.unary_unary_rpc_method_handler(
+                    servicer.RegisterPeer,
+                    request_deserializer=gptswarm_dot_proto_dot_gptswarm__pb2.RegisterPeerRequest.FromString,
+                    response_serializer=gptswarm_dot_proto_dot_gptswarm__pb2.RegisterPeerResponse.SerializeToString,
             ),
             'GetRunConfig': grpc.unary_unary_rpc_method_handler(
                     servicer.GetRunConfig,
@@ -207,6 +226,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     request_deserializer=gptswarm_dot_proto_dot_gptswarm__pb2.ReleaseRequest.FromString,
                     response_serializer=gptswarm_dot_proto_dot_gptswarm__pb2.ReleaseResponse.SerializeToString,
             ),
+            'GetAveragingGroup': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetAveragingGroup,
+                    request_deserializer=gptswarm_dot_proto_dot_gptswarm__pb2.AveragingGroupRequest.FromString,
+                    response_serializer=gptswarm_dot_proto_dot_gptswarm__pb2.AveragingGroup.SerializeToString,
+            ),
             'GetRoundResult': grpc.unary_unary_rpc_method_handler(
                     servicer.GetRoundResult,
                     request_deserializer=gptswarm_dot_proto_dot_gptswarm__pb2.RoundResultRequest.FromString,
@@ -221,11 +245,6 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.Leave,
                     request_deserializer=gptswarm_dot_proto_dot_gptswarm__pb2.LeaveRequest.FromString,
                     response_serializer=gptswarm_dot_proto_dot_gptswarm__pb2.LeaveResponse.SerializeToString,
-            ),
-            'CheckReachability': grpc.unary_unary_rpc_method_handler(
-                    servicer.CheckReachability,
-                    request_deserializer=gptswarm_dot_proto_dot_gptswarm__pb2.ReachabilityRequest.FromString,
-                    response_serializer=gptswarm_dot_proto_dot_gptswarm__pb2.ReachabilityResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -255,6 +274,33 @@ class Coordinator:
             '/gptswarm.v1.Coordinator/Join',
             gptswarm_dot_proto_dot_gptswarm__pb2.JoinRequest.SerializeToString,
             gptswarm_dot_proto_dot_gptswarm__pb2.JoinResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RegisterPeer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gptswarm.v1.Coordinator/RegisterPeer',
+            gptswarm_dot_proto_dot_gptswarm__pb2.RegisterPeerRequest.SerializeToString,
+            gptswarm_dot_proto_dot_gptswarm__pb2.RegisterPeerResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -428,6 +474,33 @@ class Coordinator:
             _registered_method=True)
 
     @staticmethod
+    def GetAveragingGroup(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gptswarm.v1.Coordinator/GetAveragingGroup',
+            gptswarm_dot_proto_dot_gptswarm__pb2.AveragingGroupRequest.SerializeToString,
+            gptswarm_dot_proto_dot_gptswarm__pb2.AveragingGroup.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def GetRoundResult(request,
             target,
             options=(),
@@ -498,33 +571,6 @@ class Coordinator:
             '/gptswarm.v1.Coordinator/Leave',
             gptswarm_dot_proto_dot_gptswarm__pb2.LeaveRequest.SerializeToString,
             gptswarm_dot_proto_dot_gptswarm__pb2.LeaveResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def CheckReachability(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/gptswarm.v1.Coordinator/CheckReachability',
-            gptswarm_dot_proto_dot_gptswarm__pb2.ReachabilityRequest.SerializeToString,
-            gptswarm_dot_proto_dot_gptswarm__pb2.ReachabilityResponse.FromString,
             options,
             channel_credentials,
             insecure,

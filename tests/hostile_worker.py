@@ -16,11 +16,16 @@ from gptswarm.worker.config import WorkerConfig
 from gptswarm.worker.loop import Worker
 
 
-def nan(grad, round_):
-    return {k: torch.full_like(v, float("nan")) for k, v in grad.items()}
+def nan(grad, weight, round_):
+    return {k: torch.full_like(v, float("nan")) for k, v in grad.items()}, weight
 
 
-ATTACKS = {"nan": nan}
+def heavy(grad, weight, round_):
+    """An honest update that claims to weigh a billion tokens."""
+    return grad, 1e9
+
+
+ATTACKS = {"nan": nan, "heavy": heavy}
 
 
 class HostileWorker(Worker):
@@ -28,8 +33,8 @@ class HostileWorker(Worker):
         super().__init__(config)
         self.attack = ATTACKS[attack]
 
-    def contribution(self, grad, round_):
-        return self.attack(grad, round_)
+    def contribution(self, grad, weight, round_):
+        return self.attack(grad, weight, round_)
 
 
 def main():

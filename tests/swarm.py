@@ -14,7 +14,7 @@ from pathlib import Path
 
 EXE = str(Path(sys.executable).with_name("gptswarm"))
 JOIN = re.compile(r"gptswarm worker --join (\S+) --token (\S+)")
-FAST = ["--http", "127.0.0.1:0", "--tokens-per-round", "6000", "--matchmaking-time", "2", "--heartbeat-interval", "0.5",
+FAST = ["--http", "127.0.0.1:0", "--tokens-per-round", "6000", "--sender-timeout", "2", "--heartbeat-interval", "0.5",
         "--lease-seconds", "4", "--shard-tokens", "2048", "--lr", "2e-3"]
 
 
@@ -75,9 +75,9 @@ class Process:
         self.kill()
 
 
-def coordinator(state_dir, *extra, listen="127.0.0.1:0", dht="127.0.0.1:0", token="sekrit"):
+def coordinator(state_dir, *extra, listen="127.0.0.1:0", p2p="127.0.0.1:0", token="sekrit"):
     return Process(["coordinator", "--task", "addition", "--model", "gpt-nano", "--state-dir", state_dir,
-                    "--listen", listen, "--dht-listen", dht, "--token", token, *FAST, *extra])
+                    "--listen", listen, "--p2p-listen", p2p, "--token", token, *FAST, *extra])
 
 
 def join_address(coord):

@@ -1,84 +1,103 @@
-"""Round averaging through real hivemind peers on loopback."""
+"""Round averaging through real hivemind peers on loopback: the coordinator's RoundReducer and
+workers' RoundContributors, with the group and the weights decided by the coordinator."""
 
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 
-from gptswarm.rounds.averaging import SwarmAverager, start_dht
+from gptswarm.rounds.averaging import Group, RoundContributor, RoundReducer
+from gptswarm.rounds.p2p import P2PNode
 
 TEMPLATE = {"a.weight": torch.zeros(300, 100), "b.bias": torch.zeros(77)}  # 30,077 floats
 
 
 @pytest.fixture(scope="module", params=["fp16", "8bit"])
 def swarm(request):
-    coord_dht = start_dht("127.0.0.1:0")
-    peers = [str(m) for m in coord_dht.get_visible_maddrs()]
-    w1_dht = start_dht("127.0.0.1:0", peers)
-    w2_dht = start_dht(initial_peers=peers, client_mode=True)
-    avs = [SwarmAverager(d, TEMPLATE, prefix="test-" + request.param, compression=request.param, client_mode=cm,
-                         matchmaking_time=2.0)
-           for d, cm in ((coord_dht, False), (w1_dht, False), (w2_dht, True))]
-    yield request.param, avs
-    for a in avs:
-        a.shutdown()
-    for d in (coord_dht, w1_dht, w2_dht):
-        d.shutdown()
+    refused = []
+    coord = P2PNode(listen="127.0.0.1:0")
+    workers = [P2PNode(), P2PNode()]  # outgoing only, as real workers
+    reducer = RoundReducer(coord, TEMPLATE, prefix="test", compression=request.param, sender_timeout=3.0,
+                           on_refused=lambda peer, reason: refused.append((peer, reason)))
+    contributors = [RoundContributor(n, TEMPLATE, prefix="test", compression=request.param) for n in workers]
+    yield request.param, reducer, contributors, refused
+    for n in (coord, *workers):
+        n.shutdown()
 
 
-def run_round(avs, tensors, weights, round_):
-    with ThreadPoolExecutor(len(avs)) as ex:
-        futs = [ex.submit(a.average, t, weight=w, round_=round_, worker_id=f"p{i}", timeout=30)
-                for i, (a, t, w) in enumerate(zip(avs, tensors, weights))]
-        return [f.result() for f in futs]
+def run_round(reducer, contributors, tensors, weights, claimed=None, round_=0):
+    """The coordinator reduces a group of these contributors, weighed by `weights`; each one
+    claims `claimed` as its weight in its messages (ignored)."""
+    node = reducer.node
+    group = Group(round_, {str(c.node.peer_id): (f"w{i}", w) for i, (c, w) in enumerate(zip(contributors, weights))})
+    claimed = claimed or weights
+    with ThreadPoolExecutor(len(contributors) + 1) as ex:
+        red = ex.submit(reducer.reduce, group, 30)
+        outs = [ex.submit(c.contribute, t, group_id=group.group_id, reducer=str(node.peer_id),
+                          reducer_maddrs=node.maddrs(), weight=w, timeout=30)
+                for c, t, w in zip(contributors, tensors, claimed)]
+        return red.result(), [f.result() for f in outs]
 
 
 def filled(v):
     return {k: torch.full_like(t, v) + torch.randn_like(t) * 0.01 for k, t in TEMPLATE.items()}
 
 
-def test_token_weighted_identical_average_and_bytes(swarm):
-    codec, avs = swarm
+def test_weighted_identical_average_with_the_coordinators_weights(swarm):
+    codec, reducer, contributors, _ = swarm
     g1, g2 = filled(1.0), filled(4.0)
-    # a real all-reduce can fail (a reducer times out); it must then say so, never hand back a
-    # partial average as a result: the next round tries again, as the swarm does
-    for round_ in (1, 101, 201):
-        outs = run_round(avs, [filled(0.0), g1, g2], [0, 3, 1], round_=round_)
-        if all(o.ok for o in outs):
-            break
-    assert all(o.ok for o in outs), [o.error for o in outs]
-    assert {m["worker_id"] for m in outs[0].members} == {"p0", "p1", "p2"}
+    # the second worker claims an absurd weight in its messages: the coordinator's weights count
+    red, outs = run_round(reducer, contributors, [g1, g2], [3, 1], claimed=[3, 1e9])
+    assert red.ok and all(o.ok for o in outs), (red.error, [o.error for o in outs])
+    assert red.included == {"w0": 3, "w1": 1} and not red.rejected
     expected = {k: (3 * g1[k] + g2[k]) / 4 for k in TEMPLATE}
     tol = 0.01 if codec == "fp16" else 0.05
     for k in TEMPLATE:
-        assert (outs[0].averaged[k] - expected[k]).abs().max() < tol
+        assert (red.averaged[k] - expected[k]).abs().max() < tol
         # every peer holds the very same bits: they can all take the same outer step
-        assert torch.equal(outs[0].averaged[k], outs[1].averaged[k])
-        assert torch.equal(outs[0].averaged[k], outs[2].averaged[k])
+        assert torch.equal(red.averaged[k], outs[0].averaged[k])
+        assert torch.equal(red.averaged[k], outs[1].averaged[k])
     n = sum(t.numel() for t in TEMPLATE.values())
     per_float = 2 if codec == "fp16" else 1
-    # the client-mode worker sends its whole vector once (it reduces nothing)
-    assert n * per_float <= outs[2].bytes_sent <= n * per_float * 1.1 + 4096
-    assert outs[0].bytes_sent > 0 and outs[1].bytes_sent > 0
+    for o in outs:  # a worker sends its whole vector once
+        assert n * per_float <= o.bytes_sent <= n * per_float * 1.1 + 4096
+    assert red.bytes_sent >= 2 * n * per_float  # the coordinator sends the average to each
 
 
 def test_non_finite_contribution_is_excluded(swarm):
-    codec, avs = swarm
+    _, reducer, contributors, _ = swarm
     good, bad = filled(2.0), filled(1.0)
     for t in bad.values():
         t[0] = float("nan")
-    outs = run_round(avs, [filled(0.0), good, bad], [0, 5, 5], round_=2)
-    assert outs[0].ok and outs[1].ok
-    assert outs[0].rejected == {"p2": "non-finite values in its pseudo-gradient"}
+    red, outs = run_round(reducer, contributors, [good, bad], [5, 5], round_=1)
+    assert red.ok and outs[0].ok
+    assert red.rejected == {"w1": "non-finite values in its pseudo-gradient"} and red.included == {"w0": 5}
     for k in TEMPLATE:  # the average is the good worker's alone: the bad one did not move it
-        assert torch.isfinite(outs[0].averaged[k]).all()
-        assert (outs[0].averaged[k] - good[k]).abs().max() < 0.05
-        assert torch.equal(outs[0].averaged[k], outs[1].averaged[k])
+        assert torch.isfinite(red.averaged[k]).all()
+        assert (red.averaged[k] - good[k]).abs().max() < 0.05
+        assert torch.equal(red.averaged[k], outs[0].averaged[k])
 
 
-def test_rounds_do_not_mix(swarm):
-    _, avs = swarm
-    outs = run_round(avs[:2], [filled(0.0), filled(1.0)], [0, 1], round_=3)
-    late = avs[2].average(filled(9.0), weight=1, round_=3, worker_id="p2", timeout=4)  # its round's group is gone
-    assert outs[0].ok and {m["worker_id"] for m in outs[0].members} == {"p0", "p1"}
-    assert not late.ok and late.error
+def test_only_members_reach_the_average(swarm):
+    """A peer outside the group, even one that knows the group id, is turned away; a member that
+    never sends is excluded after the sender timeout; the others' round completes."""
+    codec, reducer, contributors, refused = swarm
+    stranger = RoundContributor(P2PNode(), TEMPLATE, prefix="test", compression=codec)
+    try:
+        node = reducer.node
+        group = Group(2, {str(contributors[0].node.peer_id): ("w0", 2), str(contributors[1].node.peer_id): ("w1", 2)})
+        with ThreadPoolExecutor(3) as ex:
+            red = ex.submit(reducer.reduce, group, 30)
+            member = ex.submit(contributors[0].contribute, filled(1.0), group_id=group.group_id,
+                               reducer=str(node.peer_id), reducer_maddrs=node.maddrs(), weight=2, timeout=30)
+            intruder = ex.submit(stranger.contribute, filled(1000.0), group_id=group.group_id,
+                                 reducer=str(node.peer_id), reducer_maddrs=node.maddrs(), weight=2, timeout=30)
+            red, member, intruder = red.result(), member.result(), intruder.result()
+    finally:
+        stranger.node.shutdown()
+    assert not intruder.ok
+    assert red.ok and member.ok and red.included == {"w0": 2}
+    assert red.rejected == {"w1": "did not send its whole contribution in time"}  # w1 never showed up
+    assert any(peer == str(stranger.node.peer_id) and "not a member" in reason for peer, reason in refused)
+    for k in TEMPLATE:
+        assert (red.averaged[k] - 1.0).abs().max() < 0.05  # the intruder's 1000s are nowhere

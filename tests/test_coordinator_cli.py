@@ -14,7 +14,7 @@ def assert_one_line_error(r, *needles):
     for n in needles:
         assert n in last, last
 
-BASE = ["coordinator", "--listen", "127.0.0.1:0", "--dht-listen", "127.0.0.1:0", "--token", "t"]
+BASE = ["coordinator", "--listen", "127.0.0.1:0", "--p2p-listen", "127.0.0.1:0", "--token", "t"]
 
 
 def test_port_in_use(tmp_path):
@@ -23,7 +23,7 @@ def test_port_in_use(tmp_path):
         s.listen()
         port = s.getsockname()[1]
         r = run_cli("coordinator", "--task", "addition", "--state-dir", tmp_path / "sd", "--listen", f"127.0.0.1:{port}",
-                    "--dht-listen", "127.0.0.1:0", timeout=120)
+                    "--p2p-listen", "127.0.0.1:0", timeout=120)
     assert_one_line_error(r, f"cannot listen on 127.0.0.1:{port}")
 
 
@@ -33,7 +33,7 @@ def test_resume_refuses_contradicting_flags(tmp_path, small_text):
         s.bind(("127.0.0.1", 0))
         s.listen()
         r = run_cli("coordinator", "--text", small_text, "--block-size", "32", "--state-dir", sd,
-                    "--listen", f"127.0.0.1:{s.getsockname()[1]}", "--dht-listen", "127.0.0.1:0", timeout=120)
+                    "--listen", f"127.0.0.1:{s.getsockname()[1]}", "--p2p-listen", "127.0.0.1:0", timeout=120)
     assert r.returncode != 0 and (sd / "run.json").exists()
     assert_one_line_error(run_cli(*BASE, "--task", "addition", "--state-dir", sd), "holds a run on task 'text'")
     assert_one_line_error(run_cli(*BASE, "--model", "gpt-mini", "--state-dir", sd), "uses model 'gpt-nano', not 'gpt-mini'")

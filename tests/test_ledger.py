@@ -1,4 +1,4 @@
-"""The SQLite ledger's lease rules, with a controllable clock."""
+"""The SQLite ledger's lease and credit rules, with a controllable clock."""
 
 import sqlite3
 
@@ -18,21 +18,26 @@ class Clock:
 @pytest.fixture
 def ledger(tmp_path):
     clock = Clock()
-    led = Ledger(tmp_path / "ledger.sqlite", lease_seconds=60, heartbeat_interval=1.0, clock=clock)
+    led = Ledger(tmp_path / "ledger.sqlite", lease_seconds=60, heartbeat_interval=1.0, max_leases=2, clock=clock)
     led.add_shards([(f"sha{i}", 100 + i) for i in range(3)])
+    led.start_round(0, "h0")
     led.clock_ = clock
     yield led
     led.close()
 
 
 def join(led, name="a"):
-    return led.add_worker(name=name, device="cpu", peer_id="peer-" + name, client_mode=False, current_round=0,
-                          round_started=False)[0]
+    return led.add_worker(name=name, device="cpu", peer_id="peer-" + name, current_round=0, round_started=False)[0]
 
 
-def beat(ledger, worker_id, round_tokens, lease_ids=(), tps=1.0, loss=None):
-    return ledger.heartbeat(worker_id, round_=0, round_tokens=round_tokens, tps=tps, state="training", reason="",
-                            lease_ids=list(lease_ids), bytes_sent=0, loss=loss)
+def beat(ledger, worker_id, claims=None, lease_ids=(), tps=1.0, loss=None, round_=0, current=0):
+    """A heartbeat claiming {lease: tokens trained on it in round_}."""
+    return ledger.heartbeat(worker_id, current_round=current, round_=round_, lease_tokens=claims or {}, tps=tps,
+                            state="training", reason="", lease_ids=list(lease_ids), bytes_sent=0, loss=loss)
+
+
+def refusals(ledger, worker_id):
+    return {r["kind"]: r["n"] for r in ledger.query("SELECT kind, n FROM refusals WHERE worker_id = ?", (worker_id,))}
 
 
 def test_wal_and_persistence(tmp_path, ledger):
@@ -51,41 +56,134 @@ def test_expired_lease_returns_shard_and_heartbeat_extends(ledger):
     lb = ledger.lease(b, 0)
     assert la["shard_index"] != lb["shard_index"]
     ledger.clock_.t += 50
-    deadline, lost = beat(ledger, a, 10, [la["lease_id"]], tps=5.0, loss=2.0)
+    deadline, lost = beat(ledger, a, {la["lease_id"]: 10}, [la["lease_id"]], tps=5.0, loss=2.0)
     assert deadline == ledger.clock_.t + 60 and lost == []
     ledger.clock_.t += 20  # b's lease is past its deadline, a's was extended
     assert ledger.expire() == 1
     assert ledger.lease_row(lb["lease_id"])["state"] == "expired"
     assert ledger.shard(lb["shard_index"])["state"] == "pending"
-    _, lost = beat(ledger, b, 0, [lb["lease_id"]])
+    _, lost = beat(ledger, b, {}, [lb["lease_id"]])
     assert lost == [lb["lease_id"]]  # the worker learns that its lease is gone
-    assert ledger.report(b, lb["lease_id"], 0, 101, 1.0) == (False, "lease expired: the shard went back to the queue")
+    assert ledger.report(b, lb["lease_id"], 0, 1.0)[0] is False
     assert ledger.shard(lb["shard_index"])["times_done"] == 0
     assert [e["kind"] for e in ledger.query("SELECT kind FROM events")].count("lease_expired") == 1
 
 
-def test_report_is_idempotent_and_checked(ledger):
+def test_claims_are_clamped_to_what_the_leases_cover(ledger):
+    a, b = join(ledger, "a"), join(ledger, "b")
+    la, lb = ledger.lease(a, 0), ledger.lease(b, 0)
+    ledger.clock_.t += 5
+    l = la["lease_id"]
+    beat(ledger, a, {l: 10**12})  # far more than a 100-token lease covers
+    assert ledger.round_tokens(0) == la["tokens"]
+    beat(ledger, a, {l: 2**63 - 1})  # and the largest claim changes nothing either
+    beat(ledger, a, {l: 50})  # cumulative: a smaller later figure is ignored
+    beat(ledger, a, {lb["lease_id"]: 100})  # b's lease, not a's
+    assert ledger.round_tokens(0) == la["tokens"]
+    beat(ledger, a, {l: 70}, round_=5, current=0)  # a heartbeat for a future round counts nowhere
+    assert ledger.round_tokens(5) == 0 and ledger.round_tokens(0) == la["tokens"]
+    assert refusals(ledger, a) == {"tokens_clamped": 3, "future_round": 1}
+    kinds = [e["detail"].split(":")[0] for e in ledger.query("SELECT detail FROM events WHERE kind = 'refused'")]
+    assert kinds == ["tokens_clamped", "future_round"]  # one event per kind and minute, each counted
+
+
+def test_claims_are_clamped_to_what_could_have_been_trained(tmp_path):
+    clock = Clock()
+    led = Ledger(tmp_path / "l.sqlite", lease_seconds=60, heartbeat_interval=1.0, max_tokens_per_second=10, clock=clock)
+    led.add_shards([("s", 1000)])
+    led.start_round(0, "h")
+    a = join(led)
+    la = led.lease(a, 0)
+    clock.t += 3
+    beat(led, a, {la["lease_id"]: 500})  # 3 s at 10 tokens/s at the most
+    assert led.round_tokens(0) == 30
+
+
+def test_credit_marks_leases_done_and_reports_are_checked(ledger):
     a, b = join(ledger, "a"), join(ledger, "b")
     la = ledger.lease(a, 0)
-    assert ledger.report(b, la["lease_id"], 0, 100, 1.0) == (False, "unknown lease")  # not b's lease
-    assert ledger.report(a, la["lease_id"], 0, 100, 1.0) == (True, "counted")
-    assert ledger.report(a, la["lease_id"], 0, 100, 1.0)[0] is False
-    i = la["shard_index"]
-    assert ledger.shard(i)["times_done"] == 1 and ledger.shard(i)["state"] == "done"
+    lb = ledger.lease(a, 0)
+    ledger.clock_.t += 1
+    ledger.finish_leases(a, [la["lease_id"]], current_round=0, round_=0,
+                         lease_tokens={la["lease_id"]: la["tokens"], lb["lease_id"]: 40})
+    assert ledger.lease_row(la["lease_id"])["state"] == "trained"
+    assert ledger.report(a, la["lease_id"], 0, 1.0)[0] is False  # not credited yet: no report
+    ledger.commit_round(0, included={a: la["tokens"] + 40}, excluded={}, theta_hash="h1", averaging_seconds=1.0)
+    assert ledger.lease_row(la["lease_id"])["state"] == "done"
+    assert ledger.shard(la["shard_index"])["state"] == "done" and ledger.shard(la["shard_index"])["times_done"] == 1
+    assert ledger.lease_row(lb["lease_id"])["credited"] == 40 and ledger.lease_row(lb["lease_id"])["state"] == "active"
+    assert ledger.report(b, la["lease_id"], 0, 1.0) == (False, "unknown lease")  # not b's lease
+    assert ledger.report(a, la["lease_id"], 1, 1.0)[0] is False  # not that round's
+    assert ledger.report(a, la["lease_id"], 0, 1.0) == (True, "counted")
+    assert ledger.report(a, la["lease_id"], 0, 1.0) == (False, "duplicate report: already counted")
+    assert ledger.report(a, lb["lease_id"], 0, 1.0)[0] is False  # only partly covered
+    assert refusals(ledger, b) == {"report_refused": 1} and refusals(ledger, a) == {"report_refused": 3}
+    # in the next round, the half-trained lease covers only what is left of it
+    ledger.clock_.t += 1
+    beat(ledger, a, {lb["lease_id"]: 10**6}, round_=1, current=1)
+    assert ledger.round_tokens(1) == lb["tokens"] - 40
+    assert ledger.get_meta("tokens_trained") == la["tokens"] + 40
+    assert ledger.worker(a)["tokens_contributed"] == la["tokens"] + 40
+
+
+def test_finishing_a_lease_needs_the_tokens_and_frees_the_cap(ledger):
+    a = join(ledger)
+    l1, l2 = ledger.lease(a, 0), ledger.lease(a, 0)
+    assert "at most 2 active lease(s)" in ledger.lease(a, 0)  # hoarding: the cap
+    ledger.clock_.t += 1
+    ledger.finish_leases(a, [l1["lease_id"], l2["lease_id"]], current_round=0, round_=0,
+                         lease_tokens={l1["lease_id"]: l1["tokens"], l2["lease_id"]: 5})
+    assert ledger.lease_row(l1["lease_id"])["state"] == "trained"
+    assert ledger.lease_row(l2["lease_id"])["state"] == "active"  # its tokens were not claimed
+    assert refusals(ledger, a) == {"lease_cap": 1, "finish_refused": 1}
+    assert isinstance(ledger.lease(a, 0), dict)  # one active again: one more lease
+
+
+def test_excluded_members_lose_their_leases_and_failed_rounds_credit_nothing(ledger):
+    a, b = join(ledger, "a"), join(ledger, "b")
+    la, lb = ledger.lease(a, 0), ledger.lease(b, 0)
+    ledger.clock_.t += 1
+    beat(ledger, a, {la["lease_id"]: 50})
+    beat(ledger, b, {lb["lease_id"]: 50})
+    ledger.commit_round(0, included={a: 50}, excluded={b: "non-finite values"}, theta_hash="h1", averaging_seconds=1)
+    assert ledger.included(0, a) and not ledger.included(0, b)
+    assert ledger.lease_row(lb["lease_id"])["state"] == "released"
+    assert ledger.shard(lb["shard_index"])["state"] == "pending"
+    assert ledger.query("SELECT detail FROM events WHERE kind = 'contribution_rejected'")[0]["detail"] == \
+        "round 0: non-finite values"
+    assert ledger.round_rows(1)[1]["theta_hash"] == "h1" and ledger.get_meta("round") == 1
+    ledger.clock_.t += 1
+    beat(ledger, a, {la["lease_id"]: 10}, round_=1, current=1)
+    ledger.fail_round(1, excluded={a: "averaging failed"}, detail="averaging failed")
+    assert ledger.lease_row(la["lease_id"])["state"] == "released" and ledger.get_meta("tokens_trained") == 50
+    assert ledger.round_rows(1, 2)[1]["state"] == "failed" and ledger.round_rows(2)[2]["theta_hash"] == "h1"
+
+
+def test_peer_ids_are_one_worker_each(ledger):
+    a, b = join(ledger, "a"), join(ledger, "b")
+    assert ledger.peer_owner("peer-a") == a
+    assert ledger.register_peer(b, "peer-a") == (False, "that hivemind peer id is registered by another worker")
+    assert ledger.register_peer(b, "peer-b2") == (True, "") and ledger.peer_owner("peer-b2") == b
+    ledger.leave(a)
+    assert ledger.peer_owner("peer-a") is None
 
 
 def test_every_shard_once_per_epoch(ledger):
     a, b = join(ledger, "a"), join(ledger, "b")
-    leases = [ledger.lease(a, 0) for _ in range(3)]
-    assert ledger.lease(b, 0) is None  # all leased, none done: no new epoch yet
-    for l in leases[:2]:
-        ledger.report(a, l["lease_id"], 0, l["tokens"], 1.0)
-    assert ledger.lease(b, 0) is None  # one still out
-    ledger.release(a, [leases[2]["lease_id"]])
-    l = ledger.lease(b, 0)
+    leases = [ledger.lease(a, 0), ledger.lease(a, 0), ledger.lease(b, 0)]
+    assert isinstance(ledger.lease(b, 0), str)  # all leased, none done: no new epoch yet
+    ledger.clock_.t += 1
+    beat(ledger, a, {l["lease_id"]: l["tokens"] for l in leases[:2]})
+    ledger.commit_round(0, included={a: leases[0]["tokens"] + leases[1]["tokens"]}, excluded={}, theta_hash="h1",
+                        averaging_seconds=1)
+    assert isinstance(ledger.lease(a, 1), str)  # one still out
+    ledger.release(b, [leases[2]["lease_id"]])
+    l = ledger.lease(b, 1)
     assert l["shard_index"] == leases[2]["shard_index"] and l["epoch"] == 0
-    ledger.report(b, l["lease_id"], 0, l["tokens"], 1.0)
-    nxt = ledger.lease(a, 1)
+    ledger.clock_.t += 1
+    beat(ledger, b, {l["lease_id"]: l["tokens"]}, round_=1, current=1)
+    ledger.commit_round(1, included={b: l["tokens"]}, excluded={}, theta_hash="h2", averaging_seconds=1)
+    nxt = ledger.lease(a, 2)
     assert nxt["epoch"] == 1
     assert ledger.get_meta("epoch") == 1
     assert [r["times_done"] for r in ledger.query("SELECT times_done FROM shards ORDER BY idx")] == [1, 1, 1]
@@ -100,25 +198,8 @@ def test_leave_returns_leases(ledger):
     assert ledger.worker(a)["state"] == "offline"
 
 
-def test_round_accounting(ledger):
-    a, b = join(ledger, "a"), join(ledger, "b")
-    ledger.start_round(0, "h0")
-    beat(ledger, a, 300)
-    beat(ledger, a, 200)  # cumulative: a late smaller figure is ignored
-    beat(ledger, b, 100)
-    assert ledger.round_tokens(0) == 400
-    ledger.finish_round(0, state="done", included={a: (300, "")}, excluded={b: (100, "non-finite values")},
-                        averaging_seconds=1.5)
-    assert ledger.get_meta("tokens_trained") == 300
-    assert ledger.included(0, a) and not ledger.included(0, b)
-    assert ledger.worker(a)["tokens_contributed"] == 300 and ledger.worker(b)["tokens_contributed"] == 0
-    assert ledger.query("SELECT detail FROM events WHERE kind = 'contribution_rejected'")[0]["detail"] == \
-        "round 0: non-finite values"
-
-
 def test_sessions_are_stored_hashed(ledger):
-    wid, session = ledger.add_worker(name="x", device="cpu", peer_id="p", client_mode=True, current_round=3,
-                                     round_started=True)
+    wid, session = ledger.add_worker(name="x", device="cpu", peer_id="p", current_round=3, round_started=True)
     assert ledger.worker_for_session(session)["id"] == wid
     assert ledger.worker(wid)["eligible_round"] == 4  # joined mid-round: waits for the next
     raw = sqlite3.connect(ledger.path).execute("SELECT group_concat(session_hash) FROM workers").fetchone()[0]
@@ -126,21 +207,25 @@ def test_sessions_are_stored_hashed(ledger):
 
 
 def test_lease_order_is_a_seeded_shuffle_per_epoch(tmp_path):
-    led = Ledger(tmp_path / "l.sqlite", lease_seconds=60, heartbeat_interval=1.0)
-    led.add_shards([(f"s{i}", 10) for i in range(40)])
-    w = join(led)
-    order = []
-    for epoch in range(2):
-        for _ in range(40):
-            l = led.lease(w, 0)
-            order.append(l["shard_index"])
-            led.report(w, l["lease_id"], 0, 10, 1.0)
+    def run(path):
+        led = Ledger(path, lease_seconds=60, heartbeat_interval=1.0, max_leases=100)
+        led.add_shards([(f"s{i}", 10) for i in range(40)])
+        led.start_round(0, "h")
+        w = join(led)
+        order = []
+        for r in range(2):
+            leases = [led.lease(w, r) for _ in range(40)]
+            order += [l["shard_index"] for l in leases]
+            beat(led, w, {l["lease_id"]: 10 for l in leases}, round_=r, current=r)
+            led.commit_round(r, included={w: 400}, excluded={}, theta_hash="h", averaging_seconds=1)
+        led.close()
+        return order
+
+    order = run(tmp_path / "l.sqlite")
     first, second = order[:40], order[40:]
     assert sorted(first) == sorted(second) == list(range(40))  # each epoch: every shard once
     assert first != list(range(40)) and first != second  # not the file's order, and new each epoch
-    again = Ledger(tmp_path / "m.sqlite", lease_seconds=60, heartbeat_interval=1.0)
-    again.add_shards([(f"s{i}", 10) for i in range(40)])
-    assert [again.lease(w, 0)["shard_index"] for _ in range(5)] == first[:5]  # reproducible
+    assert run(tmp_path / "m.sqlite") == order  # reproducible
 
 
 def test_a_failed_transaction_changes_nothing(ledger):
@@ -151,21 +236,22 @@ def test_a_failed_transaction_changes_nothing(ledger):
     assert ledger.shard_counts() == {"pending": 3, "leased": 0, "done": 0}
 
 
-def test_lease_holders_since_counts_whoever_can_bring_tokens(ledger):
-    """The round's averaging group closes once these workers are in: anyone who held a lease since
-    the round started (in progress, or closed since), never someone who left or only leased before."""
+def test_group_members_are_whoever_can_bring_tokens(ledger):
+    """The round's averaging group: anyone who held a lease since the round started (in progress, or
+    closed since) or has verified tokens in it, never someone who left or only leased before."""
     a, b, c, d = (join(ledger, n) for n in "abcd")
-    la = ledger.lease(a, 0)  # a: leased in the previous round, reports it after the round started
+    la = ledger.lease(a, 0)  # a: leased in the previous round, still training it
     lc = ledger.lease(c, 0)  # c: leased and released before the round started
     ledger.release(c, [lc["lease_id"]])
     ledger.clock_.t += 10
     start = ledger.clock_.t
-    assert ledger.lease_holders_since(start) == 1  # a's lease is still in progress
+    assert [m[0] for m in ledger.group_members(0, start)] == [a]
     ledger.clock_.t += 1
-    ledger.report(a, la["lease_id"], 0, la["tokens"], 2.0)
+    beat(ledger, a, {la["lease_id"]: 60}, [la["lease_id"]])
     lb = ledger.lease(b, 1)  # b: leased in this round, then gave the shard back (paused)
     ledger.release(b, [lb["lease_id"]])
-    assert ledger.lease_holders_since(start) == 2  # a and b; not c, not d (never leased)
+    members = {m[0]: (m[1], m[2]) for m in ledger.group_members(0, start)}
+    assert members == {a: ("peer-a", 60), b: ("peer-b", 0)}  # weights: the verified tokens
     ledger.leave(b)
-    assert ledger.lease_holders_since(start) == 1
-    assert ledger.lease_holders_since(ledger.clock_.t + 1) == 0
+    assert [m[0] for m in ledger.group_members(0, start)] == [a]
+    assert [m[0] for m in ledger.group_members(0, ledger.clock_.t + 1)] == [a]  # a still holds its lease

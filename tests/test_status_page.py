@@ -5,17 +5,20 @@ import json
 import os
 import shutil
 import subprocess
-import urllib.error
-import urllib.parse
 import urllib.request
 from pathlib import Path
 
+import grpc
 import pytest
 
+from gptswarm.proto import PROTOCOL_VERSION
+from gptswarm.proto import gptswarm_pb2 as pb
+from gptswarm.proto import gptswarm_pb2_grpc as pb_grpc
 from swarm import coordinator, join_address, ledger, wait_until, worker
 
 SCRIPT_NAME = "<script>alert(1)</script>"
 IMG_NAME = '<img src=x onerror="window.__pwned=1">'
+LIAR = "liar"
 NEED_TOOLS = os.environ.get("GPTSWARM_REQUIRE_BROWSER") == "1"  # CI installs them; a laptop may not have them
 
 
@@ -40,16 +43,28 @@ def swarm(tmp_path_factory):
     try:
         join = join_address(coord)
         page = coord.wait_for(r"status page: (http://\S+)").group(1)
-        procs += [worker(join, SCRIPT_NAME), worker(join, IMG_NAME, "--p2p-listen", "127.0.0.1:0")]
+        procs += [worker(join, SCRIPT_NAME), worker(join, IMG_NAME)]
         wait_until(lambda: len(ledger(sd, "SELECT 1 FROM rounds WHERE state = 'done'")) >= 2, 150, "two rounds")
-        # at join, each worker measured its throughput and got reachability advice
-        procs[1].wait_for("client mode: nothing to open in your firewall")
-        procs[2].wait_for(r"reachable: the coordinator can connect to /ip4/127\.0\.0\.1/tcp/\d+")
+        # at join, each worker measured its throughput and learned it has nothing to open
         assert all(p.count(r"throughput [\d,]+ tokens/s on cpu") == 1 for p in procs[1:])
+        assert all(p.count("only dials out") == 1 for p in procs[1:])
+        lie(join)
         yield page.rstrip("/"), sd
     finally:
         for p in procs:
             p.kill()
+
+
+def lie(join):
+    """A client with a valid token that claims tokens on a lease it never held: refused, and shown."""
+    with grpc.insecure_channel(join) as ch:
+        stub = pb_grpc.CoordinatorStub(ch)
+        joined = stub.Join(pb.JoinRequest(protocol_version=PROTOCOL_VERSION, token="sekrit", name=LIAR,
+                                          peer_id="QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N"))
+        auth = [("authorization", f"Bearer {joined.session}")]
+        view = stub.Heartbeat(pb.HeartbeatRequest(round=0, state="joining"), metadata=auth)
+        stub.Heartbeat(pb.HeartbeatRequest(round=view.round, state="training", lease_tokens=[
+            pb.LeaseTokens(lease_id="l-not-mine", tokens=10**9)]), metadata=auth)
 
 
 def test_status_json(swarm):
@@ -60,8 +75,12 @@ def test_status_json(swarm):
     assert set(s) >= {"run", "health", "workers", "shards", "rounds", "top_contributors", "events", "generated_at"}
     assert s["health"]["state"] in ("healthy", "degraded") and s["health"]["reason"]
     assert s["run"]["round"] >= 2 and s["run"]["tokens_trained"] > 0 and s["run"]["max_tokens"] > 0
-    assert {w["name"] for w in s["workers"]} == {SCRIPT_NAME, IMG_NAME}  # stored and served verbatim, as data
-    assert {w["reachable"] for w in s["workers"]} == {True, False}
+    assert {w["name"] for w in s["workers"]} == {SCRIPT_NAME, IMG_NAME, LIAR}  # stored and served verbatim, as data
+    refused = {w["name"]: (w["refused"], w["last_refusal"]) for w in s["workers"]}
+    assert refused[SCRIPT_NAME] == refused[IMG_NAME] == (0, "")  # honest workers: nothing refused
+    assert refused[LIAR][0] == 1 and "tokens_clamped" in refused[LIAR][1] and "l-not-mine" in refused[LIAR][1]
+    assert any(e["kind"] == "refused" and e["worker"] == LIAR for e in s["events"])
+    assert s["run"]["tokens_trained"] < 10**9  # the lie moved nothing
     for w in s["workers"]:
         assert set(w) >= {"state", "reason", "device", "tokens_per_second", "tokens_contributed", "last_seen"}
     assert len([r for r in s["rounds"] if r["state"] == "done"]) >= 2
@@ -78,36 +97,12 @@ def test_metrics_are_valid_prometheus(swarm):
     text = body.decode()
     for name in ("gptswarm_tokens_trained_total", "gptswarm_round", 'gptswarm_workers{state="training"}',
                  "gptswarm_val_loss", "gptswarm_averaging_bytes_sent_total", "gptswarm_averaging_seconds_total",
-                 "gptswarm_leases_expired_total", "gptswarm_contributions_rejected_total", 'gptswarm_health{state='):
+                 "gptswarm_leases_expired_total", "gptswarm_contributions_rejected_total", 'gptswarm_health{state=',
+                 'gptswarm_refused_claims_total{kind="tokens_clamped"} 1.0'):
         assert name in text, name
     check = subprocess.run([promtool, "check", "metrics"], input=body, capture_output=True)
     assert check.returncode == 0, check.stdout + check.stderr
     assert b"sekrit" not in body
-
-
-def test_reachability_probe(swarm):
-    url, _ = swarm
-    import hivemind
-
-    with pytest.raises(urllib.error.HTTPError) as e:
-        get(url + "/api/v1/is_reachable/not-a-peer-id")
-    assert e.value.code == 400
-    dht = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
-    peer = dht.peer_id.to_base58()
-    addr = urllib.parse.quote(str(dht.get_visible_maddrs()[0]).split("/p2p/")[0], safe="")
-
-    def probe():
-        _, _, body = get(f"{url}/api/v1/is_reachable/{peer}?addr={addr}")
-        return json.loads(body)
-
-    try:
-        assert probe()["reachable"] is True
-    finally:
-        dht.shutdown()
-    assert probe()["reachable"] is False  # the same address, nobody listening any more
-    with pytest.raises(urllib.error.HTTPError) as e:
-        get(f"{url}/api/v1/is_reachable/{peer}")  # no address to dial
-    assert e.value.code == 400
 
 
 def test_page_in_a_real_browser(swarm, tmp_path):
@@ -132,9 +127,11 @@ def test_page_in_a_real_browser(swarm, tmp_path):
         WebDriverWait(browser, 30).until(
             lambda b: int(b.find_element(By.ID, "loss-chart").get_attribute("data-points") or 0) >= 2)
         rows = browser.find_elements(By.CSS_SELECTOR, "#workers tbody tr")
-        assert len(rows) == 2
+        assert len(rows) == 3
         names = {r.find_element(By.CSS_SELECTOR, "td.name").text for r in rows}
-        assert names == {SCRIPT_NAME, IMG_NAME}  # shown as text
+        assert names == {SCRIPT_NAME, IMG_NAME, LIAR}  # shown as text
+        liar = next(r for r in rows if r.find_element(By.CSS_SELECTOR, "td.name").text == LIAR)
+        assert "tokens_clamped" in liar.find_element(By.CSS_SELECTOR, "td.refused").text  # the lie, on the page
         assert not browser.find_elements(By.CSS_SELECTOR, "#workers script, #workers img")  # not parsed as HTML
         assert browser.execute_script("return window.__pwned") is None
         try:

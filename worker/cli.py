@@ -60,10 +60,6 @@ def state_dir_option(f):
               help="Pause while other processes use the GPU (or, without a GPU, the CPU); resume after a quiet minute.")
 @click.option("--max-hours", envvar="GPTSWARM_MAX_HOURS", type=float,
               help="Finish the round in progress and leave after this many hours.")
-@click.option("--p2p-listen", envvar="GPTSWARM_P2P_LISTEN", metavar="HOST:PORT", help="Accept hivemind DHT "
-              "connections on this address (a reachable worker strengthens the swarm's DHT). Default: client mode, "
-              "nothing to open in your firewall.")
-@click.option("--announce-host", envvar="GPTSWARM_ANNOUNCE_HOST", help="Public host name or IP for --p2p-listen.")
 @click.option("--max-vram", envvar="GPTSWARM_MAX_VRAM", type=float, metavar="GIB",
               help="Use at most this much GPU memory; the micro-batch shrinks to fit (it also does on its own "
                    "when the card runs out of memory).")
@@ -72,7 +68,7 @@ def state_dir_option(f):
 @click.option("--threads", envvar="GPTSWARM_THREADS", type=int, help="CPU threads for training on the CPU (default: all).")
 @state_dir_option
 @click.pass_context
-def worker(ctx, join, token, device, name, schedule, idle_only, max_hours, p2p_listen, announce_host, max_vram,
+def worker(ctx, join, token, device, name, schedule, idle_only, max_hours, max_vram,
            json_logs, threads, state_dir):
     """Join a swarm and train with it: lease data shards from the coordinator, train the shared
     GPT on them, and average what was learned with the other workers every round.
@@ -93,7 +89,7 @@ def worker(ctx, join, token, device, name, schedule, idle_only, max_hours, p2p_l
         torch.set_num_threads(threads)
     config = WorkerConfig(join=join, token=token, device=device, name=name or "", state_dir=Path(state_dir),
                           schedule=schedule or "", idle_only=idle_only, max_hours=max_hours or 0.0,
-                          max_vram=max_vram or 0.0, p2p_listen=p2p_listen or "", announce_host=announce_host or "")
+                          max_vram=max_vram or 0.0)
     run(Worker(config))
 
 

@@ -12,6 +12,8 @@ from gptswarm.proto import gptswarm_pb2 as pb
 from gptswarm.proto import gptswarm_pb2_grpc as pb_grpc
 
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+REFUSED = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.INVALID_ARGUMENT,
+           grpc.StatusCode.ALREADY_EXISTS, grpc.StatusCode.PERMISSION_DENIED)  # the coordinator said no: one line
 MAX_BACKOFF = 30.0
 
 
@@ -57,13 +59,12 @@ class CoordinatorClient:
                         raise Stopped() from None
                     delay = min(delay * 2, MAX_BACKOFF)
                     continue
-                if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.FAILED_PRECONDITION):
+                if code in REFUSED:
                     raise UserError(f"the coordinator at {self.address} refused: {e.details()}") from None
                 raise
 
-    def join(self, name, device, client_mode):
+    def join(self, name, device, peer_id):
         resp = self.call("Join", pb.JoinRequest(protocol_version=PROTOCOL_VERSION, token=self.token, name=name,
-                                                device=device, client_mode=client_mode,
-                                                software_version=__version__))
+                                                device=device, peer_id=peer_id, software_version=__version__))
         self.session = resp.session
         return resp

@@ -21,5 +21,3 @@ class WorkerConfig:
     idle_only: bool = False  # pause while other processes use the GPU (or the CPU)
     max_hours: float = 0.0  # finish the round and leave after this many hours; 0: never
     max_vram: float = 0.0  # GiB of GPU memory to use at most; 0: no cap
-    p2p_listen: str = ""  # HOST:PORT to accept hivemind connections on; "": client mode
-    announce_host: str = ""  # public host for p2p_listen

@@ -44,9 +44,10 @@ class Heartbeats:
         """One heartbeat now (also called by the round loop to learn of a new round at once)."""
         s = self.shared
         with s.lock:
-            req = pb.HeartbeatRequest(round=s.round, round_tokens=s.round_tokens, tokens_per_second=s.tokens_per_second,
-                                      state=s.state, reason=s.reason, bytes_sent=self.bytes_sent())
+            req = pb.HeartbeatRequest(round=s.round, tokens_per_second=s.tokens_per_second, state=s.state,
+                                      reason=s.reason, bytes_sent=self.bytes_sent())
         req.lease_ids.extend(s.lease_ids())
+        req.lease_tokens.extend(s.lease_tokens())
         req.loss = s.mean_loss()
         try:
             resp = self.client.call("Heartbeat", req, timeout=5, retry=False)

@@ -1,16 +1,18 @@
 """The worker's round state machine.
 
-join -> run config -> hivemind peer -> theta_global from the latest checkpoint -> loop:
+hivemind peer (outgoing only) -> join with its peer id -> run config -> theta_global from the
+latest checkpoint -> loop:
   lease a shard -> inner AdamW steps with the shared Trainer -> when the coordinator says the round
-  is averaging: pseudo-gradient = theta_global - theta_local -> token-weighted average through
-  hivemind -> outer Nesterov step (bit-identical on every peer) -> hash check against the
-  coordinator (resynchronize if different) -> report the shards the average included.
+  is averaging: ask for our place in its group -> pseudo-gradient = theta_global - theta_local ->
+  sent to the coordinator's hivemind peer, which returns the weighted average -> outer Nesterov
+  step (bit-identical on every peer) -> hash check against the coordinator (resynchronize if
+  different) -> report the shards the average included.
 A worker that joins while a round is under way waits for the next one.
 
 The parts around it: session.py (join or resume), throughput.py (the speed benchmark), pause.py
 (when not to train), heartbeat.py (heartbeats and the progress line), download.py (shards and
-theta), state.py (what the threads share), utilization.py, reachability.py, control.py (the
-volunteer's control socket).
+theta), state.py (what the threads share), utilization.py, control.py (the volunteer's control
+socket).
 """
 
 import json
@@ -27,10 +29,11 @@ from gptswarm.mingpt_core.data import ShardSet
 from gptswarm.mingpt_core.model import GPT, GPTConfig
 from gptswarm.mingpt_core.trainer import Trainer, TrainConfig, limit_vram, resolve_device
 from gptswarm.proto import gptswarm_pb2 as pb
-from gptswarm.rounds.averaging import SwarmAverager, start_dht
+from gptswarm.rounds.averaging import Outcome, RoundContributor
 from gptswarm.rounds.outer import outer_step, pseudo_gradient
+from gptswarm.rounds.p2p import P2PNode
 from gptswarm.rounds.theta import theta_hash, theta_views
-from gptswarm.worker import download, reachability, session, throughput
+from gptswarm.worker import download, session, throughput
 from gptswarm.worker.client import CoordinatorClient, Stopped
 from gptswarm.worker.control import ControlServer
 from gptswarm.worker.heartbeat import Heartbeats, unreachable
@@ -64,7 +67,6 @@ class Worker:
         self.schedule = Schedule.parse(config.schedule) if config.schedule else None
         self.pause = PausePolicy(self.state_dir, schedule=self.schedule, idle=idle, max_hours=config.max_hours)
         self.name = config.name or platform.node() or "volunteer"
-        self.client_mode = not config.p2p_listen
         self.shared = SharedState()
         self.client = CoordinatorClient(config.join, config.token,
                                         on_wait=lambda reason: unreachable(self.shared, "waiting", reason))
@@ -77,7 +79,7 @@ class Worker:
         self.batch_tokens = 0  # tokens in one training batch
         self.theta = self.momentum = None  # theta_global and the outer momentum, fp32 on the CPU
         self.tokens_trained = 0  # the swarm's, at the last checkpoint we synchronized to
-        self.dht = self.averager = self.heartbeats = self.control = None
+        self.node = self.contributor = self.heartbeats = self.control = None
 
     # --- public ---
 
@@ -114,30 +116,25 @@ class Worker:
                 "finishing": self.pause.finishing.is_set(), "schedule": self.schedule.text if self.schedule else None,
                 "idle_only": self.pause.idle is not None}
 
-    def contribution(self, grad, round_):
-        """What this worker adds to round `round_`'s average: its pseudo-gradient, as is."""
-        return grad
+    def contribution(self, grad, weight, round_):
+        """What this worker sends to round round_'s average: its pseudo-gradient and the weight the
+        coordinator gave it (the coordinator weighs it by its ledger, never by this), as they are."""
+        return grad, weight
 
     # --- setup and teardown ---
 
     def _bootstrap(self):
+        self.node = P2PNode()  # dials out only: nothing to open in a firewall, nobody can dial it
         self.client.connect()
         self.worker_id, cfg = session.join_or_resume(self.client, self.state_dir, name=self.name,
                                                      device=throughput.describe_device(self.device),
-                                                     client_mode=self.client_mode)
+                                                     peer_id=str(self.node.peer_id))
         self.cfg = cfg
-        self.client.close()  # hivemind forks its processes: no gRPC objects around while it starts
-        self.dht = start_dht(self.config.p2p_listen or "0.0.0.0:0", cfg.initial_peers, self.client_mode,
-                             self.config.announce_host)
         model_config = GPTConfig.from_dict(json.loads(cfg.model_config_json))
         self.shard_info = ShardSet([], **{k: v for k, v in json.loads(cfg.shards_json).items()
                                           if k in ("vocab_size", "layout", "example_len", "loss_start")})
-        # the averager always follows: the coordinator leads every round's group, so no group can
-        # form without it (a reachable worker still serves the DHT)
-        self.averager = SwarmAverager(self.dht, theta_views(GPT(model_config)), prefix=cfg.averaging_prefix,
-                                      compression=cfg.compression, client_mode=True,
-                                      matchmaking_time=cfg.matchmaking_time or 5.0)
-        self.client.connect()
+        self.contributor = RoundContributor(self.node, theta_views(GPT(model_config)), prefix=cfg.averaging_prefix,
+                                            compression=cfg.compression)
         train = TrainConfig.from_dict(json.loads(cfg.train_config_json))
         self.batch_tokens = train.batch_size * (model_config.block_size if self.shard_info.layout == "stream"
                                                 else self.shard_info.example_len - 1)
@@ -146,11 +143,11 @@ class Worker:
         self.shared.tokens_per_second = tps
         self.model = GPT(model_config)
         self.trainer = Trainer(self.model, train, self.device)
-        log.info("joined %s as %s (%s), run %s", self.client.address, self.worker_id, self.name, cfg.run_id)
-        reachability.advise(self.client, self.dht, self.client_mode)
+        log.info("joined %s as %s (%s), run %s; our hivemind peer %s only dials out (nothing to open in your "
+                 "firewall)", self.client.address, self.worker_id, self.name, cfg.run_id, self.node.peer_id)
         self._sync_from_checkpoint()
         self.heartbeats = Heartbeats(self.shared, self.client, interval=cfg.heartbeat_interval,
-                                     bytes_sent=lambda: self.averager.bytes_sent_total).start()
+                                     bytes_sent=lambda: self.contributor.bytes_sent_total).start()
 
     def _teardown(self):
         self.stopping.set()
@@ -168,10 +165,8 @@ class Worker:
         self.client.close()
         if self.control is not None:
             self.control.close()
-        if self.averager is not None:
-            self.averager.shutdown()
-        if self.dht is not None:
-            self.dht.shutdown()
+        if self.node is not None:
+            self.node.shutdown()
         log.info("left the swarm")
 
     # --- the loop ---
@@ -222,7 +217,12 @@ class Worker:
     def _lease(self):
         s = self.shared
         s.set("waiting", "asking for a shard")
-        resp = self.client.call("LeaseShard", pb.LeaseRequest(round=s.round))
+        with s.lock:
+            req = pb.LeaseRequest(round=s.round, finished_lease_ids=s.unannounced)
+        req.lease_tokens.extend(s.lease_tokens())
+        resp = self.client.call("LeaseShard", req)
+        with s.lock:
+            s.unannounced = [i for i in s.unannounced if i not in req.finished_lease_ids]
         if not resp.granted:
             s.set("waiting", resp.reason)
             self._sleep(resp.retry_after or 1.0)
@@ -257,10 +257,14 @@ class Worker:
         self.utilization.step(seconds)
         shard.steps_done += 1
         shard.loss = loss
-        s.trained(x.numel(), loss, seconds)
+        # a shard earns its own tokens, no more: the last batch may reach past them
+        tokens = min(x.numel(), shard.tokens - shard.counted)
+        shard.counted += tokens
+        s.trained(shard.lease_id, tokens, x.numel(), loss, seconds)
         if shard.steps_done >= shard.steps_needed:
             with s.lock:
                 s.completed.append((shard.lease_id, shard.tokens, loss))
+                s.unannounced.append(shard.lease_id)
                 s.shard = None
 
     # --- the end of a round ---
@@ -268,15 +272,22 @@ class Worker:
     def _sync_round(self):
         """The round is averaging: contribute our pseudo-gradient, take the outer step, check."""
         s = self.shared
-        with s.lock:
-            r, round_tokens = s.round, s.round_tokens
+        r = s.round
         s.set("averaging", f"averaging round {r} with the swarm")
-        grad = self.contribution(pseudo_gradient(self.theta, theta_views(self.model)), r)
-        if not all(torch.isfinite(g).all() for g in grad.values()):
-            log.warning("round %d: our pseudo-gradient is not finite; the swarm will reject it", r)
-        outcome = self.averager.average(grad, weight=round_tokens, round_=r, worker_id=self.worker_id,
-                                        timeout=self.cfg.averaging_timeout,
-                                        give_up=lambda: self.stopping.is_set() or self.shared.view.round > r)
+        group = self._averaging_group(r)
+        if group is None:
+            return  # stopping, or the round moved on without us (the loop resynchronizes)
+        if group.state != "member":
+            log.warning("round %d: %s", r, group.detail)
+            outcome = Outcome(False, error=group.detail)
+        else:
+            grad, weight = self.contribution(pseudo_gradient(self.theta, theta_views(self.model)), group.weight, r)
+            if not all(torch.isfinite(g).all() for g in grad.values()):
+                log.warning("round %d: our pseudo-gradient is not finite; the swarm will reject it", r)
+            outcome = self.contributor.contribute(
+                grad, group_id=group.group_id, reducer=self.cfg.coordinator_peer_id,
+                reducer_maddrs=list(group.reducer_maddrs), weight=weight, timeout=self.cfg.averaging_timeout,
+                give_up=lambda: self.stopping.is_set() or self.shared.view.round > r)
         if self.stopping.is_set():
             return  # leaving: the teardown gives the leases back
         if outcome.ok:
@@ -287,12 +298,11 @@ class Worker:
         if result.included:
             with s.lock:
                 completed = list(s.completed)
-            for lease_id, tokens, loss in completed:
-                self.client.call("ReportShard", pb.ReportRequest(lease_id=lease_id, round=r, tokens=tokens,
-                                                                 loss=loss or 0.0))
+            for lease_id, _, loss in completed:
+                self.client.call("ReportShard", pb.ReportRequest(lease_id=lease_id, round=r, loss=loss or 0.0))
         else:
             self._give_back(f"round {r} did not include our contribution ({result.detail or result.state})")
-        s.next_round(r + 1, contributed=round_tokens if result.included else 0)
+        s.next_round(r + 1, contributed=group.weight if result.included else 0)
         self.utilization.synced()
         if self.pause.finishing.is_set():
             return
@@ -307,6 +317,23 @@ class Worker:
         else:
             log.warning("round %d: theta differs from the coordinator's; resynchronizing", r)
             self._sync_from_checkpoint()
+
+    def _averaging_group(self, r):
+        """Our place in round r's averaging group, as the coordinator decided it; None if we stop or
+        the round is over."""
+        while not self.stopping.is_set():
+            req = pb.AveragingGroupRequest(round=r)
+            req.lease_tokens.extend(self.shared.lease_tokens())  # our final claims: our weight
+            group = self.client.call("GetAveragingGroup", req)
+            if group.state == "over":
+                return None
+            if group.state == "member" and group.reducer_peer_id != self.cfg.coordinator_peer_id:
+                group.state, group.detail = "not_member", ("the coordinator named another reducer than the hivemind "
+                                                           "peer it gave us at join; not sending")
+            if group.state != "wait":
+                return group
+            self._sleep(group.retry_after or 0.2)
+        return None
 
     def _round_result(self, r):
         while True:
@@ -335,12 +362,20 @@ class Worker:
 
     # --- theta ---
 
-    def _sync_from_checkpoint(self):
+    def _sync_from_checkpoint(self, tries=5):
         self.shared.set("syncing", "downloading theta_global from the coordinator")
-        self.theta, self.momentum, round_, meta, digest = download.theta(self.client)
+        for attempt in range(tries):
+            try:
+                self.theta, self.momentum, round_, meta, digest = download.theta(self.client)
+                break
+            except UserError as e:  # e.g. a round committed mid-download: try again
+                if attempt == tries - 1:
+                    raise
+                log.warning("%s; downloading again", e)
+                self._sleep(2 ** attempt)
         self.tokens_trained = int(meta.get("tokens_trained", 0))
         with self.shared.lock:
-            self.shared.round, self.shared.round_tokens = round_, 0
+            self.shared.round, self.shared.round_tokens, self.shared.round_leases = round_, 0, {}
         self._load_theta_into_model()
         log.info("synchronized to round %d (theta %s...)", round_, digest[:12])
 

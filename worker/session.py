@@ -13,14 +13,16 @@ log = logging.getLogger("gptswarm.worker")
 FILE = "session.json"
 
 
-def join_or_resume(client, state_dir, *, name, device, client_mode):
-    """(worker_id, run config) after resuming the saved session, or after joining afresh."""
+def join_or_resume(client, state_dir, *, name, device, peer_id):
+    """(worker_id, run config) after resuming the saved session, or after joining afresh; either
+    way the coordinator then knows peer_id as the hivemind peer that sends our contributions."""
     resumed = resume(client, state_dir)
     if resumed is not None:
         worker_id, cfg = resumed
+        client.call("RegisterPeer", pb.RegisterPeerRequest(peer_id=peer_id))
         log.info("resuming as %s (%s) in run %s", worker_id, name, cfg.run_id)
         return worker_id, cfg
-    joined = client.join(name, device, client_mode)
+    joined = client.join(name, device, peer_id)
     cfg = client.call("GetRunConfig", pb.RunConfigRequest())
     save(state_dir, client, joined.worker_id, cfg.run_id)
     return joined.worker_id, cfg

@@ -5,6 +5,8 @@ read and write goes through the lock."""
 import threading
 from dataclasses import dataclass
 
+from gptswarm.proto import gptswarm_pb2 as pb
+
 
 @dataclass
 class LeasedShard:
@@ -14,6 +16,7 @@ class LeasedShard:
     batches: object  # mingpt_core.data.Batches over this shard alone
     steps_needed: int
     steps_done: int = 0
+    counted: int = 0  # of its tokens, how many this worker counted as trained (in its round tokens)
     loss: float = None
 
 
@@ -23,11 +26,13 @@ class SharedState:
         self.state, self.reason = "joining", ""
         self.round = 0
         self.round_tokens = 0  # tokens trained in self.round so far
+        self.round_leases = {}  # lease_id -> tokens trained on it in self.round (what the coordinator credits)
         self.tokens_contributed = 0  # tokens of ours that rounds included
         self.tokens_per_second = 0.0  # moving average over training steps
         self.losses = []  # the last training losses
         self.shard = None  # the LeasedShard in training
         self.completed = []  # (lease_id, tokens, loss) trained in this round, reported after its average
+        self.unannounced = []  # ids of completed leases the coordinator has not been told of yet
         self.view = None  # the coordinator's last HeartbeatResponse
         self.lost = set()  # lease ids the coordinator no longer holds for us
 
@@ -46,13 +51,19 @@ class SharedState:
                 ids.append(self.shard.lease_id)
             return ids
 
-    def trained(self, tokens, loss, seconds):
-        """One training step of `tokens` done in `seconds`."""
+    def trained(self, lease_id, tokens, batch_tokens, loss, seconds):
+        """One training step on lease_id of batch_tokens in `seconds`, of which `tokens` count."""
         with self.lock:
             self.round_tokens += tokens
+            self.round_leases[lease_id] = self.round_leases.get(lease_id, 0) + tokens
             self.losses = (self.losses + [loss])[-50:]
-            tps = tokens / seconds
+            tps = batch_tokens / seconds
             self.tokens_per_second = 0.9 * self.tokens_per_second + 0.1 * tps if self.tokens_per_second else tps
+
+    def lease_tokens(self):
+        """The round's claims, as the coordinator takes them: [LeaseTokens]."""
+        with self.lock:
+            return [pb.LeaseTokens(lease_id=k, tokens=v) for k, v in self.round_leases.items()]
 
     def mean_loss(self):
         with self.lock:
@@ -67,6 +78,6 @@ class SharedState:
     def next_round(self, round_, contributed=0):
         """This round is over for us: the next one starts with nothing trained in it."""
         with self.lock:
-            self.round, self.round_tokens = round_, 0
+            self.round, self.round_tokens, self.round_leases = round_, 0, {}
             self.tokens_contributed += contributed
-            self.completed = []
+            self.completed, self.unannounced = [], []

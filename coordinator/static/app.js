@@ -65,7 +65,10 @@ function renderWorkers(workers, now) {
     st.append(el("span", w.state, "state " + w.state));
     if (w.reason) st.append(el("span", w.reason, "reason"));
     tr.append(st, el("td", w.device), el("td", fmt(w.tokens_per_second)), el("td", fmt(w.tokens_contributed)),
-              el("td", duration(now - w.last_seen) + " ago"), el("td", w.reachable ? "reachable" : "relayed"));
+              el("td", duration(now - w.last_seen) + " ago"));
+    const refused = el("td", "", "refused");
+    if (w.refused) refused.append(el("span", fmt(w.refused)), el("span", w.last_refusal, "reason"));
+    tr.append(refused);
     return tr;
   }));
 }

@@ -1,109 +1,173 @@
-"""Round averaging through hivemind, shared by the coordinator and the workers: every peer of a
-round's group ends with the same bits of the token-weighted average of the group's pseudo-gradients.
-Rounds are kept apart by the group key: the round number is the averager's group bits. What this
-changes inside hivemind lives in hivemind_ext.py."""
+"""Round averaging: every member of a round's group ends with the same bits of the weighted average
+of the group's pseudo-gradients.
 
+The coordinator decides each round's group from its ledger (who held leases in the round, with
+which registered hivemind peer id, and how many tokens the ledger credits it) and is its only
+reducer: RoundReducer runs the coordinator's side, RoundContributor a worker's. A worker learns
+its group id and the coordinator's peer id over gRPC, sends its compressed pseudo-gradient part
+by part to that peer only, and receives the average from it only. The all-reduce itself is
+hivemind's, adapted in hivemind_ext.py.
+"""
+
+import asyncio
+import secrets
 import time
 from dataclasses import dataclass, field
 
 import torch
 
-from gptswarm.errors import UserError
-from gptswarm.rounds.hivemind_ext import CODECS, SwarmDecentralizedAverager, hivemind, keep_sigint
+from gptswarm.rounds.hivemind_ext import CODECS, AveragingMode, RoundServicer, SwarmAllReduceRunner
+from hivemind.p2p import PeerID
+from hivemind.utils.asyncio import as_aiter, azip
 
-ROUND_BITS = 24
-
-
-def round_bits(round_):
-    return format(round_ % (1 << ROUND_BITS), f"0{ROUND_BITS}b")
+GROUP_ID_BYTES = 32
 
 
-def start_dht(listen="0.0.0.0:0", initial_peers=(), client_mode=False, announce_host=None, identity_path=None):
-    """A hivemind DHT peer. listen is HOST:PORT for incoming connections (ignored in client mode);
-    identity_path keeps the peer id across restarts (the coordinator's must not change)."""
-    host, _, port = listen.rpartition(":")
-    kwargs = {"identity_path": str(identity_path)} if identity_path else {}
-    if not client_mode:
-        kwargs["host_maddrs"] = [f"/ip4/{host or '0.0.0.0'}/tcp/{port or 0}"]
-        if announce_host:
-            kwargs["announce_maddrs"] = [f"/ip4/{announce_host}/tcp/{port}"]
-    try:
-        return hivemind.DHT(start=True, initial_peers=list(initial_peers), client_mode=client_mode, **kwargs)
-    except Exception as e:
-        raise UserError(f"cannot start the hivemind peer on {listen}: {str(e).splitlines()[0][:200]}") from None
+@dataclass
+class Group:
+    """A round's averaging group, as the coordinator decided it. A member's weight may still change
+    until it asks for the group (RoundReducer.set_weight), never after it started sending."""
+    round: int
+    members: dict  # peer id (base58) -> (worker_id, weight)
+    group_id: bytes = field(default_factory=lambda: secrets.token_bytes(GROUP_ID_BYTES))
 
 
 @dataclass
 class Outcome:
     ok: bool
     averaged: dict = field(default_factory=dict)
-    members: list = field(default_factory=list)  # what each groupmate sent with `gather`
-    rejected: dict = field(default_factory=dict)  # worker_id -> reason, as seen by this peer's reducer
+    included: dict = field(default_factory=dict)  # worker_id -> weight (the reducer's view: who is in the average)
+    rejected: dict = field(default_factory=dict)  # worker_id -> reason it was excluded
+    lies: dict = field(default_factory=dict)  # worker_id -> what its messages claimed beyond its weight
     bytes_sent: int = 0
     error: str = ""
 
 
-class SwarmAverager:
-    """Averages {name: tensor} dicts of a fixed schema with the other peers of the same round."""
+def _runner(node, tensors, *, prefix, compression, group_id, peer_ids, weight, sender_weights=None,
+            sender_timeout=None):
+    """A SwarmAllReduceRunner in which peer_ids[0] (the coordinator) reduces everything."""
+    n = len(peer_ids)
+    return SwarmAllReduceRunner(
+        p2p=node.p2p, servicer_type=RoundServicer, prefix=prefix, group_id=group_id, tensors=tensors, weight=weight,
+        ordered_peer_ids=[PeerID.from_base58(p) for p in peer_ids], peer_fractions=(1.0,) + (0.0,) * (n - 1),
+        modes=(AveragingMode.NODE,) + (AveragingMode.CLIENT,) * (n - 1), sender_weights=sender_weights,
+        compression=CODECS[compression](), sender_timeout=sender_timeout,
+        reducer_timeout=2 * sender_timeout if sender_timeout else None)
 
-    def __init__(self, dht, template, *, prefix, compression, client_mode, matchmaking_time,
-                 target_group_size=256, next_chunk_timeout=10.0):
-        """template: {name: tensor} of the averaged schema; prefix: the run's averaging namespace;
-        compression: a CODECS name; client_mode: follow only (never lead or reduce);
-        matchmaking_time: how long a leader keeps its group open; next_chunk_timeout: a peer that
-        stops sending for this long is dropped from the all-reduce instead of failing it."""
+
+class RoundReducer:
+    """The coordinator's side. node: its P2PNode; template: {name: tensor} of the averaged schema;
+    prefix: the run's namespace; compression: a CODECS name; sender_timeout: seconds a member may
+    stay silent (before it starts, or between parts) before it is excluded; on_refused(peer_id,
+    reason): hears of every peer turned away."""
+
+    def __init__(self, node, template, *, prefix, compression, sender_timeout, on_refused):
+        self.node, self.prefix, self.compression = node, prefix, compression
         self.names = list(template)
-        tensors = [torch.zeros(template[k].shape, dtype=torch.float32) for k in self.names]
-        with keep_sigint():
-            self.av = SwarmDecentralizedAverager(
-                tensors, dht, prefix=prefix, start=True, target_group_size=target_group_size, min_group_size=2,
-                min_matchmaking_time=matchmaking_time, request_timeout=max(0.5, matchmaking_time / 2),
-                next_chunk_timeout=next_chunk_timeout, compression=CODECS[compression](), client_mode=client_mode,
-                initial_group_bits=round_bits(0))
-        self.bytes_sent_total = 0
-        self.cancel_grace = max(0.5, matchmaking_time / 2) + 0.5  # one matchmaking request_timeout, and some
+        self.shapes = {k: template[k].shape for k in self.names}
+        self.sender_timeout = sender_timeout
+        self.servicer = RoundServicer(on_refused)
+        node.run(self.servicer.add_p2p_handlers(node.p2p, namespace=prefix))
 
-    def average(self, tensors, *, weight, round_, worker_id, timeout, give_up=None, group_size=None):
-        """Average `tensors` (weighted) with the round's group; gives up early once `give_up()` is
-        true. A leader given `group_size` closes the group once that many peers are in (else at the
-        end of its matchmaking window). Never raises for network trouble: the Outcome says what
-        happened."""
-        av = self.av
-        av.set_group_bits(round_bits(round_))
-        if group_size:
-            av.set_group_size(group_size)
-        with av.get_tensors() as local:
-            for t, k in zip(local, self.names):
-                t.copy_(tensors[k])
-        av.counters.drain_rejections()  # a late report of an earlier round
-        before = av.counters.bytes_sent.value
+    def set_weight(self, group, peer_id, weight):
+        """A member's final weight (before it sends anything)."""
+        worker_id = group.members[peer_id][0]
+        group.members[peer_id] = (worker_id, weight)
+        runner = self.servicer.runner
+        if runner is not None and runner.group_id == group.group_id:
+            runner.sender_weights[1 + list(group.members).index(peer_id)] = float(weight)
+
+    def reduce(self, group, timeout):
+        """Average the group's contributions; never raises for network trouble."""
         try:
-            control = av.step(weight=float(weight), timeout=timeout, wait=False,
-                              gather={"worker_id": worker_id, "round": round_, "tokens": int(weight)})
-            while not control.done():
-                if give_up is not None and give_up():
-                    control.cancel()
-                    # the cancel reaches the averager process asynchronously: let it drop the step
-                    # before anyone re-keys the averager for the next round
-                    time.sleep(self.cancel_grace)
-                    return Outcome(False, error="gave up: stopping, or the round is over")
-                time.sleep(0.05)
-            gathered = control.result()
-            error = "" if gathered else "no averaging group formed"
-        except Exception as e:  # matchmaking or all-reduce failure: the round goes on without us
-            gathered, error = None, f"averaging failed: {type(e).__name__}: {e}"[:300]
-        sent = av.counters.bytes_sent.value - before
-        self.bytes_sent_total += sent
-        if not gathered:
-            return Outcome(False, bytes_sent=sent, error=error)
-        by_peer = {str(p): g for p, g in gathered.items()}
-        members = [g for g in by_peer.values() if isinstance(g, dict)]
-        rejected = {by_peer.get(p, {}).get("worker_id", p): reason for p, reason in av.counters.drain_rejections()}
-        if any(m.get("round") != round_ for m in members):
-            return Outcome(False, members=members, bytes_sent=sent, error="group mixed several rounds")
-        with av.get_tensors() as local:
-            averaged = {k: t.clone() for k, t in zip(self.names, local)}
-        return Outcome(True, averaged, members, rejected, sent)
+            return self.node.run(asyncio.wait_for(self._reduce(group), timeout))
+        except asyncio.TimeoutError:
+            return Outcome(False, error=f"averaging took longer than {timeout:g} s")
+        except Exception as e:
+            return Outcome(False, error=f"averaging failed: {type(e).__name__}: {e}"[:300])
+
+    async def _reduce(self, group):
+        peers = list(group.members)
+        tensors = [torch.zeros(self.shapes[k], dtype=torch.float32) for k in self.names]
+        runner = _runner(self.node, tensors, prefix=self.prefix, compression=self.compression,
+                         group_id=group.group_id, peer_ids=[str(self.node.peer_id), *peers], weight=0.0,
+                         sender_weights=[0.0] + [float(group.members[p][1]) for p in peers],
+                         sender_timeout=self.sender_timeout)
+        self.servicer.runner = runner
+        try:
+            async for tensor, averaged in azip(as_aiter(*tensors), runner):
+                tensor.copy_(averaged)
+        finally:
+            self.servicer.runner = None
+        rejected, lies = {}, {}
+        for peer, reason in runner.rejections:
+            rejected[group.members[peer][0]] = reason
+        for peer, claimed in runner.claimed_weights.items():
+            worker_id, weight = group.members[str(peer)]
+            if claimed > weight:
+                lies[worker_id] = f"claimed weight {claimed:g} in round {group.round}'s averaging; the ledger credits {weight}"
+        for p in peers:
+            worker_id = group.members[p][0]
+            if worker_id not in rejected and not runner.sent_every_part(PeerID.from_base58(p)):
+                rejected[worker_id] = "did not send its whole contribution in time"
+        included = {w: weight for w, weight in group.members.values() if w not in rejected}
+        if not any(included.values()):
+            return Outcome(False, included={}, rejected=rejected, lies=lies, bytes_sent=runner.bytes_sent,
+                           error="no contribution with tokens reached the average")
+        return Outcome(True, dict(zip(self.names, tensors)), included, rejected, lies, runner.bytes_sent)
 
     def shutdown(self):
-        self.av.shutdown()
+        self.node.run(self.servicer.remove_p2p_handlers(self.node.p2p, namespace=self.prefix))
+
+
+class RoundContributor:
+    """A worker's side. node: its (outgoing-only) P2PNode; template, prefix, compression: as the
+    coordinator's RunConfig says."""
+
+    def __init__(self, node, template, *, prefix, compression):
+        self.node, self.prefix, self.compression = node, prefix, compression
+        self.names = list(template)
+        self.bytes_sent_total = 0
+
+    def contribute(self, tensors, *, group_id, reducer, reducer_maddrs, weight, timeout, give_up=None):
+        """Send `tensors` to the round's reducer (the coordinator's peer id, as gRPC said) and
+        return the average it sends back. Gives up early once `give_up()` is true; never raises for
+        network trouble: the Outcome says what happened."""
+        local = [tensors[k].detach().to("cpu", torch.float32).clone() for k in self.names]
+        try:
+            self.node.connect(reducer, reducer_maddrs)
+        except Exception as e:
+            return Outcome(False, error=f"cannot reach the coordinator's hivemind peer: {type(e).__name__}: {e}"[:300])
+        runners = []  # the runner is made on the node's event loop, where its asyncio parts live
+        future = asyncio.run_coroutine_threadsafe(
+            self._contribute(runners, local, prefix=self.prefix, compression=self.compression, group_id=group_id,
+                             peer_ids=[reducer, str(self.node.peer_id)], weight=float(weight)), self.node.loop)
+        deadline = time.monotonic() + timeout
+        while not future.done():
+            if (give_up is not None and give_up()) or time.monotonic() > deadline:
+                future.cancel()
+                sent = self._sent(runners)
+                return Outcome(False, bytes_sent=sent,
+                               error="gave up: stopping, or the round is over" if time.monotonic() <= deadline
+                               else f"averaging took longer than {timeout:g} s")
+            time.sleep(0.05)
+        sent = self._sent(runners)
+        try:
+            future.result()
+        except Exception as e:
+            return Outcome(False, bytes_sent=sent, error=f"averaging failed: {type(e).__name__}: {e}"[:300])
+        return Outcome(True, dict(zip(self.names, local)), bytes_sent=sent)
+
+    def _sent(self, runners):
+        sent = runners[0].bytes_sent if runners else 0
+        self.bytes_sent_total += sent
+        return sent
+
+    async def _contribute(self, runners, local, **kwargs):
+        runner = _runner(self.node, local, **kwargs)
+        runners.append(runner)
+        async for tensor, averaged in azip(as_aiter(*local), runner):
+            tensor.copy_(averaged)
+        container = runner.tensor_part_container
+        if container.failed_size:  # the reducer failed: part of "the average" would be only our own values
+            raise RuntimeError(f"lost {container.failed_size / container.total_size:.1%} of the average")

@@ -2,8 +2,9 @@
 
 A swarm checkpoint is the one checkpoint format (mingpt_core/checkpoint.py) holding theta_global
 after a round, with the outer optimizer's momentum in optimizer.safetensors
-(`outer.momentum.<name>`) and the round and tokens_trained in its metadata. theta_hash() is what
-workers compare with the coordinator's after every round.
+(`outer.momentum.<name>`) and the round and tokens_trained in its metadata. Each committed round
+has its directory, checkpoints/round-NNNNNN, and checkpoints/latest links to the newest one.
+theta_hash() is what workers compare with the coordinator's after every round.
 """
 
 import hashlib
@@ -34,22 +35,38 @@ def theta_hash(tensors):
     return h.hexdigest()
 
 
-def save_theta(state_dir, model, tokenizer, settings, *, round_, tokens_trained, momentum, extra_meta=None):
-    """Write checkpoints/latest for theta_global(round_) and keep a copy of the last few rounds."""
-    ckdir = Path(state_dir) / "checkpoints"
+def round_dir(state_dir, round_):
+    return Path(state_dir) / "checkpoints" / f"round-{round_:06d}"
+
+
+def latest_dir(state_dir):
+    """checkpoints/latest: a link to the newest committed round's directory."""
+    return Path(state_dir) / "checkpoints" / "latest"
+
+
+def save_round(state_dir, model, tokenizer, settings, *, round_, tokens_trained, momentum, extra_meta=None):
+    """Write theta_global(round_) to checkpoints/round-NNNNNN (atomically); `latest` is not touched
+    (point_latest does that once the round is committed)."""
     meta = {"round": round_, "tokens_trained": tokens_trained, "step": round_, "run_id": settings.run_id,
             **settings.task, "swarm": {"outer_lr": settings.outer_lr, "outer_momentum": settings.outer_momentum,
                                        "compression": settings.compression}, **(extra_meta or {})}
     extra = {MOMENTUM + k: v for k, v in momentum.items()}
-    checkpoint.save(ckdir / "latest", model, tokenizer, meta, extra)
-    keep = ckdir / f"round-{round_:06d}"
-    if not keep.exists():
-        tmp = ckdir / f".round-{round_:06d}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(ckdir / "latest", tmp)
-        os.replace(tmp, keep)
-    for old in sorted(ckdir.glob("round-*"))[:-KEEP_ROUNDS]:
-        shutil.rmtree(old, ignore_errors=True)
+    checkpoint.save(round_dir(state_dir, round_), model, tokenizer, meta, extra)
+
+
+def point_latest(state_dir, round_):
+    """Make checkpoints/latest point at round round_'s directory, atomically (a link renamed over the
+    old one), then drop old round directories (KEEP_ROUNDS are kept)."""
+    latest = latest_dir(state_dir)
+    tmp = latest.with_name(f".latest-{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(round_dir(state_dir, round_).name)
+    if latest.is_dir() and not latest.is_symlink():  # a state dir from before rounds had directories
+        shutil.rmtree(latest)
+    os.replace(tmp, latest)
+    for old in sorted(latest.parent.glob("round-*"))[:-KEEP_ROUNDS]:
+        if old.name != f"round-{round_:06d}":
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def load_theta(directory):

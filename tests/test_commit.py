@@ -1,0 +1,89 @@
+"""A round commits all or nothing: the coordinator's commit step, in process, with the failures
+injected at its boundaries (a poisoned average, a ledger that fails mid-commit, a crash between
+the ledger's commit and checkpoints/latest moving)."""
+
+import os
+
+import pytest
+import torch
+
+from gptswarm.coordinator.config import CoordinatorConfig
+from gptswarm.coordinator.ledger import Ledger
+from gptswarm.coordinator.run import new_run
+from gptswarm.coordinator.server import Coordinator
+from gptswarm.rounds.averaging import Outcome
+from gptswarm.rounds.theta import latest_dir, load_theta, round_dir, theta_hash
+
+
+class BrokenLedger(Ledger):
+    def commit_round(self, *args, **kwargs):
+        raise RuntimeError("disk full")
+
+
+@pytest.fixture
+def coord(tmp_path):
+    sd = tmp_path / "run"
+    new_run(sd, task="addition", model="gpt-nano", tokens_per_round=100, max_tokens=10**6)
+    c = Coordinator(sd, CoordinatorConfig())
+    worker_id, _ = c.ledger.add_worker(name="w", device="cpu", peer_id="QmW", current_round=0, round_started=False)
+    lease = c.ledger.lease(worker_id, 0)
+    c.ledger.clock = lambda: 10**10  # long after the round began: any claim is possible in time
+    c.ledger.claim(worker_id, 0, {lease["lease_id"]: 100})
+    yield c, worker_id
+    c.ledger.close()
+
+
+def average(c, value):
+    return Outcome(True, {k: torch.full_like(v, value) for k, v in c.theta.items()}, {})
+
+
+def state(c):
+    return c.round, c.theta_hash, c.tokens_trained, theta_hash(c.theta), os.readlink(latest_dir(c.state_dir))
+
+
+def test_a_poisoned_average_moves_nothing(coord):
+    c, w = coord
+    before = state(c)
+    outcome = average(c, float("nan"))
+    outcome.included = {w: 100}
+    with pytest.raises(ValueError, match="non-finite"):
+        c._commit(0, outcome, 1.0)
+    assert state(c) == before
+    assert not round_dir(c.state_dir, 1).exists()
+    assert c.ledger.round_rows(0)[0]["state"] == "training" and c.ledger.get_meta("tokens_trained") is None
+
+
+def test_a_failed_ledger_commit_leaves_the_previous_round(coord, tmp_path):
+    c, w = coord
+    before = state(c)
+    c.ledger.__class__ = BrokenLedger
+    outcome = average(c, 0.01)
+    outcome.included = {w: 100}
+    with pytest.raises(RuntimeError, match="disk full"):
+        c._commit(0, outcome, 1.0)
+    assert state(c) == before  # in memory
+    assert not round_dir(c.state_dir, 1).exists()  # and on disk
+    model, _, meta, _ = load_theta(latest_dir(c.state_dir))
+    assert meta["round"] == 0 and meta["tokens_trained"] == 0
+
+
+def test_a_commit_moves_everything_at_once_and_survives_a_crash(coord):
+    c, w = coord
+    old = theta_hash(c.theta)
+    outcome = average(c, 0.01)
+    outcome.included = {w: 100}
+    c._commit(0, outcome, 1.0)
+    assert c.round == 1 and c.tokens_trained == 100 and c.theta_hash == theta_hash(c.theta) != old
+    assert os.readlink(latest_dir(c.state_dir)) == "round-000001"
+    assert c.ledger.round_rows(1)[1]["theta_hash"] == c.theta_hash and c.ledger.get_meta("tokens_trained") == 100
+    # a crash between the ledger's commit and `latest` moving: the restart follows the ledger
+    latest = latest_dir(c.state_dir)
+    latest.unlink()
+    latest.symlink_to("round-000000")
+    c.ledger.close()
+    again = Coordinator(c.state_dir, CoordinatorConfig())
+    try:
+        assert again.round == 1 and again.theta_hash == c.theta_hash and again.tokens_trained == 100
+        assert os.readlink(latest_dir(c.state_dir)) == "round-000001"
+    finally:
+        again.ledger.close()
