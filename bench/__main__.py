@@ -30,11 +30,16 @@ from bench.swarm import MODEL, evaluate, gptswarm, run_swarm
 HERE = Path(__file__).resolve().parent
 
 # gptswarm runs: (label, compression, rounds this many times longer than tokens_per_round)
+# robustness runs (issue: a hostile worker cannot wreck the model): `honest` workers, plus one per attack
+ATTACKS = ("flip20", "scale100", "noise", "const", "replay", "nan")
 FULL = dict(tokens=1_536_000, tokens_per_round=48_000, hm_tokens=1_536_000, hm_target=192, hm_lr=2e-3, rate="20mbit",
             wan_target=2.6, swarms=(("fp16", "fp16", 1), ("8bit", "8bit", 1), ("none", "none", 1),
-                                    ("8bit, 4x longer rounds", "8bit", 4)))
+                                    ("8bit, 4x longer rounds", "8bit", 4)),
+            robust=dict(tokens=768_000, tokens_per_round=48_000, honest=3, attacks=ATTACKS))
+PARTS = ("single", "ddp", "swarm", "robustness", "hivemind", "wan")
 QUICK = dict(tokens=98_304, tokens_per_round=32_768, hm_tokens=49_152, hm_target=96, hm_lr=1.4e-3, rate="50mbit",
-             wan_target=3.2, swarms=(("fp16", "fp16", 1),))
+             wan_target=3.2, swarms=(("fp16", "fp16", 1),),
+             robust=dict(tokens=98_304, tokens_per_round=16_384, honest=2, attacks=("flip20",)))
 
 
 def machine():
@@ -73,7 +78,12 @@ def main():
     p.add_argument("--text", default=str(HERE.parent.parent / "shared" / "data" / "tinyshakespeare.txt"),
                    help="the training text (default: ../shared/data/tinyshakespeare.txt)")
     p.add_argument("--results", default=str(HERE / "results"), help="where latest.json, REPORT.md and the plots go")
+    p.add_argument("--only", metavar="PART[,PART]", help=f"run only these parts: {', '.join(PARTS)} (give another "
+                   "--results: a partial run's latest.json has only their figures)")
     args = p.parse_args()
+    only = set(args.only.split(",")) if args.only else set(PARTS)
+    if only - set(PARTS):
+        sys.exit(f"Error: unknown part(s) {', '.join(sorted(only - set(PARTS)))}; choose from {', '.join(PARTS)}")
     if not Path(args.text).is_file():
         sys.exit(f"Error: no such text file: {args.text} (pass --text)")
     text = str(Path(args.text).resolve())
@@ -119,6 +129,17 @@ def main():
                  compute_utilization=mean(s["compute_utilization_per_worker"], 4),
                  join_seconds=mean(s["join_seconds_per_worker"], 4))
 
+    def robustness():
+        plan_r = plan["robust"]
+        runs = {}
+        for label, aggregation, attack in [("clean", "robust", None), ("clean, plain mean", "mean", None),
+                                           *((a, "robust", a) for a in plan_r["attacks"])]:
+            s = run_swarm(text, plan_r["tokens"], work / f"robust{len(runs)}",
+                          plan_r["tokens_per_round"], workers=plan_r["honest"], aggregation=aggregation, hostile=attack,
+                          netns=False)
+            runs[label] = {k: v for k, v in s.items() if k != "history"}
+        r["robust"] = {"honest": plan_r["honest"], "tokens": plan_r["tokens"], "runs": runs}
+
     def hivemind_run():
         h = hivemind_opt.run(text, plan["hm_tokens"], work / "hivemind-opt", plan["hm_target"], plan["hm_lr"])
         r.update(loss_hivemind_opt=h["loss"], bytes_per_mtok_hivemind_opt=h["bytes_per_mtok"], hivemind_opt=h)
@@ -131,13 +152,11 @@ def main():
         w.update(ddp=d, swarm={k: v for k, v in s.items() if k != "history"})
         r.update(wan=w, wan_seconds_ddp=d["seconds_to_target"], wan_seconds_swarm=(s["reached"] or {}).get("seconds"))
 
-    part("one process", single)
-    if netns:
-        part("DDP", ddp_run)
-    part("gptswarm", swarm_runs)
-    if netns:
-        part("hivemind.Optimizer", hivemind_run)
-        part(f"slow links ({plan['rate']})", wan)
+    for name, fn, needs_netns in (("single", single, False), ("ddp", ddp_run, True), ("swarm", swarm_runs, False),
+                                  ("robustness", robustness, False), ("hivemind", hivemind_run, True),
+                                  ("wan", wan, True)):
+        if name in only and (netns or not needs_netns):
+            part(name, fn)
     if r.get("bytes_per_mtok_ddp") and r.get("bytes_per_mtok_swarm"):
         r["comm_reduction"] = round(r["bytes_per_mtok_ddp"] / r["bytes_per_mtok_swarm"], 1)
         for s in r["swarm"].values():

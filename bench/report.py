@@ -57,8 +57,35 @@ def goals(r):
     if j is not None:
         out.append(f"- **Join latency**: {j:.1f} s from `gptswarm worker --join` to the first trained batch "
                    f"(mean of the workers; a fresh state dir, so the throughput benchmark is included).")
+    out += robustness_goals(r)
     out.append("- **GPU** (gpt2 124M tokens/s and MFU): not measured, no GPU on this machine (bench/gpu.py when one is lent).")
     return "\n".join(out)
+
+
+def robustness_goals(r):
+    runs = r.get("robust", {}).get("runs", {})
+    clean, mean_ = runs.get("clean"), runs.get("clean, plain mean")
+    if not clean:
+        return []
+    out = []
+    hostile = {k: v for k, v in runs.items() if v.get("hostile_flagged") is not None}
+    gaps = {k: (v["loss_swarm"] - clean["loss_swarm"]) / clean["loss_swarm"] for k, v in hostile.items()}
+    worst = max(gaps.values(), default=None)
+    if worst is not None:
+        out.append(f"- **Robustness** (every hostile run within 2% of the clean run's validation loss): "
+                   f"{'met' if worst <= 0.02 else '**missed**'}: " + ", ".join(
+                       f"{k} {v:+.1%}" for k, v in gaps.items()) + f" (clean {clean['loss_swarm']:.4f}).")
+    if mean_ and mean_.get("round_seconds") and clean.get("round_seconds"):
+        cost = clean["round_seconds"] / mean_["round_seconds"] - 1
+        out.append(f"- **Robust rule's cost** (< 5% of round time): {'met' if cost < 0.05 else '**missed**'}: "
+                   f"{clean['round_seconds']:.2f} s per round against {mean_['round_seconds']:.2f} s with the plain "
+                   f"mean ({cost:+.1%}); coordinator CPU {clean['coordinator_cpu_seconds']} s against "
+                   f"{mean_['coordinator_cpu_seconds']} s.")
+    honest = sum(v.get("honest_flagged") or 0 for v in runs.values())
+    clean_honest = sum(v.get("honest_flagged") or 0 for k, v in runs.items() if k.startswith("clean"))
+    out.append(f"- **No honest worker flagged** in the clean runs: {'met' if clean_honest == 0 else '**missed**'} "
+               f"({clean_honest}; {honest} across all the robustness runs).")
+    return out
 
 
 def mean(xs, ndigits=None):
@@ -69,6 +96,10 @@ def mean(xs, ndigits=None):
 
 def percent(x):
     return "—" if x is None else f"{x:.1%}"
+
+
+def seconds(x):
+    return "—" if x is None else f"{x:.2f} s"
 
 
 def details(r):
@@ -92,7 +123,7 @@ def details(r):
         rows.insert(0, f"| one process, batch 24 | {r['loss_single']:.4f} | — | — | "
                        f"{r['tokens'] // (24 * 64)} steps | — | {r['single_seconds']:,.0f} s |")
     table = ("| run | validation loss | bytes sent per worker per M tokens | less than DDP | steps | compute share | wall |\n"
-             "|---|---|---|---|---|---|---|\n" + "\n".join(rows))
+             "|---|---|---|---|---|---|---|\n" + "\n".join(rows)) if rows else ""
     extra = []
     s = r.get("swarm", {}).get("fp16")
     if s:
@@ -106,7 +137,26 @@ def details(r):
         extra.append(f"Slow links: DDP reached the target at step {w['ddp'].get('step_reached')} "
                      f"({w['ddp']['bytes_per_mtok'] / 1e6:,.0f} MB per M tokens); gptswarm at round "
                      f"{(w['swarm'].get('reached') or {}).get('round')}.")
-    return table + "\n\n" + "\n\n".join(extra)
+    return table + "\n\n" + "\n\n".join(extra) + robustness_table(r)
+
+
+def robustness_table(r):
+    rob = r.get("robust")
+    if not rob:
+        return ""
+    rows = []
+    clean = rob["runs"].get("clean", {}).get("loss_swarm")
+    for label, s in rob["runs"].items():
+        flagged = ("—" if s.get("hostile_flagged") is None else
+                   f"{s['hostile_flagged']} of {s['hostile_rounds']} rounds" +
+                   (", quarantined" if s.get("hostile_quarantined") else ""))
+        rows.append(f"| {label} | {s['loss_swarm']:.4f} | {(s['loss_swarm'] - clean) / clean:+.1%} | {flagged} | "
+                    f"{s['honest_flagged']} | {s['rejected_rounds']} | {seconds(s['round_seconds'])} | "
+                    f"{seconds(s['averaging_seconds'])} | {seconds(s['coordinator_cpu_seconds'])} |")
+    return (f"\n\n### Robustness: {rob['honest']} honest workers, plus one hostile worker per attack "
+            f"(bench/hostile_worker.py), {rob['tokens']:,} tokens each\n\n"
+            "| run | validation loss | against clean | hostile flagged | honest flagged | rounds rejected | "
+            "round | averaging | coordinator CPU |\n|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows))
 
 
 def report(r):
@@ -159,7 +209,8 @@ def plot(r, folder):
     ax.set_xlabel("million tokens trained")
     ax.set_ylabel("validation loss")
     ax.set_title(f"char-level tinyshakespeare, {r['model'].rsplit(', ', 1)[0]}")
-    ax.legend(fontsize=7, loc="center right")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, loc="center right")
     fig.tight_layout()
     fig.savefig(folder / "loss.png", dpi=110)
     plt.close(fig)

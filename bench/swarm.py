@@ -15,6 +15,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -45,6 +46,17 @@ def json_records(path):
                 pass
 
 
+def cpu_seconds(pid):
+    """CPU seconds a process and its children (its p2p daemon) have used so far."""
+    import psutil
+
+    try:
+        p = psutil.Process(pid)
+        return round(sum(sum(q.cpu_times()[:2]) for q in [p, *p.children(recursive=True)]), 1)
+    except psutil.Error:
+        return None
+
+
 def done_rounds(sd):
     db = sqlite3.connect(f"file:{Path(sd) / 'ledger.sqlite'}?mode=ro", uri=True, timeout=5)
     try:
@@ -55,23 +67,27 @@ def done_rounds(sd):
 
 
 def run_swarm(text, tokens, sd, tokens_per_round=48_000, compression="fp16", outer_lr=0.7, outer_momentum=0.9,
-              shard_tokens=4096, batch=12, workers=2, netns=None, rate=None, target_loss=None, sender_timeout=3):
+              shard_tokens=4096, batch=12, workers=2, netns=None, rate=None, target_loss=None, sender_timeout=3,
+              aggregation="robust", hostile=None):
     """Coordinator and workers train to the token budget (or until a round's validation loss reaches
-    target_loss); the figures. netns: None = on a private network if root, else loopback."""
+    target_loss); the figures. netns: None = on a private network if root, else loopback; hostile:
+    an attack of bench/hostile_worker.py, run by one more worker that joins after the first round."""
     sd = Path(sd)
     sd.mkdir(parents=True, exist_ok=True)
     netns = available() if netns is None else netns
-    net = Net(workers + 1, rate=rate) if netns else None
+    hosts = workers + 1 + bool(hostile)
+    net = Net(hosts, rate=rate) if netns else None
     host = net.addrs[0] if net else "127.0.0.1"
     on = (lambda i, argv: net.exec(i, argv)) if net else (lambda i, argv: argv)
     with net or contextlib.nullcontext():
-        before = [net.tx_bytes(i) for i in range(workers + 1)] if net else None
+        before = [net.tx_bytes(i) for i in range(hosts)] if net else None
         t0 = time.time()
         coord = subprocess.Popen(on(0, [EXE, *map(str, [
             "coordinator", "--text", text, *MODEL, "--state-dir", sd, "--listen", f"{host}:0", "--p2p-listen",
             f"{host}:0", "--http", "127.0.0.1:0", "--token", "bench", "--batch-size", batch, "--lr", "1e-3",
             "--min-lr", "1e-4", "--warmup-iters", "100", "--tokens-per-round", tokens_per_round, "--max-tokens", tokens,
-            "--compression", compression, "--outer-lr", outer_lr, "--outer-momentum", outer_momentum,
+            "--compression", compression, "--aggregation", aggregation, "--outer-lr", outer_lr,
+            "--outer-momentum", outer_momentum,
             "--sender-timeout", sender_timeout, "--shard-tokens", shard_tokens])]), stderr=subprocess.PIPE, text=True)
         join = None
         log = open(sd / "coordinator.log", "w")
@@ -92,8 +108,16 @@ def run_swarm(text, tokens, sd, tokens_per_round=48_000, compression="fp16", out
                                                      str(sd / f"worker{i}")]),
                                           stdout=wlog, stderr=wlog, env={**os.environ, "OMP_NUM_THREADS": "1"}))
         reached = None
+        attacker = None
         while any(w.poll() is None for w in procs):  # workers leave when the run reaches its budget
             time.sleep(1)
+            if hostile and attacker is None and (sd / "ledger.sqlite").exists() and done_rounds(sd):
+                hlog = open(sd / "hostile.log", "w")
+                attacker = subprocess.Popen(on(hosts - 1, [sys.executable, "-m", "bench.hostile_worker", "--attack",
+                                                           hostile, "--join", join, "--token", "bench", "--name",
+                                                           "hostile", "--state-dir", str(sd / "hostile")]),
+                                            stdout=hlog, stderr=hlog, cwd=Path(__file__).resolve().parents[1],
+                                            env={**os.environ, "OMP_NUM_THREADS": "1"})
             if target_loss and (sd / "ledger.sqlite").exists():
                 hit = [r for r in done_rounds(sd) if r[2] is not None and r[2] <= target_loss]
                 if hit:
@@ -102,17 +126,37 @@ def run_swarm(text, tokens, sd, tokens_per_round=48_000, compression="fp16", out
                         w.terminate()
         for w in procs:
             w.wait()
+        failed = [i for i, w in enumerate(procs) if w.returncode not in (0, -signal.SIGTERM)]
+        if attacker is not None:
+            attacker.terminate()
+            attacker.wait()
+        cpu = cpu_seconds(coord.pid)
         coord.terminate()
         coord.wait()
         wall = time.time() - t0
         sent = [net.tx_bytes(i) - before[i] for i in range(workers + 1)] if net else None
+    if failed:
+        raise RuntimeError(f"worker(s) {failed} failed: see {sd}/worker{failed[0]}.log")
     out = {"swarm_seconds": round(wall, 1), "tokens_per_round": tokens_per_round, "compression": compression,
-           "rate": rate, "network": "namespaces" if net else "loopback"}
+           "aggregation": aggregation, "rate": rate, "network": "namespaces" if net else "loopback",
+           "coordinator_cpu_seconds": cpu}
     history = [list(r[:3]) for r in done_rounds(sd)]
     out["rounds"], out["tokens_swarm"], out["history"] = len(history), sum(r[1] for r in history), history
     db = sqlite3.connect(sd / "ledger.sqlite")
     # what each worker's averaging messages came to as they left the process, and (namespaces) at its interface
-    out["averaging_bytes_per_worker"] = [n for (n,) in db.execute("SELECT bytes_sent FROM workers ORDER BY name")]
+    out["averaging_bytes_per_worker"] = [n for (n,) in db.execute("SELECT bytes_sent FROM workers WHERE name != "
+                                                                  "'hostile' ORDER BY name")]
+    (out["round_seconds"], out["averaging_seconds"]), = db.execute(
+        "SELECT AVG(ended_at - started_at), AVG(averaging_seconds) FROM rounds WHERE state = 'done'")
+    out["rejected_rounds"] = db.execute("SELECT COUNT(*) FROM rounds WHERE state = 'rejected'").fetchone()[0]
+    flags = dict(db.execute("SELECT w.name = 'hostile', SUM(c.flagged) FROM contributions c JOIN workers w ON "
+                            "w.id = c.worker_id GROUP BY 1").fetchall())
+    out["honest_flagged"], out["hostile_flagged"] = flags.get(0, 0), flags.get(1, 0) if hostile else None
+    if hostile:
+        out["hostile_rounds"] = db.execute("SELECT COUNT(*) FROM contributions c JOIN workers w ON w.id = c.worker_id "
+                                           "WHERE w.name = 'hostile' AND c.included IS NOT NULL").fetchone()[0]
+        out["hostile_quarantined"] = db.execute("SELECT quarantined_at IS NOT NULL FROM workers WHERE name = "
+                                                "'hostile'").fetchone()[0] == 1
     db.close()
     if sent:
         out["wire_bytes_per_worker"], out["wire_bytes_coordinator"] = sent[1:], sent[0]
@@ -138,6 +182,8 @@ def main():
     p.add_argument("--outer-momentum", type=float, default=0.9)
     p.add_argument("--shard-tokens", type=int, default=4096, help="tokens per leased shard")
     p.add_argument("--sender-timeout", type=float, default=3.0)
+    p.add_argument("--aggregation", default="robust", choices=["robust", "mean"])
+    p.add_argument("--hostile", help="one more worker runs this attack (bench/hostile_worker.py)")
     p.add_argument("--loopback", action="store_true", help="do not use network namespaces even as root")
     p.add_argument("--rate", help="shape each host's link with tc tbf, e.g. 20mbit (needs namespaces)")
     p.add_argument("--target-loss", type=float, help="stop once a round's validation loss reaches this")
@@ -147,7 +193,7 @@ def main():
     out = run_swarm(str(Path(args.text).resolve()), args.tokens, Path(args.workdir).resolve(), args.tokens_per_round,
                     args.compression, args.outer_lr, args.outer_momentum, args.shard_tokens,
                     netns=False if args.loopback else None, rate=args.rate, target_loss=args.target_loss,
-                    sender_timeout=args.sender_timeout)
+                    sender_timeout=args.sender_timeout, aggregation=args.aggregation, hostile=args.hostile)
     print(json.dumps(out, indent=1))
 
 

@@ -14,7 +14,7 @@ from gptswarm.coordinator.config import CoordinatorConfig
 from gptswarm.coordinator.run import DEFAULT_PRESET, SWARM_TRAIN, RunSettings
 from gptswarm.logs import setup_logging
 from gptswarm.mingpt_core.model import PRESETS
-from gptswarm.rounds import COMPRESSIONS
+from gptswarm.rounds import AGGREGATIONS, COMPRESSIONS
 
 RUN = {f.name: f.default for f in dataclasses.fields(RunSettings)}
 PROC = CoordinatorConfig()
@@ -65,6 +65,9 @@ def wait_for_signal():
 @click.option("--max-tokens", type=int, default=RUN["max_tokens"], show_default=True, help="The run's token budget.")
 @click.option("--compression", type=click.Choice(COMPRESSIONS), default=RUN["compression"], show_default=True,
               help="How pseudo-gradients travel during averaging.")
+@click.option("--aggregation", type=click.Choice(AGGREGATIONS), default=RUN["aggregation"], show_default=True,
+              help="How the coordinator reduces them: robust (outliers left out, part by part, and flagged; "
+                   "docs/architecture.md) or mean (the plain token-weighted mean: only for swarms you trust).")
 @click.option("--outer-lr", type=float, default=RUN["outer_lr"], show_default=True,
               help="Outer Nesterov SGD learning rate.")
 @click.option("--outer-momentum", type=float, default=RUN["outer_momentum"], show_default=True,
@@ -90,13 +93,22 @@ def wait_for_signal():
               help="Seconds an averaging may take.")
 @click.option("--round-timeout", type=float, default=PROC.round_timeout, show_default=True,
               help="End a round after this many seconds even if it has fewer tokens.")
+@click.option("--quarantine-after", type=int, default=PROC.quarantine_after, show_default=True,
+              help="Quarantine a worker whose contribution was flagged in this many of its last "
+                   "--quarantine-window rounds (no leases, no averaging until `gptswarm quarantine --lift`).")
+@click.option("--quarantine-window", type=int, default=PROC.quarantine_window, show_default=True,
+              help="See --quarantine-after.")
+@click.option("--max-val-loss-rise", type=float, default=PROC.max_val_loss_rise, show_default=True,
+              help="Refuse a round whose validation loss is more than this fraction (plus 0.1) above the best of "
+                   "the last 5 rounds (theta and momentum stay; its shards go back).")
 @click.option("--lease-seconds", type=float, default=PROC.lease_seconds, show_default=True,
               help="A lease not extended by a heartbeat for this long expires and its shard is leased again.")
 @click.option("--json-logs", is_flag=True, help="Log one JSON object per line (for running as a service).")
 def coordinator(task, text, digits, tokenizer_kind, vocab_size, model, block_size, state_dir, listen, p2p_listen,
                 http_listen, announce_host, token, tokens_per_round, max_tokens, compression, outer_lr,
-                outer_momentum, batch_size, learning_rate, min_lr, warmup_iters, shard_tokens, heartbeat_interval,
-                sender_timeout, max_leases, averaging_timeout, round_timeout, lease_seconds, json_logs):
+                outer_momentum, aggregation, batch_size, learning_rate, min_lr, warmup_iters, shard_tokens,
+                heartbeat_interval, sender_timeout, max_leases, averaging_timeout, round_timeout, quarantine_after,
+                quarantine_window, max_val_loss_rise, lease_seconds, json_logs):
     """Run the coordinator of a swarm: prepare the data as shards, lease them to workers, end
     rounds and aggregate the workers' pseudo-gradients, keep theta_global and its checkpoints.
 
@@ -119,16 +131,19 @@ def coordinator(task, text, digits, tokenizer_kind, vocab_size, model, block_siz
         s = runs.new_run(state_dir, task=task, text=text, digits=digits, tokenizer_kind=tokenizer_kind,
                          vocab_size=vocab_size, model=model or DEFAULT_PRESET, block_size=block_size,
                          train_config=train, tokens_per_round=tokens_per_round, max_tokens=max_tokens,
-                         compression=compression, outer_lr=outer_lr, outer_momentum=outer_momentum,
-                         shard_tokens=shard_tokens)
+                         compression=compression, aggregation=aggregation, outer_lr=outer_lr,
+                         outer_momentum=outer_momentum, shard_tokens=shard_tokens)
         log.info("new run %s in %s", s.run_id, state_dir)
-    if max_leases < 1 or sender_timeout <= 0 or heartbeat_interval <= 0 or lease_seconds <= 0:
-        raise click.BadParameter("--max-leases, --sender-timeout, --heartbeat-interval and --lease-seconds must "
-                                 "be positive")
+    if min(max_leases, quarantine_after, quarantine_window) < 1 or min(sender_timeout, heartbeat_interval,
+                                                                       lease_seconds, max_val_loss_rise) <= 0:
+        raise click.BadParameter("--max-leases, --quarantine-after, --quarantine-window, --sender-timeout, "
+                                 "--heartbeat-interval, --lease-seconds and --max-val-loss-rise must be positive")
     config = CoordinatorConfig(listen=listen, p2p_listen=p2p_listen, http_listen=http_listen,
                                announce_host=announce_host or "", heartbeat_interval=heartbeat_interval,
                                lease_seconds=lease_seconds, sender_timeout=sender_timeout, max_leases=max_leases,
-                               averaging_timeout=averaging_timeout, round_timeout=round_timeout)
+                               averaging_timeout=averaging_timeout, round_timeout=round_timeout,
+                               quarantine_after=quarantine_after, quarantine_window=quarantine_window,
+                               max_val_loss_rise=max_val_loss_rise)
     coord = Coordinator(state_dir, config, token=token)
     try:
         coord.start()

@@ -38,7 +38,7 @@ CREATE TABLE IF NOT EXISTS workers (
     session_hash TEXT UNIQUE, joined_at REAL, last_seen REAL, left_at REAL,
     state TEXT, reason TEXT, tokens_per_second REAL DEFAULT 0, loss REAL,
     tokens_contributed INTEGER DEFAULT 0, bytes_sent INTEGER DEFAULT 0, eligible_round INTEGER DEFAULT 0,
-    active_since REAL);
+    active_since REAL, quarantined_at REAL, quarantine_reason TEXT);
 CREATE TABLE IF NOT EXISTS shards (
     idx INTEGER PRIMARY KEY, sha256 TEXT NOT NULL, tokens INTEGER NOT NULL,
     rank INTEGER NOT NULL DEFAULT 0,  -- lease order within the epoch (a seeded shuffle per epoch)
@@ -56,12 +56,12 @@ CREATE INDEX IF NOT EXISTS leases_active ON leases (state, deadline);
 CREATE INDEX IF NOT EXISTS leases_worker ON leases (worker_id, state);
 CREATE TABLE IF NOT EXISTS rounds (
     round INTEGER PRIMARY KEY, started_at REAL, ended_at REAL,
-    state TEXT NOT NULL,  -- training | averaging | done | failed
+    state TEXT NOT NULL,  -- training | averaging | done | failed | rejected
     tokens INTEGER DEFAULT 0, contributors INTEGER DEFAULT 0, theta_hash TEXT, loss REAL, val_loss REAL,
     averaging_seconds REAL, bytes_sent INTEGER, detail TEXT, group_size INTEGER);
 CREATE TABLE IF NOT EXISTS contributions (
     round INTEGER NOT NULL, worker_id TEXT NOT NULL, tokens INTEGER NOT NULL DEFAULT 0,
-    included INTEGER, reason TEXT, PRIMARY KEY (round, worker_id));
+    included INTEGER, reason TEXT, flagged INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (round, worker_id));
 CREATE TABLE IF NOT EXISTS refusals (
     worker_id TEXT NOT NULL, kind TEXT NOT NULL, n INTEGER NOT NULL, last_at REAL, last_detail TEXT,
     PRIMARY KEY (worker_id, kind));
@@ -76,6 +76,9 @@ MIGRATIONS = ["ALTER TABLE workers ADD COLUMN active_since REAL",
               "ALTER TABLE leases ADD COLUMN claim_round INTEGER",
               "ALTER TABLE leases ADD COLUMN reported_at REAL",
               "ALTER TABLE rounds ADD COLUMN group_size INTEGER",
+              "ALTER TABLE workers ADD COLUMN quarantined_at REAL",
+              "ALTER TABLE workers ADD COLUMN quarantine_reason TEXT",
+              "ALTER TABLE contributions ADD COLUMN flagged INTEGER NOT NULL DEFAULT 0",
               "UPDATE leases SET state = 'done', credited = tokens WHERE state = 'reported'"]
 
 ONLINE_HEARTBEATS = 3  # a worker is online while its last heartbeat is this many intervals old at most,
@@ -92,14 +95,17 @@ class Ledger:
     """lease_seconds: how long a lease lives without a heartbeat; heartbeat_interval: how often
     workers beat (it defines who is online); max_leases: active leases a worker may hold at once;
     max_tokens_per_second: the fastest a worker could possibly train (claims beyond are clamped);
-    clock: time source (tests pass a fake one)."""
+    quarantine_after, quarantine_window: a worker whose contribution was flagged in this many of
+    the last quarantine_window rounds it took part in is quarantined; clock: time source (tests pass
+    a fake one)."""
 
     def __init__(self, path, *, lease_seconds, heartbeat_interval, max_leases=2, max_tokens_per_second=float("inf"),
-                 clock=time.time):
+                 quarantine_after=2, quarantine_window=5, clock=time.time):
         self.path = str(path)
         self.lease_seconds = lease_seconds
         self.heartbeat_interval = heartbeat_interval
         self.max_leases = max_leases
+        self.quarantine_after, self.quarantine_window = quarantine_after, quarantine_window
         self.max_tokens_per_second = max_tokens_per_second
         self.clock = clock
         self.lock = threading.RLock()
@@ -274,6 +280,38 @@ class Ledger:
             n = self._release(db, worker_id, None)
             self.event("leave", f"returned {n} lease(s)", worker_id, db)
 
+    def quarantine_reason(self, worker_id):
+        """Why the worker is quarantined, or None."""
+        rows = self.query("SELECT quarantine_reason FROM workers WHERE id = ? AND quarantined_at IS NOT NULL",
+                          (worker_id,))
+        return rows[0]["quarantine_reason"] if rows else None
+
+    def quarantined_workers(self):
+        return self.query("SELECT id, name, quarantined_at, quarantine_reason FROM workers "
+                          "WHERE quarantined_at IS NOT NULL ORDER BY quarantined_at")
+
+    def lift_quarantine(self, worker_id):
+        """The operator lets a quarantined worker back in (its past flags are forgiven). False if it
+        was not quarantined."""
+        with self.tx() as db:
+            if not db.execute("UPDATE workers SET quarantined_at = NULL, quarantine_reason = NULL WHERE id = ? "
+                              "AND quarantined_at IS NOT NULL", (worker_id,)).rowcount:
+                return False
+            db.execute("UPDATE contributions SET flagged = 0 WHERE worker_id = ?", (worker_id,))
+            self.event("quarantine_lifted", "by the operator", worker_id, db)
+            return True
+
+    def _quarantine_if_repeated(self, db, worker_id):
+        flags = [r[0] for r in db.execute("SELECT flagged FROM contributions WHERE worker_id = ? AND included IS NOT NULL "
+                                          "ORDER BY round DESC LIMIT ?", (worker_id, self.quarantine_window))]
+        if sum(flags) >= self.quarantine_after:
+            reason = (f"contribution flagged in {sum(flags)} of its last {len(flags)} rounds "
+                      f"(at most {self.quarantine_after - 1} allowed)")
+            if db.execute("UPDATE workers SET quarantined_at = ?, quarantine_reason = ? WHERE id = ? "
+                          "AND quarantined_at IS NULL", (self.clock(), reason, worker_id)).rowcount:
+                self._release(db, worker_id, None)
+                self.event("quarantined", reason, worker_id, db)
+
     def online_after(self):
         """The one definition of an online worker: it has not left, and its last heartbeat came
         after this time."""
@@ -292,7 +330,7 @@ class Ledger:
     def workers_for_status(self):
         """Every worker, most tokens contributed first, with `online` and its refusals set."""
         rows = self.query("SELECT w.id, w.name, w.device, w.state, w.reason, w.tokens_per_second, "
-                          "w.tokens_contributed, w.last_seen, w.left_at, w.joined_at, w.bytes_sent, "
+                          "w.tokens_contributed, w.last_seen, w.left_at, w.joined_at, w.bytes_sent, w.quarantine_reason, "
                           "COALESCE(SUM(r.n), 0) AS refused, MAX(r.last_at) AS refused_at FROM workers w "
                           "LEFT JOIN refusals r ON r.worker_id = w.id GROUP BY w.id "
                           "ORDER BY w.tokens_contributed DESC, w.joined_at")
@@ -380,6 +418,10 @@ class Ledger:
         now = self.clock()
         with self.tx() as db:
             self._expire(db, now)
+            quarantine = db.execute("SELECT quarantine_reason FROM workers WHERE id = ? AND quarantined_at IS NOT NULL",
+                                    (worker_id,)).fetchone()
+            if quarantine is not None:
+                return f"quarantined: {quarantine[0]}; the operator can lift it"
             active = db.execute("SELECT COUNT(*) FROM leases WHERE worker_id = ? AND state = 'active'",
                                 (worker_id,)).fetchone()[0]
             if active >= self.max_leases:
@@ -424,13 +466,14 @@ class Ledger:
                 db.execute("UPDATE leases SET state = 'trained' WHERE id = ?", (lid,))
 
     def group_members(self, round_, since):
-        """The round's averaging group: every worker still in the swarm, with a registered peer id,
-        that held a lease since `since` (the round's start) or has verified tokens in it, and its
-        weight, the verified tokens. [(worker_id, peer_id, tokens)]"""
+        """The round's averaging group: every worker still in the swarm and not quarantined, with a
+        registered peer id, that held a lease since `since` (the round's start) or has verified
+        tokens in it, and its weight, the verified tokens. [(worker_id, peer_id, tokens)]"""
         return [(r["id"], r["peer_id"], r["tokens"]) for r in self.query(
             "SELECT w.id, w.peer_id, COALESCE(c.tokens, 0) AS tokens FROM workers w "
             "LEFT JOIN contributions c ON c.worker_id = w.id AND c.round = ? "
-            "WHERE w.left_at IS NULL AND w.peer_id IS NOT NULL AND w.peer_id != '' AND (c.tokens > 0 OR EXISTS ("
+            "WHERE w.left_at IS NULL AND w.quarantined_at IS NULL AND w.peer_id IS NOT NULL AND w.peer_id != '' "
+            "AND (c.tokens > 0 OR EXISTS ("
             "SELECT 1 FROM leases l WHERE l.worker_id = w.id AND (l.state IN ('active', 'trained') "
             "OR l.closed_at >= ? OR l.granted_at >= ?))) ORDER BY w.id", (round_, since, since))]
 
@@ -519,12 +562,12 @@ class Ledger:
             db.execute("UPDATE rounds SET state = ?, group_size = COALESCE(?, group_size) WHERE round = ?",
                        (state, group_size, round_))
 
-    def commit_round(self, round_, *, included, excluded, theta_hash, averaging_seconds, loss=None, val_loss=None,
-                     bytes_sent=None):
+    def commit_round(self, round_, *, included, excluded, theta_hash, averaging_seconds, flagged=(), loss=None,
+                     val_loss=None, bytes_sent=None):
         """Round round_ is done, all at once: included {worker_id: tokens} is credited (the budget,
         each worker's total, and its leases in grant order: a lease whose tokens are all credited is
         done, and so is its shard); excluded {worker_id: reason} gets nothing, and its leases go back;
-        round_ + 1 starts with theta_hash."""
+        those of them in `flagged` count towards quarantine; round_ + 1 starts with theta_hash."""
         tokens = sum(included.values())
         now = self.clock()
         with self.tx() as db:
@@ -537,23 +580,41 @@ class Ledger:
                            (round_, wid, t))
                 db.execute("UPDATE workers SET tokens_contributed = tokens_contributed + ? WHERE id = ?", (t, wid))
                 self._credit(db, wid, t, round_, now)
-            self._exclude(db, round_, excluded)
+            self._exclude(db, round_, excluded, flagged)
             total = json.loads((db.execute("SELECT value FROM meta WHERE key = 'tokens_trained'").fetchone()
                                 or ["0"])[0])
             self.set_meta("tokens_trained", total + tokens, db)
             self.start_round(round_ + 1, theta_hash, db)
 
-    def fail_round(self, round_, *, excluded, detail, averaging_seconds=None):
-        """Round round_ failed: nothing is credited, every member's leases go back, round_ + 1 starts
-        from the same theta."""
+    def fail_round(self, round_, *, excluded, detail, averaging_seconds=None, state="failed"):
+        """Round round_ failed (or its result was rejected: state "rejected"): nothing is credited,
+        every member's leases go back, round_ + 1 starts from the same theta. Flags count only in
+        rounds that committed: when nobody's contribution stood, the judgement of it is no better."""
         with self.tx() as db:
             row = db.execute("SELECT theta_hash FROM rounds WHERE round = ?", (round_,)).fetchone()
-            db.execute("UPDATE rounds SET ended_at = ?, state = 'failed', tokens = 0, contributors = 0, "
+            db.execute("UPDATE rounds SET ended_at = ?, state = ?, tokens = 0, contributors = 0, "
                        "averaging_seconds = ?, detail = ? WHERE round = ?",
-                       (self.clock(), averaging_seconds, detail[:300], round_))
-            self._exclude(db, round_, excluded)
-            self.event("round_failed", f"round {round_}: {detail}"[:300], None, db)
+                       (self.clock(), state, averaging_seconds, detail[:300], round_))
+            self._exclude(db, round_, excluded)  # its flags do not count: the round did not stand
+            self.event(f"round_{state}", f"round {round_}: {detail}"[:300], None, db)
             self.start_round(round_ + 1, row[0] if row else "", db)
+
+    def request_rollback(self, to_round):
+        """The operator asks for theta_global to go back to round to_round's (applied by the
+        coordinator between rounds, or at its next start)."""
+        self.set_meta("rollback_to", to_round)
+
+    def rollback(self, round_, *, to_round, theta_hash, tokens_trained):
+        """Apply a requested rollback: round round_ ends without a result, round round_ + 1 starts
+        from round to_round's theta (theta_hash), and the budget counts what that theta had trained."""
+        detail = f"rolled back to round {to_round}'s theta by the operator"
+        with self.tx() as db:
+            db.execute("UPDATE rounds SET ended_at = ?, state = 'failed', tokens = 0, contributors = 0, detail = ? "
+                       "WHERE round = ?", (self.clock(), detail, round_))
+            db.execute("DELETE FROM meta WHERE key = 'rollback_to'")
+            self.set_meta("tokens_trained", tokens_trained, db)
+            self.event("rollback", detail, None, db)
+            self.start_round(round_ + 1, theta_hash, db)
 
     def _credit(self, db, worker_id, tokens, round_, now):
         """Credit each of the worker's leases with what it claimed on it in round_ (up to `tokens`
@@ -572,13 +633,15 @@ class Ledger:
             else:
                 db.execute("UPDATE leases SET credited = credited + ?, claimed = 0 WHERE id = ?", (add, r["id"]))
 
-    def _exclude(self, db, round_, excluded):
+    def _exclude(self, db, round_, excluded, flagged=()):
         for wid, reason in excluded.items():
-            db.execute("INSERT INTO contributions (round, worker_id, tokens, included, reason) VALUES (?, ?, 0, 0, ?) "
-                       "ON CONFLICT (round, worker_id) DO UPDATE SET included = 0, reason = excluded.reason",
-                       (round_, wid, reason))
+            db.execute("INSERT INTO contributions (round, worker_id, tokens, included, reason, flagged) "
+                       "VALUES (?, ?, 0, 0, ?, ?) ON CONFLICT (round, worker_id) DO UPDATE SET included = 0, "
+                       "reason = excluded.reason, flagged = excluded.flagged", (round_, wid, reason, int(wid in flagged)))
             self.event("contribution_rejected", f"round {round_}: {reason}", wid, db)
             self._release(db, wid, None)
+            if wid in flagged:
+                self._quarantine_if_repeated(db, wid)
 
     def included(self, round_, worker_id):
         rows = self.query("SELECT included FROM contributions WHERE round = ? AND worker_id = ?", (round_, worker_id))
@@ -590,10 +653,15 @@ class Ledger:
         return {r["round"]: r for r in self.query(f"SELECT * FROM rounds WHERE round IN ({marks})", rounds)}
 
     def finished_rounds(self, limit):
-        """The last `limit` done or failed rounds, oldest first."""
+        """The last `limit` finished rounds (done, failed or rejected), oldest first."""
         return self.query("SELECT round, started_at, ended_at, state, tokens, contributors, loss, val_loss, "
-                          "averaging_seconds, bytes_sent, detail FROM rounds WHERE state IN ('done', 'failed') "
+                          "averaging_seconds, bytes_sent, detail FROM rounds WHERE state IN ('done', 'failed', 'rejected') "
                           "ORDER BY round DESC LIMIT ?", (limit,))[::-1]
+
+    def recent_val_losses(self, limit):
+        """The validation losses of the last `limit` committed rounds."""
+        return [r["val_loss"] for r in self.query("SELECT val_loss FROM rounds WHERE state = 'done' AND val_loss "
+                                                  "IS NOT NULL ORDER BY round DESC LIMIT ?", (limit,))]
 
     def round_counts(self):
         """{state: number of rounds}."""

@@ -6,7 +6,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from gptswarm.coordinator.service import WORKER_STATES
 from gptswarm.coordinator.status import snapshot
 
-WORKER_STATES = (*WORKER_STATES, "offline")
+WORKER_STATES = (*WORKER_STATES, "offline", "quarantined")
 HEALTH_STATES = ("healthy", "degraded", "stalled", "finished")
 
 
@@ -37,7 +37,7 @@ class SwarmCollector:
             yield gauge("gptswarm_val_loss", "Validation loss of theta_global after the last round", run["val_loss"])
         rounds = CounterMetricFamily("gptswarm_rounds", "Finished rounds by outcome", labels=["outcome"])
         counts = ledger.round_counts()
-        for outcome in ("done", "failed"):
+        for outcome in ("done", "failed", "rejected"):
             rounds.add_metric([outcome], counts.get(outcome, 0))
         yield rounds
         totals = ledger.averaging_totals()

@@ -27,7 +27,7 @@ from gptswarm.mingpt_core.data import ShardSet, read_text
 from gptswarm.mingpt_core.model import GPT, GPTConfig
 from gptswarm.mingpt_core.tasks import make_task
 from gptswarm.mingpt_core.trainer import TrainConfig
-from gptswarm.rounds import COMPRESSIONS
+from gptswarm.rounds import AGGREGATIONS, COMPRESSIONS
 from gptswarm.rounds.theta import point_latest, save_round
 
 DEFAULT_PRESET = "gpt-nano"
@@ -46,6 +46,7 @@ class RunSettings:
     tokens_per_round: int = 100_000  # a round ends when the swarm trained this many tokens in it
     max_tokens: int = 10_000_000  # the run's token budget
     compression: str = "fp16"  # how pseudo-gradients travel (COMPRESSIONS)
+    aggregation: str = "robust"  # how the coordinator reduces them (AGGREGATIONS)
     outer_lr: float = 0.7  # outer Nesterov SGD (DiLoCo's defaults)
     outer_momentum: float = 0.9
     shard_tokens: int = 16384  # tokens per leased shard
@@ -69,6 +70,8 @@ def new_run(state_dir, *, task=None, text=None, digits=2, tokenizer_kind="char",
     settings = RunSettings(uuid.uuid4().hex[:12], {}, {}, {}, extra={"preset": model}, **settings)
     if settings.compression not in COMPRESSIONS:
         raise UserError(f"unknown compression {settings.compression!r}; choose one of {', '.join(COMPRESSIONS)}")
+    if settings.aggregation not in AGGREGATIONS:
+        raise UserError(f"unknown aggregation {settings.aggregation!r}; choose one of {', '.join(AGGREGATIONS)}")
     if settings.tokens_per_round < 1 or settings.max_tokens < 1:
         raise UserError("--tokens-per-round and --max-tokens must be positive")
     t = make_task(task, text, digits, None, tokenizer_kind, vocab_size, block_size)

@@ -12,6 +12,7 @@ point); only then does the in-memory state move and checkpoints/latest point at 
 
 import copy
 import logging
+import math
 import shutil
 import threading
 import time
@@ -35,6 +36,13 @@ log = logging.getLogger("gptswarm.coordinator")
 # the fastest any one machine could train (a generous bound on a 2026 accelerator's dense FLOP/s):
 # a worker's claimed tokens per second of a round are clamped to this over the model's FLOPs per token
 MAX_WORKER_FLOPS = 1e16
+VAL_LOSS_WINDOW = 5  # the safety gate compares a round's validation loss with the best of this many before,
+VAL_LOSS_SLACK = 0.1  # plus this much (measured in clean runs: +15% between two rounds at a loss of 1.5; from
+#                       0.0001 to 0.006 near zero, where relative changes mean nothing)
+
+
+class RoundRejected(Exception):
+    """The round's new theta fails the safety gate: it is not committed."""
 
 
 class Coordinator:
@@ -51,7 +59,8 @@ class Coordinator:
         self.val_shards = self.shard_set.split("val")
         cfg = config
         self.ledger = Ledger(self.state_dir / "ledger.sqlite", lease_seconds=cfg.lease_seconds,
-                             heartbeat_interval=cfg.heartbeat_interval, max_leases=cfg.max_leases)
+                             heartbeat_interval=cfg.heartbeat_interval, max_leases=cfg.max_leases,
+                             quarantine_after=cfg.quarantine_after, quarantine_window=cfg.quarantine_window)
         # the round the ledger last committed (a crash can come between the commit and `latest` moving)
         committed = round_dir(self.state_dir, self.ledger.get_meta("round", 0))
         self.model, self.tokenizer, meta, self.momentum = load_theta(
@@ -62,16 +71,20 @@ class Coordinator:
         self.averaging_prefix = f"gptswarm-{self.settings.run_id}"
         # round state, under self.lock: the round loop writes it, gRPC and HTTP threads read it
         self.lock = threading.RLock()
-        self.round = int(meta.get("round", 0))
+        self.checkpoint_round = int(meta.get("round", 0))  # the round whose directory holds theta
         self.tokens_trained = int(meta.get("tokens_trained", 0))
         self.theta_hash = theta_hash(self.theta)
+        # rounds that failed after it kept its theta: go on from the ledger's round, if it has that theta
+        ledger_round = self.ledger.get_meta("round", 0)
+        same = self.ledger.round_rows(ledger_round).get(ledger_round, {}).get("theta_hash") == self.theta_hash
+        self.round = max(ledger_round, self.checkpoint_round) if same else self.checkpoint_round
         self.phase = "training"
         self.group = None  # the averaging Group of the current round, while it averages
         self.finished = self.tokens_trained >= self.settings.max_tokens
         self.val_loss = meta.get("val_loss")
         self.ledger.add_shards([(s.sha256, len(s)) for s in self.train_shards])
         self.ledger.recover(self.round, self.theta_hash)
-        point_latest(self.state_dir, self.round)
+        point_latest(self.state_dir, self.checkpoint_round)
         self.round_started_at = time.time()
         self._stop = threading.Event()
         self.node = self.reducer = self.server = self.http = self.thread = None
@@ -85,8 +98,8 @@ class Coordinator:
         self.node = P2PNode(listen=cfg.p2p_listen, announce_host=cfg.announce_host or None,
                             identity_path=self.state_dir / "p2p_identity.key")
         self.reducer = RoundReducer(self.node, self.theta, prefix=self.averaging_prefix,
-                                    compression=self.settings.compression, sender_timeout=cfg.sender_timeout,
-                                    on_refused=self._refused_peer)
+                                    compression=self.settings.compression, aggregation=self.settings.aggregation,
+                                    sender_timeout=cfg.sender_timeout, on_refused=self._refused_peer)
         self.server, self.port = make_server(self, cfg.listen)
         if cfg.http_listen:
             self.http = StatusServer(self, cfg.http_listen).start()
@@ -128,6 +141,8 @@ class Coordinator:
         with self.lock:
             if self.finished:
                 return False, "the run is finished"
+            if worker["quarantined_at"] is not None:
+                return False, f"quarantined: {worker['quarantine_reason']}; the operator can lift it"
             if worker["eligible_round"] > self.round:
                 return False, "waiting for the round: joined while this round was under way"
             if self.phase != "training":
@@ -176,7 +191,7 @@ class Coordinator:
     def open_checkpoint(self):
         """Open the current round's checkpoint files, with the round and theta hash they hold."""
         with self.lock:
-            d = round_dir(self.state_dir, self.round)
+            d = round_dir(self.state_dir, self.checkpoint_round)
             files = [(p.name, open(p, "rb")) for p in sorted(d.iterdir())]
             return files, self.round, self.theta_hash
 
@@ -191,6 +206,7 @@ class Coordinator:
         while not self._stop.wait(min(0.5, self.config.heartbeat_interval / 2)):
             try:
                 self.ledger.expire()
+                self._apply_rollback()
                 if self.finished:
                     continue
                 tokens = self.ledger.round_tokens(self.round)
@@ -201,6 +217,31 @@ class Coordinator:
                 log.exception("round %d failed", self.round)
                 with self.lock:
                     self.phase, self.group = "training", None
+
+    def _apply_rollback(self):
+        """If the operator asked for it (`gptswarm rollback`), go back to a kept round's theta."""
+        to_round = self.ledger.get_meta("rollback_to")
+        if to_round is None:
+            return
+        d = round_dir(self.state_dir, to_round)
+        if not d.is_dir():
+            self.ledger.set_meta("rollback_to", None)
+            log.warning("rollback to round %s refused: no checkpoint of that round is kept", to_round)
+            return
+        model, _, meta, momentum = load_theta(d)
+        theta = theta_views(model)
+        digest, tokens = theta_hash(theta), int(meta.get("tokens_trained", 0))
+        r = self.round
+        self.ledger.rollback(r, to_round=to_round, theta_hash=digest, tokens_trained=tokens)
+        with self.lock:
+            self.model, self.theta, self.momentum = model, theta, momentum
+            self.round, self.theta_hash, self.checkpoint_round = r + 1, digest, to_round
+            self.tokens_trained, self.val_loss = tokens, meta.get("val_loss")
+            self.finished = self.tokens_trained >= self.settings.max_tokens
+            self.round_started_at = time.time()
+        point_latest(self.state_dir, to_round)
+        log.warning("round %d: rolled back to round %d's theta (%s...), as the operator asked", r, to_round,
+                    digest[:12])
 
     def _epoch_drained(self):
         """No shard left to lease and nobody training: the epoch's last shards wait for this round's
@@ -221,30 +262,36 @@ class Coordinator:
         seconds = time.time() - t0
         for worker_id, lie in outcome.lies.items():
             self.ledger.refuse("weight_claimed", lie, worker_id)
-        detail = outcome.error
+        flagged = outcome.flagged
+        for worker_id in flagged:
+            log.warning("round %d: %s flagged: %s", r, worker_id, outcome.rejected.get(worker_id, ""))
+        detail, state = outcome.error, "failed"
         if outcome.ok:
             try:
-                return self._commit(r, outcome, seconds)
+                return self._commit(r, outcome, seconds, flagged)
+            except RoundRejected as e:
+                detail, state = str(e), "rejected"
             except Exception as e:  # nothing moved: the round fails as a whole
                 log.exception("round %d: commit failed", r)
                 detail = f"commit failed: {type(e).__name__}: {e}"
         excluded = {w: outcome.rejected.get(w, detail) for w, _ in group.members.values()}
-        self.ledger.fail_round(r, excluded=excluded, detail=detail, averaging_seconds=seconds)
-        log.warning("round %d failed: %s", r, detail)
+        self.ledger.fail_round(r, excluded=excluded, detail=detail, averaging_seconds=seconds, state=state)
+        log.warning("round %d %s: %s", r, state, detail)
         with self.lock:
             self.round, self.phase, self.group = r + 1, "training", None
             self.round_started_at = time.time()
 
-    def _commit(self, r, outcome, seconds):
+    def _commit(self, r, outcome, seconds, flagged):
         """Round r's average is in: the next theta, all or nothing (see the module's docstring)."""
         model = copy.deepcopy(self.model)
         theta = theta_views(model)
         momentum = {k: v.clone() for k, v in self.momentum.items()}
         outer_step(theta, momentum, outcome.averaged, self.settings.outer_lr, self.settings.outer_momentum)
         if not all(torch.isfinite(t).all() for t in theta.values()):
-            raise ValueError("the outer step made theta non-finite")
+            raise RoundRejected("the outer step made theta non-finite")
         tokens = sum(outcome.included.values())
         val_loss = self.evaluate(model)
+        self._check_val_loss(val_loss)
         losses = [w["loss"] for w in map(self.ledger.worker, outcome.included) if w and w["loss"] is not None]
         loss = sum(losses) / len(losses) if losses else None
         digest = theta_hash(theta)
@@ -252,8 +299,8 @@ class Coordinator:
                    tokens_trained=self.tokens_trained + tokens, momentum=momentum,
                    extra_meta={"val_loss": val_loss, "train_loss": loss})
         try:
-            self.ledger.commit_round(r, included=outcome.included, excluded=outcome.rejected, theta_hash=digest,
-                                     averaging_seconds=seconds, loss=loss, val_loss=val_loss,
+            self.ledger.commit_round(r, included=outcome.included, excluded=outcome.rejected, flagged=flagged,
+                                     theta_hash=digest, averaging_seconds=seconds, loss=loss, val_loss=val_loss,
                                      bytes_sent=outcome.bytes_sent)
         except BaseException:
             shutil.rmtree(round_dir(self.state_dir, r + 1), ignore_errors=True)
@@ -261,6 +308,7 @@ class Coordinator:
         with self.lock:  # the commit point has passed: move the in-memory state with it
             self.model, self.theta, self.momentum = model, theta, momentum
             self.round, self.theta_hash, self.phase, self.group = r + 1, digest, "training", None
+            self.checkpoint_round = r + 1
             self.tokens_trained += tokens
             self.val_loss = val_loss
             self.round_started_at = time.time()
@@ -270,6 +318,17 @@ class Coordinator:
                  tokens, val_loss, seconds)
         if self.finished:
             self.ledger.event("finished", f"run reached its budget of {self.settings.max_tokens} tokens")
+
+    def _check_val_loss(self, val_loss):
+        """The safety gate: a round whose theta evaluates much worse than the recent ones is refused."""
+        if not math.isfinite(val_loss):
+            raise RoundRejected(f"validation loss {val_loss}")
+        recent = self.ledger.recent_val_losses(VAL_LOSS_WINDOW)
+        if recent:
+            best = min(recent)
+            if val_loss > best * (1 + self.config.max_val_loss_rise) + VAL_LOSS_SLACK:
+                raise RoundRejected(f"validation loss {val_loss:.4f} is more than {self.config.max_val_loss_rise:.0%} "
+                                    f"(+{VAL_LOSS_SLACK}) above the best of the last {len(recent)} rounds ({best:.4f})")
 
     def evaluate(self, model):
         batches = eval_batches(self.val_shards, self.shard_set, model.config.block_size, 64, self.config.eval_tokens)

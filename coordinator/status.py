@@ -13,7 +13,9 @@ def worker_rows(coord, now):
     for w in coord.ledger.workers_for_status():
         online = w["online"]
         state, reason = w["state"] or "joining", w["reason"] or ""
-        if w["left_at"] is not None:
+        if w["quarantine_reason"]:
+            state, reason = "quarantined", w["quarantine_reason"]
+        elif w["left_at"] is not None:
             state, reason = "offline", "left the swarm"
         elif not online:
             state, reason = "offline", f"no heartbeat for {int(now - (w['last_seen'] or now))} s"
@@ -23,7 +25,7 @@ def worker_rows(coord, now):
             "tokens_contributed": w["tokens_contributed"] or 0, "bytes_sent": w["bytes_sent"] or 0,
             "last_seen": w["last_seen"], "seconds_since_seen": round(now - (w["last_seen"] or now), 1),
             "joined_at": w["joined_at"], "online": online,
-            "refused": w["refused"], "last_refusal": w["last_refusal"],
+            "refused": w["refused"], "last_refusal": w["last_refusal"], "quarantined": bool(w["quarantine_reason"]),
         })
     return out
 
@@ -39,9 +41,9 @@ def health(coord, workers, rounds, now):
     if coord.ledger.round_tokens(view["round"]) == 0 and now - last_progress > STALL_SECONDS:
         return "stalled", f"no tokens trained for {int(now - last_progress)} s"
     recent = now - RECENT_SECONDS
-    failed = [r for r in rounds if r["state"] == "failed" and (r["ended_at"] or 0) > recent]
+    failed = [r for r in rounds if r["state"] in ("failed", "rejected") and (r["ended_at"] or 0) > recent]
     if failed:
-        return "degraded", f"round {failed[-1]['round']} failed: {failed[-1]['detail'] or 'no averaging group'}"
+        return "degraded", f"round {failed[-1]['round']} {failed[-1]['state']}: {failed[-1]['detail'] or 'no averaging group'}"
     rejected = coord.ledger.count_events("contribution_rejected", since=recent)
     if rejected:
         return "degraded", f"{rejected} contribution(s) rejected in the last {RECENT_SECONDS // 60} minutes"

@@ -163,13 +163,13 @@ def export(directory, fmt, out, overwrite):
     click.echo(f"exported {directory} to {out} (Hugging Face GPT2LMHeadModel)")
 
 
+from gptswarm.coordinator.admin import quarantine, rollback  # noqa: E402
 from gptswarm.coordinator.cli import coordinator  # noqa: E402
 from gptswarm.demo import demo  # noqa: E402
 from gptswarm.worker.cli import worker  # noqa: E402
 
-cli.add_command(coordinator)
-cli.add_command(worker)
-cli.add_command(demo)
+for command in (coordinator, worker, demo, quarantine, rollback):
+    cli.add_command(command)
 
 
 def main():

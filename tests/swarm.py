@@ -14,19 +14,18 @@ from pathlib import Path
 
 EXE = str(Path(sys.executable).with_name("gptswarm"))
 JOIN = re.compile(r"gptswarm worker --join (\S+) --token (\S+)")
-FAST = ["--http", "127.0.0.1:0", "--tokens-per-round", "6000", "--sender-timeout", "2", "--heartbeat-interval", "0.5",
+FAST = ["--http", "127.0.0.1:0", "--tokens-per-round", "6000", "--sender-timeout", "4", "--heartbeat-interval", "0.5",
         "--lease-seconds", "4", "--shard-tokens", "2048", "--lr", "2e-3"]
 
 
 class Process:
     """args: the `gptswarm` command's arguments, or (exe=None) a whole command line."""
 
-    def __init__(self, args, env=None, exe=EXE):
+    def __init__(self, args, env=None, exe=EXE, cwd=None):
         self.args = args
         self.lines = []
         self.p = subprocess.Popen([*([exe] if exe else []), *map(str, args)], stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT,
-                                  text=True, bufsize=1, start_new_session=True,
+                                  stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=True, cwd=cwd,
                                   env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
         threading.Thread(target=self._pump, daemon=True).start()
 
@@ -93,10 +92,10 @@ def worker(join, name, *extra, token="sekrit", env=None):
 
 
 def hostile_worker(join, name, attack, token="sekrit"):
-    """A worker process whose contribution is tampered with (tests/hostile_worker.py)."""
-    args = [sys.executable, str(Path(__file__).with_name("hostile_worker.py")), "--attack", attack, "--join", join,
-            "--token", token, "--name", name, "--state-dir", tempfile.mkdtemp(prefix="gptswarm-hostile-")]
-    return Process(args, exe=None)
+    """A worker process whose contribution is tampered with (bench/hostile_worker.py)."""
+    args = [sys.executable, "-m", "bench.hostile_worker", "--attack", attack, "--join", join, "--token", token,
+            "--name", name, "--state-dir", tempfile.mkdtemp(prefix="gptswarm-hostile-")]
+    return Process(args, exe=None, cwd=Path(__file__).resolve().parents[1])
 
 
 def ledger(state_dir, sql, args=()):

@@ -12,15 +12,16 @@ from gptswarm.rounds.p2p import P2PNode
 TEMPLATE = {"a.weight": torch.zeros(300, 100), "b.bias": torch.zeros(77)}  # 30,077 floats
 
 
-@pytest.fixture(scope="module", params=["fp16", "8bit"])
+@pytest.fixture(scope="module", params=[("fp16", "mean"), ("8bit", "robust")], ids=["fp16-mean", "8bit-robust"])
 def swarm(request):
+    codec, aggregation = request.param
     refused = []
     coord = P2PNode(listen="127.0.0.1:0")
     workers = [P2PNode(), P2PNode()]  # outgoing only, as real workers
-    reducer = RoundReducer(coord, TEMPLATE, prefix="test", compression=request.param, sender_timeout=3.0,
-                           on_refused=lambda peer, reason: refused.append((peer, reason)))
-    contributors = [RoundContributor(n, TEMPLATE, prefix="test", compression=request.param) for n in workers]
-    yield request.param, reducer, contributors, refused
+    reducer = RoundReducer(coord, TEMPLATE, prefix="test", compression=codec, aggregation=aggregation,
+                           sender_timeout=3.0, on_refused=lambda peer, reason: refused.append((peer, reason)))
+    contributors = [RoundContributor(n, TEMPLATE, prefix="test", compression=codec) for n in workers]
+    yield codec, reducer, contributors, refused
     for n in (coord, *workers):
         n.shutdown()
 
@@ -40,20 +41,22 @@ def run_round(reducer, contributors, tensors, weights, claimed=None, round_=0):
 
 
 def filled(v):
-    return {k: torch.full_like(t, v) + torch.randn_like(t) * 0.01 for k, t in TEMPLATE.items()}
+    """A pseudo-gradient around v: two of them agree (cosine about 0.8), as honest ones do, without
+    being copies of each other."""
+    return {k: torch.full_like(t, v) + torch.randn_like(t) * 0.5 * v for k, t in TEMPLATE.items()}
 
 
 def test_weighted_identical_average_with_the_coordinators_weights(swarm):
     codec, reducer, contributors, _ = swarm
-    g1, g2 = filled(1.0), filled(4.0)
+    g1, g2 = filled(1.0), filled(1.5)  # norms per square root of weight within 3x: no clipping
     # the second worker claims an absurd weight in its messages: the coordinator's weights count
     red, outs = run_round(reducer, contributors, [g1, g2], [3, 1], claimed=[3, 1e9])
     assert red.ok and all(o.ok for o in outs), (red.error, [o.error for o in outs])
     assert red.included == {"w0": 3, "w1": 1} and not red.rejected
     expected = {k: (3 * g1[k] + g2[k]) / 4 for k in TEMPLATE}
-    tol = 0.01 if codec == "fp16" else 0.05
+    tol = 0.001 if codec == "fp16" else 0.02  # the codec's rounding
     for k in TEMPLATE:
-        assert (red.averaged[k] - expected[k]).abs().max() < tol
+        assert (red.averaged[k] - expected[k]).norm() < tol * expected[k].norm()
         # every peer holds the very same bits: they can all take the same outer step
         assert torch.equal(red.averaged[k], outs[0].averaged[k])
         assert torch.equal(red.averaged[k], outs[1].averaged[k])
@@ -74,7 +77,7 @@ def test_non_finite_contribution_is_excluded(swarm):
     assert red.rejected == {"w1": "non-finite values in its pseudo-gradient"} and red.included == {"w0": 5}
     for k in TEMPLATE:  # the average is the good worker's alone: the bad one did not move it
         assert torch.isfinite(red.averaged[k]).all()
-        assert (red.averaged[k] - good[k]).abs().max() < 0.05
+        assert (red.averaged[k] - good[k]).norm() < 0.02 * good[k].norm()
         assert torch.equal(red.averaged[k], outs[0].averaged[k])
 
 
@@ -86,9 +89,10 @@ def test_only_members_reach_the_average(swarm):
     try:
         node = reducer.node
         group = Group(2, {str(contributors[0].node.peer_id): ("w0", 2), str(contributors[1].node.peer_id): ("w1", 2)})
+        sent = filled(1.0)
         with ThreadPoolExecutor(3) as ex:
             red = ex.submit(reducer.reduce, group, 30)
-            member = ex.submit(contributors[0].contribute, filled(1.0), group_id=group.group_id,
+            member = ex.submit(contributors[0].contribute, sent, group_id=group.group_id,
                                reducer=str(node.peer_id), reducer_maddrs=node.maddrs(), weight=2, timeout=30)
             intruder = ex.submit(stranger.contribute, filled(1000.0), group_id=group.group_id,
                                  reducer=str(node.peer_id), reducer_maddrs=node.maddrs(), weight=2, timeout=30)
@@ -100,4 +104,4 @@ def test_only_members_reach_the_average(swarm):
     assert red.rejected == {"w1": "did not send its whole contribution in time"}  # w1 never showed up
     assert any(peer == str(stranger.node.peer_id) and "not a member" in reason for peer, reason in refused)
     for k in TEMPLATE:
-        assert (red.averaged[k] - 1.0).abs().max() < 0.05  # the intruder's 1000s are nowhere
+        assert (red.averaged[k] - sent[k]).norm() < 0.02 * sent[k].norm()  # the intruder's 1000s are nowhere

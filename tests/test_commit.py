@@ -10,9 +10,9 @@ import torch
 from gptswarm.coordinator.config import CoordinatorConfig
 from gptswarm.coordinator.ledger import Ledger
 from gptswarm.coordinator.run import new_run
-from gptswarm.coordinator.server import Coordinator
+from gptswarm.coordinator.server import Coordinator, RoundRejected
 from gptswarm.rounds.averaging import Outcome
-from gptswarm.rounds.theta import latest_dir, load_theta, round_dir, theta_hash
+from gptswarm.rounds.theta import kept, latest_dir, load_theta, round_dir, theta_hash, theta_views
 
 
 class BrokenLedger(Ledger):
@@ -46,8 +46,8 @@ def test_a_poisoned_average_moves_nothing(coord):
     before = state(c)
     outcome = average(c, float("nan"))
     outcome.included = {w: 100}
-    with pytest.raises(ValueError, match="non-finite"):
-        c._commit(0, outcome, 1.0)
+    with pytest.raises(RoundRejected, match="non-finite"):
+        c._commit(0, outcome, 1.0, set())
     assert state(c) == before
     assert not round_dir(c.state_dir, 1).exists()
     assert c.ledger.round_rows(0)[0]["state"] == "training" and c.ledger.get_meta("tokens_trained") is None
@@ -60,7 +60,7 @@ def test_a_failed_ledger_commit_leaves_the_previous_round(coord, tmp_path):
     outcome = average(c, 0.01)
     outcome.included = {w: 100}
     with pytest.raises(RuntimeError, match="disk full"):
-        c._commit(0, outcome, 1.0)
+        c._commit(0, outcome, 1.0, set())
     assert state(c) == before  # in memory
     assert not round_dir(c.state_dir, 1).exists()  # and on disk
     model, _, meta, _ = load_theta(latest_dir(c.state_dir))
@@ -72,7 +72,7 @@ def test_a_commit_moves_everything_at_once_and_survives_a_crash(coord):
     old = theta_hash(c.theta)
     outcome = average(c, 0.01)
     outcome.included = {w: 100}
-    c._commit(0, outcome, 1.0)
+    c._commit(0, outcome, 1.0, set())
     assert c.round == 1 and c.tokens_trained == 100 and c.theta_hash == theta_hash(c.theta) != old
     assert os.readlink(latest_dir(c.state_dir)) == "round-000001"
     assert c.ledger.round_rows(1)[1]["theta_hash"] == c.theta_hash and c.ledger.get_meta("tokens_trained") == 100
@@ -87,3 +87,42 @@ def test_a_commit_moves_everything_at_once_and_survives_a_crash(coord):
         assert os.readlink(latest_dir(c.state_dir)) == "round-000001"
     finally:
         again.ledger.close()
+
+
+def test_the_safety_gate_refuses_a_round_whose_loss_jumps(coord):
+    c, w = coord
+    good = average(c, 0.001)
+    good.included = {w: 100}
+    c._commit(0, good, 1.0, set())
+    before = state(c)
+    torch.manual_seed(0)
+    wrecked = Outcome(True, {k: torch.randn_like(v) * 2 for k, v in c.theta.items()}, {w: 100})  # finite, ruinous
+    with pytest.raises(RoundRejected, match="validation loss .* above the best of the last 1 rounds"):
+        c._commit(1, wrecked, 1.0, set())
+    assert state(c) == before and not round_dir(c.state_dir, 2).exists()
+
+
+def test_rollback_to_a_kept_round(coord):
+    c, w = coord
+    for r, value in enumerate((0.001, 0.002)):
+        outcome = average(c, value)
+        outcome.included = {w: 100}
+        c._commit(r, outcome, 1.0, set())
+    model1, _, meta1, _ = load_theta(round_dir(c.state_dir, 1))
+    c.ledger.request_rollback(1)
+    c._apply_rollback()
+    assert c.round == 3 and c.checkpoint_round == 1 and c.tokens_trained == meta1["tokens_trained"] == 100
+    assert c.theta_hash == theta_hash(theta_views(model1))
+    assert os.readlink(latest_dir(c.state_dir)) == "round-000001"
+    rows = c.ledger.round_rows(2, 3)
+    assert rows[2]["state"] == "failed" and "rolled back" in rows[2]["detail"] and rows[3]["theta_hash"] == c.theta_hash
+    assert c.ledger.get_meta("rollback_to") is None
+    files, round_, digest = c.open_checkpoint()  # what a worker downloads now
+    for _, f in files:
+        f.close()
+    assert round_ == 3 and digest == c.theta_hash
+
+
+def test_checkpoints_are_kept_at_exponential_spacing():
+    assert kept(range(100), 99) == {0, 1, 2, 4, 8, 16, 32, 64, 97, 98, 99}
+    assert kept([0, 1, 2, 3], 1) == {0, 1, 2, 3}

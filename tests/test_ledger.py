@@ -255,3 +255,20 @@ def test_group_members_are_whoever_can_bring_tokens(ledger):
     ledger.leave(b)
     assert [m[0] for m in ledger.group_members(0, start)] == [a]
     assert [m[0] for m in ledger.group_members(0, ledger.clock_.t + 1)] == [a]  # a still holds its lease
+
+
+def test_flags_count_towards_quarantine_only_in_rounds_that_stood(tmp_path):
+    led = Ledger(tmp_path / "q.sqlite", lease_seconds=60, heartbeat_interval=1.0, quarantine_after=2,
+                 quarantine_window=5)
+    led.start_round(0, "h")
+    w = join(led, "w")
+    for r in range(3):  # every member flagged and the round failed: the judge, not the members, is in doubt
+        led.fail_round(r, excluded={w: "flagged: left out of 4 of 4 parts"}, detail="no contribution reached it")
+    assert led.quarantine_reason(w) is None
+    led.commit_round(3, included={}, excluded={w: "flagged"}, flagged={w}, theta_hash="h", averaging_seconds=1)
+    assert led.quarantine_reason(w) is None  # once in its last 4 rounds
+    led.commit_round(4, included={}, excluded={w: "flagged"}, flagged={w}, theta_hash="h", averaging_seconds=1)
+    assert "flagged in 2 of its last 5 rounds" in led.quarantine_reason(w)
+    assert isinstance(led.lease(w, 5), str) and not led.group_members(5, 0)
+    assert led.lift_quarantine(w) and led.quarantine_reason(w) is None and not led.lift_quarantine(w)
+    led.close()

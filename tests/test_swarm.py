@@ -16,6 +16,7 @@ from gptswarm.proto import PROTOCOL_VERSION
 from gptswarm.proto import gptswarm_pb2 as pb
 from gptswarm.proto import gptswarm_pb2_grpc as pb_grpc
 from gptswarm.rounds.theta import load_theta, theta_hash
+from conftest import run_cli
 from swarm import coordinator, hostile_worker, join_address, ledger, wait_until, worker
 
 
@@ -222,3 +223,29 @@ def test_bad_tokens_versions_and_poisoned_contributions(tmp_path):
     model, _, meta, _ = load_theta(sd / "checkpoints" / "latest")
     assert all(t.isfinite().all() for t in checkpoint.model_tensors(model).values())  # the model did not move to NaN
     assert meta["val_loss"] < 2.0
+
+
+def test_operator_rolls_back_and_workers_follow(tmp_path):
+    sd = tmp_path / "state"
+    coord = coordinator(sd)
+    procs = [coord]
+    try:
+        join = join_address(coord)
+        ws = [worker(join, "w1"), worker(join, "w2")]
+        procs += ws
+        wait_until(lambda: len(rounds_done(sd)) >= 4, 120, "four rounds")
+        r = run_cli("rollback", "--state-dir", sd, "--to-round", "2")
+        assert r.returncode == 0, r.stderr
+        wait_until(lambda: ledger(sd, "SELECT round FROM rounds WHERE detail LIKE 'rolled back%'"), 30, "the rollback")
+        (rolled,), = ledger(sd, "SELECT round FROM rounds WHERE detail LIKE 'rolled back%'")
+        round2 = dict(ledger(sd, "SELECT round, theta_hash FROM rounds"))[2]
+        assert dict(ledger(sd, "SELECT round, theta_hash FROM rounds"))[rolled + 1] == round2
+        wait_until(lambda: rounds_done(sd)[-1][0] >= rolled + 2, 90, "rounds after the rollback")
+        for w in ws:  # each resynchronized to the rolled-back theta, then agreed with the coordinator again
+            synced = [int(n) for n in re.findall(r"synchronized to round (\d+)", w.output())]
+            assert any(n > rolled for n in synced), w.output()[-2000:]
+            wait_until(lambda: any(int(n) > rolled for n in re.findall(r"round (\d+) done: theta \w+\.\.\. agrees",
+                                                                      w.output())), 60, "a round agreed after")
+    finally:
+        for p in procs:
+            p.kill()

@@ -108,3 +108,15 @@ def test_control_socket_is_one_worker_per_state_dir(tmp_path):
     stale.close()
     assert (tmp_path / "control.sock").exists()
     ControlServer(tmp_path, lambda cmd: {}).close()  # is taken over, not mistaken for a running worker
+
+
+def test_control_socket_of_a_deep_state_dir(tmp_path):
+    """A state dir too deep for a Unix socket's path (108 bytes) still gets a control socket."""
+    from gptswarm.worker.control import ControlServer, send, socket_path
+
+    deep = tmp_path / ("x" * 60) / ("y" * 60)
+    server = ControlServer(deep, lambda cmd: {"cmd": cmd})
+    try:
+        assert len(str(socket_path(deep))) <= 100 and send(deep, "status") == {"cmd": "status"}
+    finally:
+        server.close()

@@ -2,25 +2,42 @@
 it through a Unix socket in its state directory (only this machine's users with access to that
 directory can). One JSON request per connection, one JSON answer."""
 
+import hashlib
 import json
 import os
 import socket
+import tempfile
 import threading
 from pathlib import Path
 
 from gptswarm.errors import UserError
 
 COMMANDS = ("status", "pause", "resume", "finish")
+MAX_SOCKET_PATH = 100  # a Unix socket's path must fit in 108 bytes
+
+
+def socket_path(state_dir):
+    """STATE_DIR/control.sock, or, where that path is too long for a Unix socket, a short one in a
+    private directory of this user's under the temporary directory, named after the state dir."""
+    path = Path(state_dir).resolve() / "control.sock"
+    if len(str(path).encode()) <= MAX_SOCKET_PATH:
+        return path
+    private = Path(tempfile.gettempdir()) / f"gptswarm-{os.getuid()}"
+    private.mkdir(mode=0o700, exist_ok=True)
+    if private.stat().st_uid != os.getuid() or private.stat().st_mode & 0o077:
+        raise UserError(f"{private} is not a private directory of yours; give the worker a shorter --state-dir")
+    return private / (hashlib.sha256(str(path).encode()).hexdigest()[:16] + ".sock")
 
 
 class ControlServer:
     def __init__(self, state_dir, handle):
-        self.path = Path(state_dir) / "control.sock"
+        Path(state_dir).mkdir(parents=True, exist_ok=True)
+        self.state_dir = Path(state_dir)
+        self.path = socket_path(state_dir)
         self.handle = handle  # fn(command) -> dict
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.exists():
             if ping(self.path):
-                raise UserError(f"another worker is already running with state directory {self.path.parent}")
+                raise UserError(f"another worker is already running with state directory {self.state_dir}")
             self.path.unlink()
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.bind(str(self.path))
@@ -69,7 +86,7 @@ def ping(path):
 
 def send(state_dir, cmd, timeout=10.0):
     """Send a command to the worker running with state_dir; its JSON answer."""
-    path = Path(state_dir) / "control.sock"
+    path = socket_path(state_dir)
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
             s.settimeout(timeout)

@@ -290,11 +290,16 @@ class Worker:
                 give_up=lambda: self.stopping.is_set() or self.shared.view.round > r)
         if self.stopping.is_set():
             return  # leaving: the teardown gives the leases back
-        if outcome.ok:
+        before = None
+        if outcome.ok:  # kept until the coordinator says whether the round committed
+            before = ({k: v.clone() for k, v in self.theta.items()}, {k: v.clone() for k, v in self.momentum.items()})
             outer_step(self.theta, self.momentum, outcome.averaged, self.cfg.outer_lr, self.cfg.outer_momentum)
         else:
             log.warning("round %d: %s", r, outcome.error)
         result = self._round_result(r)
+        if before is not None and result.state != "done":  # failed, or its theta was rejected: nothing moved
+            self.theta, self.momentum = before
+            log.warning("round %d %s: %s", r, result.state, result.detail)
         if result.included:
             with s.lock:
                 completed = list(s.completed)
@@ -312,7 +317,7 @@ class Worker:
             log.info("round %d done: theta %s... agrees with the coordinator (%d bytes sent)", r,
                      result.theta_hash[:12], outcome.bytes_sent)
             self.heartbeats.beat()  # learn that the next round is open now, not at the next heartbeat
-        elif not outcome.ok and result.state == "failed" and agrees:
+        elif result.state != "done" and agrees:
             self._load_theta_into_model()  # nothing moved anywhere: carry on from the same theta
         else:
             log.warning("round %d: theta differs from the coordinator's; resynchronizing", r)
@@ -338,7 +343,7 @@ class Worker:
     def _round_result(self, r):
         while True:
             res = self.client.call("GetRoundResult", pb.RoundResultRequest(round=r))
-            if res.state in ("done", "failed") or self.stopping.is_set():
+            if res.state in ("done", "failed", "rejected") or self.stopping.is_set():
                 return res
             self._sleep(0.2)
 

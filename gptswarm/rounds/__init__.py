@@ -4,3 +4,4 @@ hivemind (averaging.py, with the hivemind adaptation fenced in hivemind_ext.py),
 hivemind; its modules do."""
 
 COMPRESSIONS = ("none", "fp16", "8bit")  # how pseudo-gradients travel; hivemind_ext.CODECS implements each
+AGGREGATIONS = ("robust", "mean")  # how the coordinator reduces them: robust.py's rule, or the plain weighted mean

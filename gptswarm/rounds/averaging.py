@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from gptswarm.rounds.hivemind_ext import CODECS, AveragingMode, RoundServicer, SwarmAllReduceRunner
+from gptswarm.rounds.robust import History
 from hivemind.p2p import PeerID
 from hivemind.utils.asyncio import as_aiter, azip
 
@@ -39,30 +40,34 @@ class Outcome:
     included: dict = field(default_factory=dict)  # worker_id -> weight (the reducer's view: who is in the average)
     rejected: dict = field(default_factory=dict)  # worker_id -> reason it was excluded
     lies: dict = field(default_factory=dict)  # worker_id -> what its messages claimed beyond its weight
+    scores: dict = field(default_factory=dict)  # worker_id -> robust.PartScores (robust aggregation)
+    flagged: set = field(default_factory=set)  # worker_ids whose contribution was invalid or an outlier
     bytes_sent: int = 0
     error: str = ""
 
 
 def _runner(node, tensors, *, prefix, compression, group_id, peer_ids, weight, sender_weights=None,
-            sender_timeout=None):
+            sender_timeout=None, robust=None):
     """A SwarmAllReduceRunner in which peer_ids[0] (the coordinator) reduces everything."""
     n = len(peer_ids)
     return SwarmAllReduceRunner(
         p2p=node.p2p, servicer_type=RoundServicer, prefix=prefix, group_id=group_id, tensors=tensors, weight=weight,
         ordered_peer_ids=[PeerID.from_base58(p) for p in peer_ids], peer_fractions=(1.0,) + (0.0,) * (n - 1),
         modes=(AveragingMode.NODE,) + (AveragingMode.CLIENT,) * (n - 1), sender_weights=sender_weights,
-        compression=CODECS[compression](), sender_timeout=sender_timeout,
+        robust=robust, compression=CODECS[compression](), sender_timeout=sender_timeout,
         reducer_timeout=2 * sender_timeout if sender_timeout else None)
 
 
 class RoundReducer:
     """The coordinator's side. node: its P2PNode; template: {name: tensor} of the averaged schema;
-    prefix: the run's namespace; compression: a CODECS name; sender_timeout: seconds a member may
-    stay silent (before it starts, or between parts) before it is excluded; on_refused(peer_id,
-    reason): hears of every peer turned away."""
+    prefix: the run's namespace; compression: a CODECS name; aggregation: "robust" (robust.py) or
+    "mean" (the weighted mean); sender_timeout: seconds a member may stay silent (before it starts,
+    or between parts) before it is excluded; on_refused(peer_id, reason): hears of every peer
+    turned away."""
 
-    def __init__(self, node, template, *, prefix, compression, sender_timeout, on_refused):
+    def __init__(self, node, template, *, prefix, compression, aggregation, sender_timeout, on_refused):
         self.node, self.prefix, self.compression = node, prefix, compression
+        self.history = History() if aggregation == "robust" else None
         self.names = list(template)
         self.shapes = {k: template[k].shape for k in self.names}
         self.sender_timeout = sender_timeout
@@ -89,19 +94,25 @@ class RoundReducer:
     async def _reduce(self, group):
         peers = list(group.members)
         tensors = [torch.zeros(self.shapes[k], dtype=torch.float32) for k in self.names]
+        scores = {}
+        robust = None
+        if self.history is not None:
+            self.history.forget({w for w, _ in group.members.values()})
+            robust = dict(keys=[None] + [group.members[p][0] for p in peers], history=self.history, scores=scores)
         runner = _runner(self.node, tensors, prefix=self.prefix, compression=self.compression,
                          group_id=group.group_id, peer_ids=[str(self.node.peer_id), *peers], weight=0.0,
                          sender_weights=[0.0] + [float(group.members[p][1]) for p in peers],
-                         sender_timeout=self.sender_timeout)
+                         sender_timeout=self.sender_timeout, robust=robust)
         self.servicer.runner = runner
         try:
             async for tensor, averaged in azip(as_aiter(*tensors), runner):
                 tensor.copy_(averaged)
         finally:
             self.servicer.runner = None
-        rejected, lies = {}, {}
-        for peer, reason in runner.rejections:
+        rejected, lies, flagged = {}, {}, set()
+        for peer, reason in runner.rejections:  # not a pseudo-gradient at all: flagged
             rejected[group.members[peer][0]] = reason
+            flagged.add(group.members[peer][0])
         for peer, claimed in runner.claimed_weights.items():
             worker_id, weight = group.members[str(peer)]
             if claimed > weight:
@@ -110,11 +121,18 @@ class RoundReducer:
             worker_id = group.members[p][0]
             if worker_id not in rejected and not runner.sent_every_part(PeerID.from_base58(p)):
                 rejected[worker_id] = "did not send its whole contribution in time"
+        for worker_id, s in scores.items():
+            if s.flagged():
+                rejected.setdefault(worker_id, f"flagged: {s.summary()}")
+                flagged.add(worker_id)
+            elif s.mostly_left_out():
+                rejected.setdefault(worker_id, f"not in the average: {s.summary()}")
         included = {w: weight for w, weight in group.members.values() if w not in rejected}
         if not any(included.values()):
-            return Outcome(False, included={}, rejected=rejected, lies=lies, bytes_sent=runner.bytes_sent,
-                           error="no contribution with tokens reached the average")
-        return Outcome(True, dict(zip(self.names, tensors)), included, rejected, lies, runner.bytes_sent)
+            return Outcome(False, included={}, rejected=rejected, lies=lies, scores=scores, flagged=flagged,
+                           bytes_sent=runner.bytes_sent, error="no contribution with tokens reached the average")
+        return Outcome(True, dict(zip(self.names, tensors)), included, rejected, lies, scores, flagged,
+                       runner.bytes_sent)
 
     def shutdown(self):
         self.node.run(self.servicer.remove_p2p_handlers(self.node.p2p, namespace=self.prefix))

@@ -15,6 +15,8 @@ What the changes do:
   by the weight a message claims;
 - validation: the reducer excludes a sender whose part is malformed, not finite or absurdly large
   (as hivemind already excludes senders that time out), and reports it;
+- robust aggregation: the coordinator's reducer holds every sender's copy of a part and reduces
+  them with gptswarm/rounds/robust.py's rule instead of a weighted sum;
 - admission: only the group's members may send, each once (RoundServicer);
 - no partial results: a peer whose all-reduce lost the reducer's part fails instead of returning
   its own values as part of "the average";
@@ -30,6 +32,7 @@ import torch
 
 from gptswarm.errors import UserError
 from gptswarm.rounds import COMPRESSIONS
+from gptswarm.rounds.robust import aggregate_part
 
 warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"hivemind\..*")
 warnings.filterwarnings("ignore", message=".*Conversion of an array with ndim > 0 to a scalar.*")
@@ -43,7 +46,7 @@ if hivemind.__version__ != HIVEMIND_VERSION:
                     f"pip install hivemind=={HIVEMIND_VERSION}")
 
 from hivemind.averaging.allreduce import AllReduceRunner, AveragingMode  # noqa: E402
-from hivemind.averaging.partition import BannedException, TensorPartReducer  # noqa: E402
+from hivemind.averaging.partition import AllreduceException, BannedException, TensorPartReducer  # noqa: E402
 from hivemind.compression import (Float16Compression, NoCompression, Uniform8BitQuantization,  # noqa: E402
                                   deserialize_torch_tensor, serialize_torch_tensor)
 from hivemind.p2p import P2PContext, ServicerBase  # noqa: E402
@@ -55,7 +58,7 @@ assert tuple(CODECS) == COMPRESSIONS
 MAX_ABS = 1e4  # a pseudo-gradient entry beyond this is not a real contribution
 FIRST_MESSAGE_TIMEOUT = 10.0  # seconds a caller of rpc_aggregate_part has to say which group it is in
 
-__all__ = ["AveragingMode", "CODECS", "RoundServicer", "SwarmAllReduceRunner", "ValidatingReducer"]
+__all__ = ["AveragingMode", "CODECS", "RobustReducer", "RoundServicer", "SwarmAllReduceRunner", "ValidatingReducer"]
 
 
 class ValidatingReducer(TensorPartReducer):
@@ -81,33 +84,103 @@ class ValidatingReducer(TensorPartReducer):
             return f"pseudo-gradient entries beyond {MAX_ABS:g}"
         return None
 
-    async def accumulate_part(self, sender_index, part_index, tensor_part, weight=1.0):
+    def validate(self, sender_index, part_index, tensor_part, weight):
         if self.sender_failed_after[sender_index] == float("inf"):
             reason = self.reason_to_reject(part_index, tensor_part, weight)
             if reason is not None:
                 self.on_sender_failed(sender_index)
                 self.report.append((str(self.sender_peer_ids[sender_index]), reason))
                 raise BannedException(f"sender {sender_index} rejected: {reason}")
+
+    async def accumulate_part(self, sender_index, part_index, tensor_part, weight=1.0):
+        self.validate(sender_index, part_index, tensor_part, weight)
         return await super().accumulate_part(sender_index, part_index, tensor_part, weight=weight)
+
+
+class RobustReducer(ValidatingReducer):
+    """ValidatingReducer that holds every sender's copy of the current part and reduces them with
+    gptswarm/rounds/robust.py's rule instead of a running weighted sum. keys: a name per sender
+    (None: leave it out, as the coordinator's own zeros); weights: per sender (read when the part
+    is reduced); history and scores: robust.History and {key: robust.PartScores}."""
+
+    def __init__(self, part_shapes, num_senders, sender_peer_ids, report, *, keys, weights, history, scores):
+        self.received = {}
+        super().__init__(part_shapes, num_senders, sender_peer_ids, report)
+        self.keys, self.weights, self.history, self.scores = keys, weights, history, scores
+
+    def reset_accumulators(self):
+        # from hivemind/averaging/partition.py, TensorPartReducer.reset_accumulators; changed: the
+        # senders' copies of the part are kept (self.received) instead of a running sum
+        assert self.current_part_accumulated_from == self.num_current_senders or self.current_part_index == -1
+        if self.current_part_index >= self.num_parts - 1:
+            self.finalize()
+            return
+        self.current_part_index += 1
+        self.current_part_accumulated_from = 0
+        self.current_part_future = asyncio.Future()
+        self.num_current_senders = sum(self.current_part_index < failed for failed in self.sender_failed_after)
+        self.received = {}
+
+    async def accumulate_part(self, sender_index, part_index, tensor_part, weight=1.0):
+        # from hivemind/averaging/partition.py, TensorPartReducer.accumulate_part; changed: the part is
+        # validated first, then kept (not added to a sum)
+        self.validate(sender_index, part_index, tensor_part, weight)
+        assert 0 <= sender_index < self.num_senders, "invalid sender index"
+        self.num_parts_received[sender_index] += 1
+        while part_index > self.current_part_index:
+            await asyncio.wait({self.current_part_future, asyncio.create_task(self.finished.wait())},
+                               return_when=asyncio.FIRST_COMPLETED)
+            if self.finished.is_set():
+                raise AllreduceException(f"attempted to aggregate part in a finalized {self.__class__.__name__}")
+        if self.sender_failed_after[sender_index] != float("inf"):
+            raise BannedException(f"sender {sender_index} was banned in background")
+        assert part_index == self.current_part_index
+        current_part_future = self.current_part_future
+        if part_index < self.sender_failed_after[sender_index]:
+            self.received[sender_index] = tensor_part
+            self.current_part_accumulated_from += 1
+            self.check_current_part_finished()
+        return await current_part_future
+
+    def check_current_part_finished(self):
+        # from hivemind/averaging/partition.py, TensorPartReducer.check_current_part_finished; changed:
+        # the part is reduced by robust.aggregate_part over the senders with a key and a weight
+        assert self.current_part_accumulated_from <= self.num_current_senders
+        if self.current_part_accumulated_from == self.num_current_senders:
+            p = self.current_part_index
+            members = [i for i in sorted(self.received) if self.keys[i] is not None and self.weights[i] > 0
+                       and p < self.sender_failed_after[i]]
+            if members:
+                result = aggregate_part(p, [self.received[i] for i in members], [self.weights[i] for i in members],
+                                        [self.keys[i] for i in members], self.history, self.scores)
+            else:
+                result = torch.zeros(self.part_shapes[p])
+            self.current_part_future.set_result(result)
+            self.reset_accumulators()
 
 
 class SwarmAllReduceRunner(AllReduceRunner):
     """AllReduceRunner whose reducer hands every sender the same bytes: the compressed average, each
-    sender weighed by `sender_weights` (aligned with sender_peer_ids) when given.
+    sender weighed by `sender_weights` (aligned with sender_peer_ids) when given, reduced by the
+    robust rule when `robust` is given (RobustReducer's keys, history and scores).
 
     After a run: bytes_sent (this peer's messages), rejections [(peer id, reason)], and with
     sender_weights, claimed_weights {peer id: the weight its first message claimed}."""
 
-    def __init__(self, *, sender_weights=None, **kwargs):
+    def __init__(self, *, sender_weights=None, robust=None, **kwargs):
         super().__init__(**kwargs)
         self.sender_weights = sender_weights
         self.claimed_weights = {}
         self.bytes_sent = 0
         self.rejections = []
         self.tensor_part_container.return_deltas = False  # a failed reducer leaves our own values
-        self.tensor_part_reducer = ValidatingReducer(
-            tuple(p.shape for p in self.parts_for_local_averaging), len(self.sender_peer_ids),
-            self.sender_peer_ids, self.rejections)
+        shapes = tuple(p.shape for p in self.parts_for_local_averaging)
+        if robust is None:
+            self.tensor_part_reducer = ValidatingReducer(shapes, len(self.sender_peer_ids), self.sender_peer_ids,
+                                                         self.rejections)
+        else:  # {keys, history, scores}: robust aggregation, weighed by sender_weights
+            self.tensor_part_reducer = RobustReducer(shapes, len(self.sender_peer_ids), self.sender_peer_ids,
+                                                     self.rejections, weights=sender_weights, **robust)
         self._codec = self.tensor_part_container.compression.compression_type
         self._serialized = {}
 

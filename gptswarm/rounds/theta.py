@@ -16,7 +16,7 @@ import torch
 
 from gptswarm.mingpt_core import checkpoint
 
-KEEP_ROUNDS = 3  # copies of older rounds kept beside checkpoints/latest
+KEEP_ROUNDS = 3  # the newest round directories are all kept (and older ones at exponential spacing)
 MOMENTUM = "outer.momentum."
 
 
@@ -54,9 +54,22 @@ def save_round(state_dir, model, tokenizer, settings, *, round_, tokens_trained,
     checkpoint.save(round_dir(state_dir, round_), model, tokenizer, meta, extra)
 
 
+def kept(rounds, current):
+    """The round directories worth keeping: the current one, the last KEEP_ROUNDS, round 0 and every
+    power of two (exponentially spaced: a run of a million rounds keeps about twenty), the rounds
+    an operator can roll back to."""
+    rounds = sorted(rounds)
+    return {current, *rounds[-KEEP_ROUNDS:], *(r for r in rounds if r & (r - 1) == 0)}
+
+
+def kept_rounds(state_dir):
+    """The round numbers with a checkpoint directory."""
+    return sorted(int(d.name.split("-")[1]) for d in (Path(state_dir) / "checkpoints").glob("round-*"))
+
+
 def point_latest(state_dir, round_):
     """Make checkpoints/latest point at round round_'s directory, atomically (a link renamed over the
-    old one), then drop old round directories (KEEP_ROUNDS are kept)."""
+    old one), then drop the round directories not worth keeping (kept())."""
     latest = latest_dir(state_dir)
     tmp = latest.with_name(f".latest-{os.getpid()}")
     tmp.unlink(missing_ok=True)
@@ -64,9 +77,9 @@ def point_latest(state_dir, round_):
     if latest.is_dir() and not latest.is_symlink():  # a state dir from before rounds had directories
         shutil.rmtree(latest)
     os.replace(tmp, latest)
-    for old in sorted(latest.parent.glob("round-*"))[:-KEEP_ROUNDS]:
-        if old.name != f"round-{round_:06d}":
-            shutil.rmtree(old, ignore_errors=True)
+    rounds = kept_rounds(state_dir)
+    for r in set(rounds) - kept(rounds, round_):
+        shutil.rmtree(round_dir(state_dir, r), ignore_errors=True)
 
 
 def load_theta(directory):

@@ -1,0 +1,72 @@
+"""A hostile volunteer, for the attack tests and the robustness benchmark: the real `gptswarm
+worker` (the product's Worker: its heartbeats, leases and averaging) whose contribution is tampered
+with before it leaves. Nothing in the product knows about it.
+
+    python -m bench.hostile_worker --attack flip20 --join HOST:PORT --token T --name mallory --state-dir D
+
+Attacks (each on the pseudo-gradient g it computed honestly, of norm |g|):
+  flip20    -20 g                      scale100  100 g
+  noise     Gaussian noise of norm |g| const     a constant vector of norm |g| (every entry equal)
+  replay    what it sent the round before (its first honest g, again and again)
+  nan       NaN everywhere             heavy     g, but claiming a weight of a billion tokens
+"""
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from gptswarm.logs import setup_logging
+from gptswarm.worker.cli import run
+from gptswarm.worker.config import WorkerConfig
+from gptswarm.worker.loop import Worker
+
+
+def _norm(g):
+    return torch.sqrt(sum((v.float() ** 2).sum() for v in g.values()))
+
+
+def _filled(g, fill):
+    n = sum(v.numel() for v in g.values())
+    return {k: fill(v, n) for k, v in g.items()}
+
+
+ATTACKS = {
+    "flip20": lambda g, w, last: ({k: -20 * v for k, v in g.items()}, w),
+    "scale100": lambda g, w, last: ({k: 100 * v for k, v in g.items()}, w),
+    "noise": lambda g, w, last: (_filled(g, lambda v, n: torch.randn_like(v) * _norm(g) / n ** 0.5), w),
+    "const": lambda g, w, last: (_filled(g, lambda v, n: torch.full_like(v, float(_norm(g) / n ** 0.5))), w),
+    "replay": lambda g, w, last: (last if last is not None else g, w),
+    "nan": lambda g, w, last: ({k: torch.full_like(v, float("nan")) for k, v in g.items()}, w),
+    "heavy": lambda g, w, last: (g, 1e9),
+}
+
+
+class HostileWorker(Worker):
+    def __init__(self, config, attack):
+        super().__init__(config)
+        self.attack = ATTACKS[attack]
+        self.last = None  # what it sent the round before
+
+    def contribution(self, grad, weight, round_):
+        grad, weight = self.attack(grad, weight, self.last)
+        self.last = {k: v.clone() for k, v in grad.items()}
+        return grad, weight
+
+
+def main():
+    p = argparse.ArgumentParser(prog="python -m bench.hostile_worker", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--attack", choices=sorted(ATTACKS), required=True)
+    for opt in ("--join", "--token", "--name", "--state-dir"):
+        p.add_argument(opt, required=True)
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args()
+    setup_logging(json_logs=True)
+    torch.set_num_threads(args.threads)
+    config = WorkerConfig(join=args.join, token=args.token, name=args.name, device="cpu", state_dir=Path(args.state_dir))
+    run(HostileWorker(config, args.attack))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,63 @@
+"""The operator's commands on a run's state directory, whether its coordinator runs or not:
+`gptswarm quarantine` (who is quarantined, and lifting it) and `gptswarm rollback` (back to a kept
+round's theta). They write to the ledger; a running coordinator reads it between rounds."""
+
+import click
+
+from gptswarm.coordinator import run as runs
+from gptswarm.coordinator.config import CoordinatorConfig
+from gptswarm.coordinator.ledger import Ledger
+from gptswarm.errors import UserError
+from gptswarm.rounds.theta import kept_rounds
+
+STATE_DIR = click.option("--state-dir", required=True, type=click.Path(file_okay=False, exists=True),
+                         help="The run's state directory (the coordinator's --state-dir).")
+
+
+def open_ledger(state_dir):
+    runs.load_run(state_dir)  # a clear error if this is no run
+    cfg = CoordinatorConfig()
+    return Ledger(f"{state_dir}/ledger.sqlite", lease_seconds=cfg.lease_seconds,
+                  heartbeat_interval=cfg.heartbeat_interval)
+
+
+@click.command()
+@STATE_DIR
+@click.option("--lift", "lift", metavar="WORKER_ID", help="Let this quarantined worker back in.")
+def quarantine(state_dir, lift):
+    """List the workers quarantined for repeatedly flagged contributions, or lift one's quarantine.
+    A quarantined worker gets no lease and is left out of every round's averaging until lifted."""
+    ledger = open_ledger(state_dir)
+    try:
+        if lift:
+            if not ledger.lift_quarantine(lift):
+                raise UserError(f"worker {lift} is not quarantined (see `gptswarm quarantine --state-dir {state_dir}`)")
+            click.echo(f"lifted the quarantine of {lift}: it may lease shards and average again")
+            return
+        rows = ledger.quarantined_workers()
+        for w in rows:
+            click.echo(f"{w['id']}  {w['name']}: {w['quarantine_reason']}")
+        if not rows:
+            click.echo("no worker is quarantined")
+    finally:
+        ledger.close()
+
+
+@click.command()
+@STATE_DIR
+@click.option("--to-round", type=int, required=True, help="The round whose theta_global the run goes back to.")
+def rollback(state_dir, to_round):
+    """Take theta_global (and the outer momentum) back to a kept round's checkpoint. The coordinator
+    applies it between rounds (or at its next start): the round in progress ends without a result,
+    the next one starts from that theta, and workers follow through the theta hash check.
+    Kept: the last 3 rounds, round 0 and every power of two."""
+    rounds = kept_rounds(state_dir)
+    if to_round not in rounds:
+        raise UserError(f"no checkpoint of round {to_round} is kept; kept rounds: {', '.join(map(str, rounds))}")
+    ledger = open_ledger(state_dir)
+    try:
+        ledger.request_rollback(to_round)
+    finally:
+        ledger.close()
+    click.echo(f"rollback to round {to_round} requested: the coordinator applies it between rounds "
+               "(or when it next starts)")

@@ -1,0 +1,85 @@
+"""A hostile or broken worker cannot wreck the model: a real swarm (a coordinator, two honest
+workers) joined by one hostile worker (bench/hostile_worker.py) per attack. The robust aggregation
+leaves it out and flags it, the quarantine shuts it out, and the model trains as in a clean run."""
+
+import json
+import urllib.request
+
+import pytest
+
+from swarm import coordinator, hostile_worker, join_address, ledger, wait_until, worker
+
+ROUNDS = 10  # committed rounds to compare at
+ATTACKS = ["flip20", "scale100", "noise", "const", "replay", "nan"]
+
+
+def done(sd):
+    return ledger(sd, "SELECT round, val_loss FROM rounds WHERE state = 'done' ORDER BY round")
+
+
+def quarantined(sd):
+    return ledger(sd, "SELECT 1 FROM workers WHERE name = 'hostile' AND quarantined_at IS NOT NULL")
+
+
+def run(tmp_path, attack=None):
+    """A swarm of two honest workers; the hostile one joins once the first round is done (as an
+    attacker joins a running swarm), and the run goes on for ROUNDS rounds, or 3 past the hostile
+    worker's quarantine. Returns (state dir, the last round's val loss, the status page's workers)."""
+    sd = tmp_path / "state"
+    coord = coordinator(sd)
+    procs = [coord]
+    try:
+        join = join_address(coord)
+        procs += [worker(join, "honest-1"), worker(join, "honest-2")]
+        wait_until(lambda: done(sd), 120, "a first round")
+        rounds = ROUNDS
+        if attack:
+            procs.append(hostile_worker(join, "hostile", attack))
+            wait_until(lambda: quarantined(sd), 180, "the hostile worker's quarantine")
+            rounds = max(ROUNDS, len(done(sd)) + 3)
+        wait_until(lambda: len(done(sd)) >= rounds, 240, f"{rounds} rounds")
+        page = coord.wait_for(r"status page: (http://\S+)").group(1)
+        with urllib.request.urlopen(page + "api/v1/status", timeout=10) as r:
+            workers = {w["name"]: w for w in json.loads(r.read())["workers"]}
+    finally:
+        for p in procs:
+            p.kill()
+    return sd, done(sd)[-1][1], workers
+
+
+@pytest.fixture(scope="module")
+def clean(tmp_path_factory):
+    sd, val_loss, workers = run(tmp_path_factory.mktemp("clean"))
+    assert not any(w["quarantined"] or w["refused"] for w in workers.values())
+    # a clean run flags nobody, quarantines nobody, refuses nothing, rejects no round
+    assert not ledger(sd, "SELECT 1 FROM contributions WHERE flagged = 1 OR (included = 0 AND reason LIKE '%flagged%')")
+    assert not ledger(sd, "SELECT 1 FROM workers WHERE quarantined_at IS NOT NULL")
+    assert not ledger(sd, "SELECT kind, last_detail FROM refusals")
+    assert not ledger(sd, "SELECT 1 FROM rounds WHERE state = 'rejected'")
+    return val_loss
+
+
+@pytest.mark.parametrize("attack", ATTACKS)
+def test_a_hostile_worker_is_left_out_flagged_and_quarantined(attack, tmp_path, clean):
+    sd, val_loss, workers = run(tmp_path, attack)
+    (hostile,), = ledger(sd, "SELECT id FROM workers WHERE name = 'hostile'")
+    rounds = ledger(sd, "SELECT c.round, r.state, c.included, c.flagged, c.reason FROM contributions c JOIN rounds r "
+                        "ON r.round = c.round WHERE c.worker_id = ? AND c.included IS NOT NULL ORDER BY c.round",
+                    (hostile,))
+    # every round it took part in (its first honest one aside, for replay) left it out and, where the
+    # round stood, flagged it
+    judged = rounds[1:] if attack == "replay" else rounds
+    assert judged and all(inc == 0 and (flag == 1 or state != "done") for _, state, inc, flag, _ in judged), rounds
+    reason = "non-finite" if attack == "nan" else "flagged: left out of"
+    assert all(reason in why for _, state, _, _, why in judged if state == "done"), rounds
+    # twice flagged: quarantined, no more leases, no more rounds
+    (quarantine,), = ledger(sd, "SELECT quarantine_reason FROM workers WHERE id = ?", (hostile,))
+    assert quarantine and "flagged in 2" in quarantine
+    took_part = [state for _, state, _, _, _ in rounds if state == "done"]
+    assert len(took_part) <= (3 if attack == "replay" else 2), rounds
+    assert "quarantined" in [k for (k,) in ledger(sd, "SELECT kind FROM events WHERE worker_id = ?", (hostile,))]
+    shown = workers["hostile"]  # on the status page, with the reason
+    assert shown["quarantined"] and shown["state"] == "quarantined" and "flagged in 2" in shown["reason"]
+    # the honest workers were never flagged, and the model trained as in the clean run
+    assert not ledger(sd, "SELECT 1 FROM contributions WHERE worker_id != ? AND flagged = 1", (hostile,))
+    assert val_loss <= clean + 0.15, (val_loss, clean)

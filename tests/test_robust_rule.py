@@ -1,0 +1,124 @@
+"""The robust aggregation rule (gptswarm/rounds/robust.py) on synthetic pseudo-gradients shaped
+like measured ones: honest members share a signal and differ by their own data (cosines of about
+0.3-0.5 with each other), and one or more members attack."""
+
+import pytest
+import torch
+
+from gptswarm.rounds.robust import COPY_COS, History, aggregate_part
+
+D = 20_000
+
+
+def honest(n, seed, signal=None, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    signal = torch.randn(D, generator=g) if signal is None else signal
+    return [scale * (signal + 1.3 * torch.randn(D, generator=g)) for _ in range(n)], signal
+
+
+def reduce(parts, keys=None, weights=None, history=None, part_index=0):
+    keys = keys or [f"w{i}" for i in range(len(parts))]
+    scores = {}
+    history = history or History()
+    result = aggregate_part(part_index, parts, weights or [1.0] * len(parts), keys, history, scores)
+    return result, scores, history
+
+
+def left_out(scores):
+    return {k: next(iter(s.reasons)) for k, s in scores.items() if s.left_out}
+
+
+def test_honest_members_are_averaged_as_they_are():
+    parts, _ = honest(4, 0)
+    result, scores, _ = reduce(parts, weights=[1, 2, 3, 4])
+    assert not left_out(scores)
+    w = torch.tensor([1.0, 2, 3, 4])
+    assert torch.allclose(result, sum(p * wi for p, wi in zip(parts, w)) / w.sum(), atol=1e-5)
+
+
+ATTACKS = {
+    "flip20": (lambda h, rng: -20 * h, "too large"),
+    "scale100": (lambda h, rng: 100 * h, "too large"),
+    "flip": (lambda h, rng: -h, "pointing elsewhere"),
+    "noise": (lambda h, rng: torch.randn(D, generator=rng) * h.norm() / D ** 0.5, "pointing elsewhere"),
+    "const": (lambda h, rng: torch.full((D,), float(h.norm()) / D ** 0.5), "pointing elsewhere"),
+}
+
+
+@pytest.mark.parametrize("attack", sorted(ATTACKS))
+@pytest.mark.parametrize("n_honest", [2, 3, 7])
+def test_one_attacker_is_left_out_and_the_rest_averaged(attack, n_honest):
+    parts, signal = honest(n_honest + 1, 1)
+    fn, reason = ATTACKS[attack]
+    parts[-1] = fn(parts[-1], torch.Generator().manual_seed(2))
+    result, scores, _ = reduce(parts, keys=[f"h{i}" for i in range(n_honest)] + ["bad"])
+    assert left_out(scores) == {"bad": reason}
+    assert scores["bad"].flagged() and not any(scores[f"h{i}"].flagged() for i in range(n_honest))
+    assert torch.allclose(result, torch.stack(parts[:-1]).mean(0), atol=1e-5)
+
+
+def test_breakdown_a_minority_of_colluders_is_left_out():
+    parts, _ = honest(3, 3)
+    bad = -parts[0] * 1.5  # two colluders, sending the same sign-flipped vector with some noise each
+    g = torch.Generator().manual_seed(4)
+    colluders = [bad + 0.3 * torch.randn(D, generator=g) * bad.norm() / D ** 0.5 for _ in range(2)]
+    result, scores, _ = reduce(parts + colluders, keys=["h0", "h1", "h2", "b0", "b1"])
+    assert set(left_out(scores)) == {"b0", "b1"}
+    assert torch.allclose(result, torch.stack(parts).mean(0), atol=1e-5)
+
+
+def test_copies_and_replays_are_left_out():
+    history = History()
+    first, signal = honest(3, 5)
+    reduce(first, history=history)
+    # round two: w0 replays what it sent before, w3 sends the previous round's average
+    previous_average = torch.stack(first).mean(0)
+    second, _ = honest(3, 6, signal=signal)
+    parts = [first[0] * 1.0, second[1], second[2], previous_average]
+    _, scores, _ = reduce(parts, keys=["w0", "w1", "w2", "w3"], history=history)
+    assert left_out(scores) == {"w0": "a copy", "w3": "a copy"}
+    # and two members sending the same thing in one round are both copies
+    dup, _ = honest(3, 7)
+    _, scores, _ = reduce([dup[0], dup[0].clone(), dup[1], dup[2]], keys=["a", "b", "c", "d"])
+    assert left_out(scores) == {"a": "a copy", "b": "a copy"}
+    assert COPY_COS > 0.9  # well above honest agreement
+
+
+def test_two_members_in_conflict_are_both_left_out_and_neither_blamed():
+    (h,), _ = honest(1, 8)
+    result, scores, _ = reduce([h, -h])
+    assert left_out(scores) == {"w0": "in conflict", "w1": "in conflict"}
+    assert not scores["w0"].flagged() and not scores["w1"].flagged()
+    assert scores["w0"].mostly_left_out()  # no credit: nothing of it is in the average
+    assert torch.equal(result, torch.zeros(D))
+
+
+def test_one_member_is_bounded_by_the_previous_round():
+    history = History()
+    parts, signal = honest(3, 9)
+    reduce(parts, history=history)
+    alone = honest(1, 10, signal=signal)[0][0]
+    _, scores, _ = reduce([alone], history=history)
+    assert not left_out(scores)
+    _, scores, _ = reduce([alone * 50], history=history)
+    assert left_out(scores) == {"w0": "too large"}
+
+
+def test_an_honest_member_that_trained_far_is_clipped_not_flagged():
+    parts, _ = honest(4, 11)
+    parts[0] = parts[0] * 6  # measured: one honest member's pseudo-gradient 6x the others' in an early round
+    result, scores, _ = reduce(parts)
+    assert not left_out(scores)
+    median = float(torch.stack([p.norm() for p in parts]).median())
+    clipped = parts[0] * (3 * median / float(parts[0].norm()))
+    assert torch.allclose(result, (clipped + sum(parts[1:])) / 4, atol=1e-4)
+
+
+def test_a_member_that_trained_many_more_tokens_is_not_too_large():
+    """A pseudo-gradient grows with the tokens trained for it: one of two members trained 16 times as
+    many (a fast GPU beside a slow CPU) and moved 12 times as far."""
+    (a, b), _ = honest(2, 12)
+    result, scores, _ = reduce([a, 12 * b], weights=[1, 16])
+    assert not left_out(scores)
+    _, scores, _ = reduce([a, 12 * b], weights=[1, 1])  # the same norms without the tokens: too large
+    assert left_out(scores) == {"w1": "too large"}
