@@ -2,7 +2,8 @@
 worker` (the product's Worker: its heartbeats, leases and averaging) whose contribution is tampered
 with before it leaves. Nothing in the product knows about it.
 
-    python -m bench.hostile_worker --attack flip20 --join HOST:PORT --token T --name mallory --state-dir D
+    GPTSWARM_TOKEN=T python -m bench.hostile_worker --attack flip20 --join HOST:PORT --tls-fingerprint sha256:... \
+        --name mallory --state-dir D
 
 Attacks (each on the pseudo-gradient g it computed honestly, of norm |g|):
   flip20    -20 g                      scale100  100 g
@@ -12,6 +13,7 @@ Attacks (each on the pseudo-gradient g it computed honestly, of norm |g|):
 """
 
 import argparse
+import os
 from pathlib import Path
 
 import torch
@@ -58,13 +60,17 @@ def main():
     p = argparse.ArgumentParser(prog="python -m bench.hostile_worker", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--attack", choices=sorted(ATTACKS), required=True)
-    for opt in ("--join", "--token", "--name", "--state-dir"):
+    for opt in ("--join", "--name", "--state-dir"):
         p.add_argument(opt, required=True)
+    p.add_argument("--tls-fingerprint", default="")
+    p.add_argument("--plaintext", action="store_true")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
     setup_logging(json_logs=True)
     torch.set_num_threads(args.threads)
-    config = WorkerConfig(join=args.join, token=args.token, name=args.name, device="cpu", state_dir=Path(args.state_dir))
+    config = WorkerConfig(join=args.join, token=os.environ.get("GPTSWARM_TOKEN", ""), name=args.name, device="cpu",
+                          state_dir=Path(args.state_dir), tls_fingerprint=args.tls_fingerprint,
+                          plaintext=args.plaintext)
     run(HostileWorker(config, args.attack))
 
 

@@ -82,20 +82,22 @@ def run_swarm(text, tokens, sd, tokens_per_round=48_000, compression="fp16", out
     with net or contextlib.nullcontext():
         before = [net.tx_bytes(i) for i in range(hosts)] if net else None
         t0 = time.time()
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "GPTSWARM_TOKEN": "bench"}
         coord = subprocess.Popen(on(0, [EXE, *map(str, [
             "coordinator", "--text", text, *MODEL, "--state-dir", sd, "--listen", f"{host}:0", "--p2p-listen",
-            f"{host}:0", "--http", "127.0.0.1:0", "--token", "bench", "--batch-size", batch, "--lr", "1e-3",
+            f"{host}:0", "--http", "127.0.0.1:0", "--batch-size", batch, "--lr", "1e-3",
             "--min-lr", "1e-4", "--warmup-iters", "100", "--tokens-per-round", tokens_per_round, "--max-tokens", tokens,
             "--compression", compression, "--aggregation", aggregation, "--outer-lr", outer_lr,
             "--outer-momentum", outer_momentum,
-            "--sender-timeout", sender_timeout, "--shard-tokens", shard_tokens])]), stderr=subprocess.PIPE, text=True)
+            "--sender-timeout", sender_timeout, "--shard-tokens", shard_tokens])]), stderr=subprocess.PIPE, text=True,
+            env=env)
         join = None
         log = open(sd / "coordinator.log", "w")
         for line in coord.stderr:
             log.write(line)
-            m = re.search(r"--join (\S+)", line)
+            m = re.search(r"--join (\S+) (--tls-fingerprint \S+|--plaintext)", line)
             if m:
-                join = m.group(1)
+                join, secure = m.group(1), m.group(2).split()
                 break
         threading.Thread(target=lambda: [log.write(line) for line in coord.stderr], daemon=True).start()
         if join is None:
@@ -103,10 +105,10 @@ def run_swarm(text, tokens, sd, tokens_per_round=48_000, compression="fp16", out
         procs = []
         for i in range(workers):
             wlog = open(sd / f"worker{i}.log", "w")
-            procs.append(subprocess.Popen(on(i + 1, [EXE, "worker", "--join", join, "--token", "bench", "--name", f"w{i}",
+            procs.append(subprocess.Popen(on(i + 1, [EXE, "worker", "--join", join, *secure, "--name", f"w{i}",
                                                      "--device", "cpu", "--threads", "1", "--json-logs", "--state-dir",
                                                      str(sd / f"worker{i}")]),
-                                          stdout=wlog, stderr=wlog, env={**os.environ, "OMP_NUM_THREADS": "1"}))
+                                          stdout=wlog, stderr=wlog, env=env))
         reached = None
         attacker = None
         while any(w.poll() is None for w in procs):  # workers leave when the run reaches its budget
@@ -114,10 +116,10 @@ def run_swarm(text, tokens, sd, tokens_per_round=48_000, compression="fp16", out
             if hostile and attacker is None and (sd / "ledger.sqlite").exists() and done_rounds(sd):
                 hlog = open(sd / "hostile.log", "w")
                 attacker = subprocess.Popen(on(hosts - 1, [sys.executable, "-m", "bench.hostile_worker", "--attack",
-                                                           hostile, "--join", join, "--token", "bench", "--name",
+                                                           hostile, "--join", join, *secure, "--name",
                                                            "hostile", "--state-dir", str(sd / "hostile")]),
                                             stdout=hlog, stderr=hlog, cwd=Path(__file__).resolve().parents[1],
-                                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+                                            env=env)
             if target_loss and (sd / "ledger.sqlite").exists():
                 hit = [r for r in done_rounds(sd) if r[2] is not None and r[2] <= target_loss]
                 if hit:

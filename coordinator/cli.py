@@ -58,8 +58,22 @@ def wait_for_signal():
               help="HOST:PORT of the status page (/), its JSON (/api/v1/status) and Prometheus metrics (/metrics).")
 @click.option("--announce-host", default=PROC.announce_host,
               help="Public host name or IP that workers should use (default: this host's name).")
-@click.option("--token", envvar="GPTSWARM_TOKEN", help="Swarm token workers must present (default: the saved one, "
-              "or a new random one). Giving a new one rotates it.")
+@click.option("--token-file", type=click.Path(dir_okay=False, exists=True),
+              help="Read the swarm token workers must present from this file (or set GPTSWARM_TOKEN); default: "
+                   "the one saved in --state-dir, or a new random one. A token other than the saved one rotates it.")
+@click.option("--rotate-token", is_flag=True,
+              help="Make a new random swarm token: every session is revoked and workers need the new token.")
+@click.option("--tls-cert", type=click.Path(dir_okay=False),
+              help="PEM certificate (chain) for the gRPC port, e.g. from your CA (default: a self-signed one made "
+                   "in --state-dir on first start, which workers pin by its fingerprint).")
+@click.option("--tls-key", type=click.Path(dir_okay=False), help="The private key of --tls-cert (PEM, unencrypted).")
+@click.option("--plaintext", is_flag=True,
+              help="Serve gRPC without TLS: only allowed when --listen is a loopback address (demos, tests).")
+@click.option("--grpc-reflection", is_flag=True,
+              help="Serve gRPC server reflection (lets any client list the service; for debugging with grpcurl).")
+@click.option("--session-ttl", type=float, default=PROC.session_ttl, show_default=True,
+              help="Seconds a worker's session may go unused before it expires (the worker then joins again with "
+                   "its saved secret). Sessions also end when a worker leaves and when the token is rotated.")
 @click.option("--tokens-per-round", type=int, default=RUN["tokens_per_round"], show_default=True,
               help="A round ends when the swarm has trained this many tokens in it.")
 @click.option("--max-tokens", type=int, default=RUN["max_tokens"], show_default=True, help="The run's token budget.")
@@ -103,18 +117,30 @@ def wait_for_signal():
                    "the last 5 rounds (theta and momentum stay; its shards go back).")
 @click.option("--lease-seconds", type=float, default=PROC.lease_seconds, show_default=True,
               help="A lease not extended by a heartbeat for this long expires and its shard is leased again.")
+@click.option("--join-burst", type=int, default=PROC.join_burst, show_default=True,
+              help="Joins one network (an IPv4 /24 or IPv6 /64) may make at once; more wait for --joins-per-minute.")
+@click.option("--joins-per-minute", type=float, default=PROC.joins_per_second * 60, show_default=True,
+              help="Joins per minute one network may make after its burst (raise both for many volunteers behind "
+                   "one NAT).")
 @click.option("--json-logs", is_flag=True, help="Log one JSON object per line (for running as a service).")
 def coordinator(task, text, digits, tokenizer_kind, vocab_size, model, block_size, state_dir, listen, p2p_listen,
-                http_listen, announce_host, token, tokens_per_round, max_tokens, compression, outer_lr,
+                http_listen, announce_host, token_file, rotate_token, tls_cert, tls_key, plaintext, grpc_reflection,
+                session_ttl, tokens_per_round, max_tokens, compression, outer_lr,
                 outer_momentum, aggregation, batch_size, learning_rate, min_lr, warmup_iters, shard_tokens,
                 heartbeat_interval, sender_timeout, max_leases, averaging_timeout, round_timeout, quarantine_after,
-                quarantine_window, max_val_loss_rise, lease_seconds, json_logs):
+                quarantine_window, max_val_loss_rise, lease_seconds, join_burst, joins_per_minute, json_logs):
     """Run the coordinator of a swarm: prepare the data as shards, lease them to workers, end
     rounds and aggregate the workers' pseudo-gradients, keep theta_global and its checkpoints.
 
     It prints the command volunteers run to join. Stop it with Ctrl+C; start it again with the
-    same --state-dir to resume."""
+    same --state-dir to resume.
+
+    The swarm token can also come from the GPTSWARM_TOKEN environment variable (never put it on a
+    command line, where every local user can see it)."""
+    import os
     from pathlib import Path
+
+    from gptswarm.transport import is_loopback, split_address
 
     from gptswarm.coordinator import run as runs
     from gptswarm.coordinator.server import Coordinator
@@ -135,23 +161,39 @@ def coordinator(task, text, digits, tokenizer_kind, vocab_size, model, block_siz
                          outer_momentum=outer_momentum, shard_tokens=shard_tokens)
         log.info("new run %s in %s", s.run_id, state_dir)
     if min(max_leases, quarantine_after, quarantine_window) < 1 or min(sender_timeout, heartbeat_interval,
-                                                                       lease_seconds, max_val_loss_rise) <= 0:
+                                                                       lease_seconds, max_val_loss_rise,
+                                                                       session_ttl, join_burst, joins_per_minute) <= 0:
         raise click.BadParameter("--max-leases, --quarantine-after, --quarantine-window, --sender-timeout, "
-                                 "--heartbeat-interval, --lease-seconds and --max-val-loss-rise must be positive")
+                                 "--heartbeat-interval, --lease-seconds, --max-val-loss-rise, --session-ttl, "
+                                 "--join-burst and --joins-per-minute must be positive")
+    if plaintext and not is_loopback(split_address(listen)[0]):
+        raise click.BadParameter(f"--plaintext is only for a loopback --listen (demos, tests), not {listen}: "
+                                 "workers' tokens and sessions would cross the network in the clear")
+    if plaintext and (tls_cert or tls_key):
+        raise click.BadParameter("--plaintext and --tls-cert/--tls-key contradict each other")
+    token = Path(token_file).read_text().strip() if token_file else os.environ.get("GPTSWARM_TOKEN", "").strip()
+    if (token_file or "GPTSWARM_TOKEN" in os.environ) and not token:
+        raise click.BadParameter("the swarm token given (--token-file or GPTSWARM_TOKEN) is empty")
+    if token and rotate_token:
+        raise click.BadParameter("--rotate-token makes a new token: do not also give one")
     config = CoordinatorConfig(listen=listen, p2p_listen=p2p_listen, http_listen=http_listen,
                                announce_host=announce_host or "", heartbeat_interval=heartbeat_interval,
                                lease_seconds=lease_seconds, sender_timeout=sender_timeout, max_leases=max_leases,
                                averaging_timeout=averaging_timeout, round_timeout=round_timeout,
                                quarantine_after=quarantine_after, quarantine_window=quarantine_window,
-                               max_val_loss_rise=max_val_loss_rise)
-    coord = Coordinator(state_dir, config, token=token)
+                               max_val_loss_rise=max_val_loss_rise, tls_cert=tls_cert or "", tls_key=tls_key or "",
+                               plaintext=plaintext, grpc_reflection=grpc_reflection, session_ttl=session_ttl,
+                               join_burst=join_burst, joins_per_second=joins_per_minute / 60)
+    coord = Coordinator(state_dir, config, token=token or None, rotate_token=rotate_token)
     try:
         coord.start()
         join = worker_address(f"{listen.rpartition(':')[0]}:{coord.port}", announce_host)
         if coord.http is not None:
             page = worker_address(f"{http_listen.rpartition(':')[0]}:{coord.http.port}", announce_host)
             click.echo(f"\nstatus page: http://{page}/", err=True)
-        click.echo(f"workers join with:\n  gptswarm worker --join {join} --token {coord.token}\n", err=True)
+        secure = f"--tls-fingerprint {coord.tls_fingerprint}" if coord.tls else "--plaintext"
+        click.echo(f"workers join with (the token goes in the environment, not on the command line):\n"
+                   f"  GPTSWARM_TOKEN={coord.token} gptswarm worker --join {join} {secure}\n", err=True)
         wait_for_signal()
     finally:
         coord.shutdown()

@@ -21,3 +21,19 @@ class CoordinatorConfig:
     averaging_timeout: float = 60.0  # seconds an averaging may take
     round_timeout: float = 600.0  # a round with any tokens ends after this many seconds
     eval_tokens: int = 65536  # validation tokens per evaluation of theta_global
+    # transport (gptswarm/transport.py): TLS with the state directory's own certificate unless these say otherwise
+    tls_cert: str = ""  # PEM certificate (chain) to present instead of the self-signed one ...
+    tls_key: str = ""  # ... and its private key
+    plaintext: bool = False  # no TLS: only when listening on loopback (demos, tests)
+    grpc_reflection: bool = False  # serve gRPC reflection (lets anyone list the service)
+    # bounds on what strangers may take (coordinator/limits.py)
+    session_ttl: float = 3600.0  # a session unused (no heartbeat) for this long expires; the worker joins again
+    rpc_threads: int = 64  # gRPC server threads
+    max_concurrent_rpcs: int = 256  # more concurrent RPCs are answered RESOURCE_EXHAUSTED
+    streams_per_session: int = 2  # downloads (shard, checkpoint) one session may have open
+    streams_total: int = 16  # downloads open at once in all (a quarter of the threads)
+    stream_stall_seconds: float = 60.0  # a download whose client takes nothing for this long is cancelled
+    join_burst: int = 20  # joins one network (/24 or /64) may make at once ...
+    joins_per_second: float = 0.5  # ... and then per second
+    http_connections: int = 32  # status page connections served at once; more are closed
+    status_cache_seconds: float = 1.0  # /api/v1/status and /metrics are computed at most this often

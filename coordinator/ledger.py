@@ -23,6 +23,7 @@ at most once a minute per worker and kind.
 
 import contextlib
 import hashlib
+import hmac
 import json
 import random
 import secrets
@@ -30,7 +31,7 @@ import sqlite3
 import threading
 import time
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS workers (
@@ -38,7 +39,8 @@ CREATE TABLE IF NOT EXISTS workers (
     session_hash TEXT UNIQUE, joined_at REAL, last_seen REAL, left_at REAL,
     state TEXT, reason TEXT, tokens_per_second REAL DEFAULT 0, loss REAL,
     tokens_contributed INTEGER DEFAULT 0, bytes_sent INTEGER DEFAULT 0, eligible_round INTEGER DEFAULT 0,
-    active_since REAL, quarantined_at REAL, quarantine_reason TEXT);
+    active_since REAL, quarantined_at REAL, quarantine_reason TEXT,
+    secret_hash TEXT);  -- proves the worker in a later Join (its session expired or was revoked)
 CREATE TABLE IF NOT EXISTS shards (
     idx INTEGER PRIMARY KEY, sha256 TEXT NOT NULL, tokens INTEGER NOT NULL,
     rank INTEGER NOT NULL DEFAULT 0,  -- lease order within the epoch (a seeded shuffle per epoch)
@@ -68,7 +70,7 @@ CREATE TABLE IF NOT EXISTS refusals (
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL, kind TEXT NOT NULL, worker_id TEXT, detail TEXT);
 """
-# ledgers made before SCHEMA_VERSION 2 lack these columns
+# ledgers made before SCHEMA_VERSION 3 lack these columns
 MIGRATIONS = ["ALTER TABLE workers ADD COLUMN active_since REAL",
               "ALTER TABLE leases ADD COLUMN credited INTEGER NOT NULL DEFAULT 0",
               "ALTER TABLE leases ADD COLUMN done_round INTEGER",
@@ -79,11 +81,14 @@ MIGRATIONS = ["ALTER TABLE workers ADD COLUMN active_since REAL",
               "ALTER TABLE workers ADD COLUMN quarantined_at REAL",
               "ALTER TABLE workers ADD COLUMN quarantine_reason TEXT",
               "ALTER TABLE contributions ADD COLUMN flagged INTEGER NOT NULL DEFAULT 0",
+              "ALTER TABLE workers ADD COLUMN secret_hash TEXT",
               "UPDATE leases SET state = 'done', credited = tokens WHERE state = 'reported'"]
 
 ONLINE_HEARTBEATS = 3  # a worker is online while its last heartbeat is this many intervals old at most,
 ONLINE_SLACK = 5.0  # plus this many seconds
 EVENT_EVERY = 60.0  # seconds between two events of the same refusal kind for the same worker
+MAX_SOURCES = 10_000  # network sources counted one by one in `refusals`; more are counted together
+STRANGERS = "ip:many"  # ... under this name
 OPEN = ("active", "trained")  # lease states that hold a shard
 
 
@@ -177,6 +182,8 @@ class Ledger:
                 return self.refuse(kind, detail, worker_id, db)
         now = self.clock()
         detail = detail[:300]
+        if len(self._last_event) > MAX_SOURCES:
+            self._last_event.clear()
         db.execute("INSERT INTO refusals (worker_id, kind, n, last_at, last_detail) VALUES (?, ?, 1, ?, ?) "
                    "ON CONFLICT (worker_id, kind) DO UPDATE SET n = n + 1, last_at = excluded.last_at, "
                    "last_detail = excluded.last_detail", (worker_id, kind, now, detail))
@@ -184,6 +191,26 @@ class Ledger:
         if now - self._last_event.get(key, float("-inf")) >= EVENT_EVERY:
             self._last_event[key] = now
             self.event("refused", f"{kind}: {detail}", worker_id or None, db)
+
+    def refuse_source(self, kind, detail, source):
+        """Count a refusal of a stranger (no session) by the network it came from (limits.source_of),
+        without a row per refusal: one per source and kind, and past MAX_SOURCES sources one for all
+        of them. Its event (at most once a minute per kind, for all strangers together) says what
+        was refused, never what the stranger sent."""
+        with self.tx() as db:
+            known = db.execute("SELECT 1 FROM refusals WHERE worker_id = ? AND kind = ?", (source, kind)).fetchone()
+            if known is None and db.execute("SELECT COUNT(*) FROM refusals WHERE worker_id LIKE 'ip:%'"
+                                            ).fetchone()[0] >= MAX_SOURCES:
+                source = STRANGERS
+            now = self.clock()
+            db.execute("INSERT INTO refusals (worker_id, kind, n, last_at, last_detail) VALUES (?, ?, 1, ?, ?) "
+                       "ON CONFLICT (worker_id, kind) DO UPDATE SET n = n + 1, last_at = excluded.last_at, "
+                       "last_detail = excluded.last_detail", (source, kind, now, detail[:300]))
+            if now - self._last_event.get(("", kind), float("-inf")) >= EVENT_EVERY:
+                self._last_event[("", kind)] = now
+                n = db.execute("SELECT SUM(n) FROM refusals WHERE kind = ? AND worker_id LIKE 'ip:%'",
+                               (kind,)).fetchone()[0]
+                self.event("refused", f"{kind}: {detail[:200]} ({n} so far from strangers)", None, db)
 
     def refusal_counts(self):
         """{kind: times refused}, over all workers and strangers."""
@@ -223,20 +250,38 @@ class Ledger:
     # --- workers ---
 
     def add_worker(self, *, name, device, peer_id, current_round, round_started):
-        """A new worker and its session secret. It may train in the current round only if that
-        round has not started yet (no tokens trained in it); otherwise from the next one. peer_id
-        must be free (see register_peer)."""
-        worker_id = "w-" + secrets.token_hex(4)
-        session = secrets.token_urlsafe(24)
+        """A new worker: (worker id, session, worker secret). The session authenticates its calls
+        until it expires or is revoked; the secret lets it come back as the same worker in a later
+        Join (resume_worker). Only their digests are kept. It may train in the current round only
+        if that round has not started yet (no tokens trained in it); otherwise from the next one.
+        peer_id must be free (see register_peer)."""
+        worker_id = "w-" + secrets.token_hex(6)
+        session, secret = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
         now = self.clock()
         eligible = current_round + 1 if round_started else current_round
         with self.tx() as db:
             db.execute("INSERT INTO workers (id, name, device, peer_id, client_mode, session_hash, joined_at, "
-                       "last_seen, state, reason, eligible_round, active_since) "
-                       "VALUES (?, ?, ?, ?, 1, ?, ?, ?, 'joining', '', ?, ?)",
-                       (worker_id, name, device, peer_id, digest(session), now, now, eligible, now))
+                       "last_seen, state, reason, eligible_round, active_since, secret_hash) "
+                       "VALUES (?, ?, ?, ?, 1, ?, ?, ?, 'joining', '', ?, ?, ?)",
+                       (worker_id, name, device, peer_id, digest(session), now, now, eligible, now, digest(secret)))
             self.event("join", f"{name} ({device})", worker_id, db)
-        return worker_id, session
+        return worker_id, session, secret
+
+    def resume_worker(self, worker_id, secret, *, peer_id, current_round, round_started):
+        """A new session for a worker this ledger knows, if secret is its own; else None. Like a
+        new worker, it waits for the next round if this one is under way; peer_id must be free."""
+        row = self.worker(worker_id)
+        if row is None or not row["secret_hash"] or not hmac.compare_digest(row["secret_hash"], digest(secret)):
+            return None
+        session = secrets.token_urlsafe(24)
+        now = self.clock()
+        with self.tx() as db:
+            db.execute("UPDATE workers SET session_hash = ?, peer_id = ?, left_at = NULL, state = 'joining', "
+                       "reason = '', last_seen = ?, eligible_round = ?, active_since = ? WHERE id = ?",
+                       (digest(session), peer_id, now, current_round + 1 if round_started else current_round, now,
+                        worker_id))
+            self.event("rejoin", "back with its worker secret", worker_id, db)
+        return session
 
     def peer_owner(self, peer_id):
         """The id of the worker still in the swarm that registered this hivemind peer id, or None."""
@@ -255,9 +300,25 @@ class Ledger:
             db.execute("UPDATE workers SET peer_id = ? WHERE id = ?", (peer_id, worker_id))
             return True, ""
 
-    def worker_for_session(self, session):
+    def worker_for_session(self, session, ttl=float("inf")):
+        """The worker whose session this is, or None; a session its worker has not used for ttl
+        seconds is revoked here (the worker joins again with its secret)."""
         rows = self.query("SELECT * FROM workers WHERE session_hash = ?", (digest(session),))
-        return rows[0] if rows else None
+        if not rows:
+            return None
+        if self.clock() - (rows[0]["last_seen"] or 0) > ttl:
+            with self.tx() as db:
+                db.execute("UPDATE workers SET session_hash = NULL WHERE id = ?", (rows[0]["id"],))
+                self.event("session_expired", f"unused for over {ttl:.0f} s", rows[0]["id"], db)
+            return None
+        return rows[0]
+
+    def revoke_sessions(self, why):
+        """End every session (token rotation): workers must join again, with the new token."""
+        with self.tx() as db:
+            n = db.execute("UPDATE workers SET session_hash = NULL WHERE session_hash IS NOT NULL").rowcount
+            self.event("sessions_revoked", f"{n} session(s): {why}", None, db)
+        return n
 
     def worker(self, worker_id):
         rows = self.query("SELECT * FROM workers WHERE id = ?", (worker_id,))
@@ -275,9 +336,12 @@ class Ledger:
 
     def leave(self, worker_id):
         with self.tx() as db:
-            db.execute("UPDATE workers SET left_at = ?, state = 'offline', reason = 'left' WHERE id = ?",
-                       (self.clock(), worker_id))
+            db.execute("UPDATE workers SET left_at = ?, state = 'offline', reason = 'left', session_hash = NULL "
+                       "WHERE id = ?", (self.clock(), worker_id))
             n = self._release(db, worker_id, None)
+            # what it trained in the round under way leaves with it: its pseudo-gradient is gone
+            db.execute("DELETE FROM contributions WHERE worker_id = ? AND included IS NULL AND round IN "
+                       "(SELECT round FROM rounds WHERE state = 'training')", (worker_id,))
             self.event("leave", f"returned {n} lease(s)", worker_id, db)
 
     def quarantine_reason(self, worker_id):
@@ -322,26 +386,49 @@ class Ledger:
         return self.query("SELECT COALESCE(SUM(tokens_per_second), 0) AS n FROM workers WHERE left_at IS NULL "
                           "AND last_seen > ? AND state = 'training'", (self.online_after(),))[0]["n"]
 
+    def anyone_may_train(self, round_):
+        """Is an online worker allowed to train in round round_ (not one that waits for the next)?"""
+        return bool(self.query("SELECT 1 FROM workers WHERE left_at IS NULL AND quarantined_at IS NULL "
+                               "AND last_seen > ? AND eligible_round <= ? LIMIT 1", (self.online_after(), round_)))
+
     def anyone_training(self):
         """Is an online worker training right now?"""
         return bool(self.query("SELECT 1 FROM workers WHERE state = 'training' AND last_seen > ? AND left_at IS NULL "
                                "LIMIT 1", (self.online_after(),)))
 
-    def workers_for_status(self):
-        """Every worker, most tokens contributed first, with `online` and its refusals set."""
+    def workers_for_status(self, limit, offset=0):
+        """One page of workers: online ones first, then by tokens contributed; `online` and their
+        refusals set."""
+        cutoff = self.online_after()
         rows = self.query("SELECT w.id, w.name, w.device, w.state, w.reason, w.tokens_per_second, "
                           "w.tokens_contributed, w.last_seen, w.left_at, w.joined_at, w.bytes_sent, w.quarantine_reason, "
-                          "COALESCE(SUM(r.n), 0) AS refused, MAX(r.last_at) AS refused_at FROM workers w "
-                          "LEFT JOIN refusals r ON r.worker_id = w.id GROUP BY w.id "
-                          "ORDER BY w.tokens_contributed DESC, w.joined_at")
-        last = {r["worker_id"]: f"{r['kind']}: {r['last_detail']}" for r in self.query(
-            "SELECT worker_id, kind, last_detail FROM refusals r WHERE last_at = (SELECT MAX(last_at) FROM refusals "
-            "WHERE worker_id = r.worker_id)")}
-        cutoff = self.online_after()
+                          "(w.left_at IS NULL AND COALESCE(w.last_seen, 0) > ?) AS online, "
+                          "(SELECT COALESCE(SUM(n), 0) FROM refusals r WHERE r.worker_id = w.id) AS refused, "
+                          "(SELECT kind || ': ' || last_detail FROM refusals r WHERE r.worker_id = w.id "
+                          " ORDER BY last_at DESC LIMIT 1) AS last_refusal "
+                          "FROM workers w ORDER BY online DESC, w.tokens_contributed DESC, w.joined_at LIMIT ? OFFSET ?",
+                          (cutoff, limit, offset))
         for w in rows:
-            w["online"] = w["left_at"] is None and (w["last_seen"] or 0) > cutoff
-            w["last_refusal"] = last.get(w["id"], "")
+            w["online"], w["last_refusal"] = bool(w["online"]), w["last_refusal"] or ""
         return rows
+
+    def worker_counts(self):
+        """{"total", "online", "tokens_per_second" (of the online ones), "by_state": {state: n}}, where
+        a worker's state is "quarantined", "offline" (left, or no recent heartbeat) or what it last
+        reported."""
+        cutoff = self.online_after()
+        rows = self.query("SELECT CASE WHEN quarantined_at IS NOT NULL THEN 'quarantined' "
+                          "WHEN left_at IS NOT NULL OR COALESCE(last_seen, 0) <= ? THEN 'offline' "
+                          "ELSE COALESCE(state, 'joining') END AS s, COUNT(*) AS n, "
+                          "SUM(CASE WHEN left_at IS NULL AND COALESCE(last_seen, 0) > ? THEN 1 ELSE 0 END) AS online, "
+                          "SUM(CASE WHEN left_at IS NULL AND COALESCE(last_seen, 0) > ? THEN tokens_per_second "
+                          "ELSE 0 END) AS tps FROM workers GROUP BY s", (cutoff, cutoff, cutoff))
+        return {"total": sum(r["n"] for r in rows), "online": sum(r["online"] or 0 for r in rows),
+                "tokens_per_second": sum(r["tps"] or 0.0 for r in rows), "by_state": {r["s"]: r["n"] for r in rows}}
+
+    def top_contributors(self, n):
+        return self.query("SELECT name, tokens_contributed FROM workers WHERE tokens_contributed > 0 "
+                          "ORDER BY tokens_contributed DESC, joined_at LIMIT ?", (n,))
 
     # --- claims ---
 
@@ -652,11 +739,12 @@ class Ledger:
         marks = ", ".join("?" * len(rounds))
         return {r["round"]: r for r in self.query(f"SELECT * FROM rounds WHERE round IN ({marks})", rounds)}
 
-    def finished_rounds(self, limit):
-        """The last `limit` finished rounds (done, failed or rejected), oldest first."""
+    def finished_rounds(self, limit, before=None):
+        """The last `limit` finished rounds (done, failed or rejected) before round `before` (None:
+        the last ones), oldest first."""
         return self.query("SELECT round, started_at, ended_at, state, tokens, contributors, loss, val_loss, "
                           "averaging_seconds, bytes_sent, detail FROM rounds WHERE state IN ('done', 'failed', 'rejected') "
-                          "ORDER BY round DESC LIMIT ?", (limit,))[::-1]
+                          "AND round < ? ORDER BY round DESC LIMIT ?", (1 << 62 if before is None else before, limit))[::-1]
 
     def recent_val_losses(self, limit):
         """The validation losses of the last `limit` committed rounds."""

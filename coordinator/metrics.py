@@ -16,7 +16,7 @@ class SwarmCollector:
 
     def collect(self):
         c = self.coord
-        snap = snapshot(c, history=1, events=0)
+        snap = snapshot(c, history=1, events=0, workers=0)
         run = snap["run"]
         ledger = c.ledger
 
@@ -57,9 +57,18 @@ class SwarmCollector:
             refused.add_metric([kind], n)
         yield refused
         workers = GaugeMetricFamily("gptswarm_workers", "Workers by state", labels=["state"])
+        by_state = snap["worker_counts"]["by_state"]
         for state in WORKER_STATES:
-            workers.add_metric([state], sum(w["state"] == state for w in snap["workers"]))
+            workers.add_metric([state], by_state.get(state, 0))
         yield workers
+        service = c.service
+        if service is not None:
+            yield CounterMetricFamily("gptswarm_joins_rate_limited", "Joins refused by the per-network rate limit",
+                                      value=service.join_rate_limited)
+            yield gauge("gptswarm_downloads_open", "Shard and checkpoint downloads being served",
+                        service.streams.count())
+            yield CounterMetricFamily("gptswarm_downloads_stalled", "Downloads cancelled because their client "
+                                      "stopped reading", value=service.streams.cancelled)
         shards = GaugeMetricFamily("gptswarm_shards", "Shards of the current epoch by state", labels=["state"])
         for state in ("pending", "leased", "done"):
             shards.add_metric([state], snap["shards"][state])

@@ -27,6 +27,7 @@ from gptswarm.mingpt_core.data import ShardSet, read_text
 from gptswarm.mingpt_core.model import GPT, GPTConfig
 from gptswarm.mingpt_core.tasks import make_task
 from gptswarm.mingpt_core.trainer import TrainConfig
+from gptswarm.private import private_dir, write_private
 from gptswarm.rounds import AGGREGATIONS, COMPRESSIONS
 from gptswarm.rounds.theta import point_latest, save_round
 
@@ -80,7 +81,7 @@ def new_run(state_dir, *, task=None, text=None, digits=2, tokenizer_kind="char",
     config = GPTConfig.from_preset(model, t.tokenizer.vocab_size, bs, **(model_overrides or {}))
     shards = t.shard_set(settings.shard_tokens, bs)
     cfg = train_config or SWARM_TRAIN
-    state_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(state_dir)
     shards.write(state_dir / "shards")
     t.tokenizer.save(state_dir / "tokenizer.json")
     settings.task, settings.model, settings.train = t.meta(), config.to_dict(), cfg.to_dict()
@@ -119,18 +120,18 @@ def load_run(state_dir):
         raise UserError(f"{state_dir}/run.json is corrupt: {e}") from None
 
 
-def swarm_token(state_dir, token=None):
-    """The swarm token: the one given (saved, so a restart keeps it), else the saved one, else new."""
+def swarm_token(state_dir, token=None, rotate=False):
+    """(swarm token, rotated): the one given (saved, so a restart keeps it), a new random one if
+    rotate, else the saved one, else a new one. rotated: it differs from the one saved before
+    (every session is then revoked). The file is the owner's only, from its first byte."""
     path = Path(state_dir) / "token"
-    if token:
-        path.write_text(token)
-    elif path.exists():
-        token = path.read_text().strip()
-    else:
-        token = secrets.token_urlsafe(16)
-        path.write_text(token)
-    os.chmod(path, 0o600)
-    return token
+    saved = path.read_text().strip() if path.exists() else None
+    if rotate:
+        token = secrets.token_urlsafe(24)
+    token = token or saved or secrets.token_urlsafe(24)
+    if token != saved:
+        write_private(path, token)
+    return token, saved is not None and token != saved
 
 
 def read_shards(state_dir):

@@ -16,7 +16,6 @@ import math
 import shutil
 import threading
 import time
-from pathlib import Path
 
 import torch
 
@@ -26,11 +25,13 @@ from gptswarm.coordinator.ledger import Ledger
 from gptswarm.coordinator.service import make_server
 from gptswarm.mingpt_core.data import eval_batches
 from gptswarm.mingpt_core.trainer import evaluate_loss
+from gptswarm.private import private_dir
 from gptswarm.rounds.averaging import Group, RoundReducer
 from gptswarm.rounds.outer import outer_step
 from gptswarm.rounds.p2p import P2PNode
 from gptswarm.rounds.theta import (latest_dir, load_theta, point_latest, round_dir, save_round, theta_hash,
                                    theta_views)
+from gptswarm.transport import coordinator_certificate, fingerprint
 
 log = logging.getLogger("gptswarm.coordinator")
 # the fastest any one machine could train (a generous bound on a 2026 accelerator's dense FLOP/s):
@@ -47,13 +48,14 @@ class RoundRejected(Exception):
 
 class Coordinator:
     """state_dir: a run made by run.new_run; config: CoordinatorConfig; token: a new swarm token
-    (rotates the saved one), or None to keep the saved one."""
+    (rotates the saved one), or None to keep the saved one; rotate_token: make a new random one.
+    A rotated token revokes every session."""
 
-    def __init__(self, state_dir, config, *, token=None):
-        self.state_dir = Path(state_dir)
+    def __init__(self, state_dir, config, *, token=None, rotate_token=False):
+        self.state_dir = private_dir(state_dir)
         self.config = config
         self.settings = runs.load_run(self.state_dir)
-        self.token = runs.swarm_token(self.state_dir, token)
+        self.token, rotated = runs.swarm_token(self.state_dir, token, rotate=rotate_token)
         self.shard_set = runs.read_shards(self.state_dir)
         self.train_shards = self.shard_set.split("train")
         self.val_shards = self.shard_set.split("val")
@@ -84,10 +86,12 @@ class Coordinator:
         self.val_loss = meta.get("val_loss")
         self.ledger.add_shards([(s.sha256, len(s)) for s in self.train_shards])
         self.ledger.recover(self.round, self.theta_hash)
+        if rotated:
+            self.ledger.revoke_sessions("the swarm token was rotated")
         point_latest(self.state_dir, self.checkpoint_round)
         self.round_started_at = time.time()
         self._stop = threading.Event()
-        self.node = self.reducer = self.server = self.http = self.thread = None
+        self.node = self.reducer = self.server = self.service = self.http = self.thread = self.tls = None
         self.port = None
 
     # --- lifecycle ---
@@ -100,7 +104,8 @@ class Coordinator:
         self.reducer = RoundReducer(self.node, self.theta, prefix=self.averaging_prefix,
                                     compression=self.settings.compression, aggregation=self.settings.aggregation,
                                     sender_timeout=cfg.sender_timeout, on_refused=self._refused_peer)
-        self.server, self.port = make_server(self, cfg.listen)
+        self.tls = None if cfg.plaintext else coordinator_certificate(self.state_dir, cfg.tls_cert, cfg.tls_key)
+        self.server, self.service, self.port = make_server(self, cfg)
         if cfg.http_listen:
             self.http = StatusServer(self, cfg.http_listen).start()
         self.thread = threading.Thread(target=self._round_loop, name="rounds", daemon=True)
@@ -117,9 +122,15 @@ class Coordinator:
             self.http.shutdown()
         if self.server is not None:
             self.server.stop(grace=2).wait()
+            self.service.streams.close()
         if self.node is not None:
             self.node.shutdown()
         self.ledger.close()
+
+    @property
+    def tls_fingerprint(self):
+        """sha256:<hex> of the certificate workers pin, or None in plaintext."""
+        return fingerprint(self.tls[0]) if self.tls else None
 
     # --- what the service asks ---
 
@@ -131,6 +142,11 @@ class Coordinator:
         with self.lock:
             return self.ledger.add_worker(name=name, device=device, peer_id=peer_id, current_round=self.round,
                                           round_started=self._round_started())
+
+    def resume_worker(self, worker_id, secret, peer_id):
+        with self.lock:
+            return self.ledger.resume_worker(worker_id, secret, peer_id=peer_id, current_round=self.round,
+                                             round_started=self._round_started())
 
     def come_back(self, worker):
         with self.lock:
@@ -211,7 +227,8 @@ class Coordinator:
                     continue
                 tokens = self.ledger.round_tokens(self.round)
                 late = time.time() - self.round_started_at > self.config.round_timeout
-                if tokens >= self.settings.tokens_per_round or (tokens > 0 and (late or self._epoch_drained())):
+                if tokens >= self.settings.tokens_per_round or (tokens > 0 and (
+                        late or self._epoch_drained() or not self.ledger.anyone_may_train(self.round))):
                     self._finish_round()
             except Exception:  # the coordinator must outlive any one bad round
                 log.exception("round %d failed", self.round)

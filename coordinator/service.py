@@ -1,14 +1,18 @@
-"""The coordinator's gRPC service (proto/gptswarm.proto), plus grpc health and reflection.
+"""The coordinator's gRPC service (proto/gptswarm.proto), plus grpc health (and reflection, only
+when the operator asks for it), over TLS unless it listens on loopback in plaintext on purpose.
 
 Every field of every request is a claim from a stranger: it is checked here for type and range
 (a malformed request is answered INVALID_ARGUMENT and counted as a refusal), and what it claims
-is then checked against the ledger (coordinator/ledger.py).
+is then checked against the ledger (coordinator/ledger.py). What one stranger may take is bounded
+(coordinator/limits.py): joins per network, concurrent RPCs, downloads per session and in all,
+the size of a request and of its repeated fields.
 """
 
 import hmac
 import json
 import logging
 import math
+import os
 from concurrent import futures
 
 import grpc
@@ -16,6 +20,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from gptswarm import __version__
+from gptswarm.coordinator.limits import Busy, RateLimiter, StreamGuard, source_of
 from gptswarm.errors import UserError
 from gptswarm.proto import PROTOCOL_VERSION
 from gptswarm.proto import gptswarm_pb2 as pb
@@ -23,6 +28,7 @@ from gptswarm.proto import gptswarm_pb2_grpc as pb_grpc
 
 log = logging.getLogger("gptswarm.coordinator")
 CHUNK = 1 << 20
+MAX_REQUEST = 1 << 20  # bytes of one request (the largest honest one, a heartbeat of 256 leases, is ~20 KiB)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Coordinator"].full_name
 MAX_COUNT = 1 << 53  # the largest count (tokens, bytes, rounds) a request may carry
 MAX_IDS = 256  # lease ids in one request
@@ -34,6 +40,11 @@ WORKER_STATES = ("joining", "syncing", "training", "averaging", "waiting", "paus
 class CoordinatorService(pb_grpc.CoordinatorServicer):
     def __init__(self, coord):
         self.coord = coord  # coordinator.server.Coordinator: ledger, settings, round state
+        cfg = coord.config
+        self.joins = RateLimiter(burst=cfg.join_burst, per_second=cfg.joins_per_second)
+        self.streams = StreamGuard(per_session=cfg.streams_per_session, total=cfg.streams_total,
+                                   stall_seconds=cfg.stream_stall_seconds)
+        self.join_rate_limited = 0  # joins refused by the rate limit (counted here, not in the ledger)
 
     # --- authentication and checks ---
 
@@ -41,10 +52,10 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         md = dict(context.invocation_metadata())
         auth = md.get("authorization", "")
         session = auth[7:] if auth.startswith("Bearer ") else ""
-        worker = self.coord.ledger.worker_for_session(session) if session else None
+        worker = self.coord.ledger.worker_for_session(session, self.coord.config.session_ttl) if session else None
         if worker is None:
             context.abort(grpc.StatusCode.UNAUTHENTICATED,
-                          "missing or invalid session: join with the swarm token first")
+                          "missing, expired or revoked session: join (again) with the swarm token")
         if worker["left_at"] is not None:
             worker = self.coord.come_back(worker)
         return worker
@@ -97,20 +108,42 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                           f"this worker speaks gptswarm protocol v{request.protocol_version} but the coordinator "
                           f"speaks v{PROTOCOL_VERSION} (gptswarm {__version__}): install the same gptswarm version")
+        source = source_of(context.peer())
+        allowed, wait = self.joins.allow(source)
+        if not allowed:
+            self.join_rate_limited += 1
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"too many joins from your network: retry in {math.ceil(wait)} s")
         if not request.token or not hmac.compare_digest(request.token.encode(), self.coord.token.encode()):
-            self.coord.ledger.event("auth_failed", f"join refused for {request.name[:64]!r}: wrong or missing token")
+            self.coord.ledger.refuse_source("auth_failed", "a join with a wrong or missing swarm token", source)
             context.abort(grpc.StatusCode.UNAUTHENTICATED,
-                          "wrong or missing swarm token: use the --token printed by `gptswarm coordinator`")
+                          "wrong or missing swarm token: set GPTSWARM_TOKEN (or --token-file) to the token the "
+                          "operator gave you")
         peer_id = self._peer_id(context, None, request.peer_id)
-        if self.coord.ledger.peer_owner(peer_id) is not None:
+        if len(request.worker_id) > MAX_ID_LEN or len(request.worker_secret) > MAX_ID_LEN:
+            self._invalid(context, None, "worker id or secret too long")
+        owner = self.coord.ledger.peer_owner(peer_id)
+        if owner is not None and owner != request.worker_id:
             self.coord.ledger.refuse("peer_id_taken", f"a join tried to register peer id {peer_id}, which another "
                                      "worker holds")
             context.abort(grpc.StatusCode.ALREADY_EXISTS, "that hivemind peer id is registered by another worker")
+        cfg = self.coord.config
+        if request.worker_id:
+            session = self.coord.resume_worker(request.worker_id, request.worker_secret, peer_id)
+            if session is not None:
+                log.info("worker %s came back from %s", request.worker_id, source)
+                return pb.JoinResponse(worker_id=request.worker_id, session=session, session_ttl=cfg.session_ttl,
+                                       run_id=self.coord.settings.run_id, protocol_version=PROTOCOL_VERSION)
+            if self.coord.ledger.worker(request.worker_id) is not None:
+                self.coord.ledger.refuse_source("resume_refused", "a join as a known worker without its secret",
+                                                source)
+            if owner is not None:
+                context.abort(grpc.StatusCode.ALREADY_EXISTS, "that hivemind peer id is registered by another worker")
         name = (request.name or "anonymous").strip()[:64]
-        worker_id, session = self.coord.add_worker(name, request.device[:128], peer_id)
-        log.info("worker %s (%s) joined from %s", worker_id, name, context.peer())
-        return pb.JoinResponse(worker_id=worker_id, session=session, run_id=self.coord.settings.run_id,
-                               protocol_version=PROTOCOL_VERSION)
+        worker_id, session, secret = self.coord.add_worker(name, request.device[:128], peer_id)
+        log.info("worker %s (%s) joined from %s", worker_id, name, source)
+        return pb.JoinResponse(worker_id=worker_id, session=session, worker_secret=secret, session_ttl=cfg.session_ttl,
+                               run_id=self.coord.settings.run_id, protocol_version=PROTOCOL_VERSION)
 
     def RegisterPeer(self, request, context):
         w = self._worker(context)
@@ -172,14 +205,21 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                                     swarm_tokens_per_second=c.ledger.swarm_tokens_per_second(),
                                     tokens_per_round=c.settings.tokens_per_round)
 
+    def _stream(self, context, worker, chunks):
+        """chunks, sent while this download holds one of the server's few stream slots."""
+        try:
+            return self.streams.stream(worker["id"], context, chunks)
+        except Busy as e:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+
     def GetShard(self, request, context):
-        self._worker(context)
-        shards = self.coord.train_shards
-        if request.shard_index >= len(shards):
-            context.abort(grpc.StatusCode.NOT_FOUND, f"no shard {request.shard_index} (run has {len(shards)})")
-        raw = shards[request.shard_index].tokens.tobytes()
-        for i in range(0, len(raw), CHUNK):
-            yield pb.DataChunk(data=raw[i:i + CHUNK])
+        w = self._worker(context)
+        lease = self.coord.ledger.lease_row(request.lease_id[:MAX_ID_LEN]) if request.lease_id else None
+        if lease is None or lease["worker_id"] != w["id"] or lease["state"] != "active":
+            self.coord.ledger.refuse("shard_without_lease", "asked for a shard it holds no active lease on", w["id"])
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, "no active lease of yours with that id: lease a shard first")
+        raw = self.coord.train_shards[lease["shard_idx"]].tokens.tobytes()
+        return self._stream(context, w, (pb.DataChunk(data=raw[i:i + CHUNK]) for i in range(0, len(raw), CHUNK)))
 
     def ReportShard(self, request, context):
         w = self._worker(context)
@@ -205,20 +245,30 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         return pb.RoundResult(**self.coord.round_result(self._count(context, w, request.round, "round"), w["id"]))
 
     def GetCheckpoint(self, request, context):
-        self._worker(context)
+        w = self._worker(context)
         files, round_, theta_hash = self.coord.open_checkpoint()
+
+        def chunks():
+            try:
+                for name, f in files:
+                    size = os.fstat(f.fileno()).st_size
+                    first = True
+                    while True:
+                        data = f.read(CHUNK)
+                        if not data and not first:
+                            break
+                        yield pb.CheckpointChunk(file=name, data=data, round=round_, theta_hash=theta_hash, size=size)
+                        first = False
+            finally:
+                for _, f in files:
+                    f.close()
+
         try:
-            for name, f in files:
-                first = True
-                while True:
-                    data = f.read(CHUNK)
-                    if not data and not first:
-                        break
-                    yield pb.CheckpointChunk(file=name, data=data, round=round_, theta_hash=theta_hash)
-                    first = False
-        finally:
+            return self._stream(context, w, chunks())
+        except BaseException:
             for _, f in files:
                 f.close()
+            raise
 
     def Leave(self, request, context):
         w = self._worker(context)
@@ -227,22 +277,31 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         return pb.LeaveResponse()
 
 
-def make_server(coord, listen, max_workers=32):
-    """A started grpc.Server on `listen` serving the coordinator, health and reflection; returns
-    (server, bound port)."""
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers),
-                         options=[("grpc.max_receive_message_length", 16 << 20)])
-    pb_grpc.add_CoordinatorServicer_to_server(CoordinatorService(coord), server)
+def make_server(coord, config):
+    """A started grpc.Server serving the coordinator and health (and reflection if asked) on
+    config.listen, over TLS with coord.tls (certificate PEM, key PEM) unless config.plaintext;
+    returns (server, service, bound port)."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.rpc_threads, thread_name_prefix="grpc"),
+                         maximum_concurrent_rpcs=config.max_concurrent_rpcs,
+                         options=[("grpc.max_receive_message_length", MAX_REQUEST),
+                                  ("grpc.max_metadata_size", 16 << 10)])
+    service = CoordinatorService(coord)
+    pb_grpc.add_CoordinatorServicer_to_server(service, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    if config.grpc_reflection:
+        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     try:
-        port = server.add_insecure_port(listen)
+        if config.plaintext:
+            port = server.add_insecure_port(config.listen)
+        else:
+            cert, key = coord.tls
+            port = server.add_secure_port(config.listen, grpc.ssl_server_credentials([(key, cert)]))
     except RuntimeError:
         port = 0
     if port == 0:
-        raise UserError(f"cannot listen on {listen}: the address is in use or not available here")
+        raise UserError(f"cannot listen on {config.listen}: the address is in use or not available here")
     server.start()
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return server, port
+    return server, service, port

@@ -1,16 +1,19 @@
 """The swarm's status as one JSON-able snapshot: what /api/v1/status returns, what the status page
 draws and what /metrics exports. Field names are a stable API (docs/status-api.md). Nothing secret
-(tokens, sessions) is ever included."""
+(tokens, sessions) is ever included. Its size is bounded whatever the swarm's: WORKERS_SHOWN
+workers (online ones first) with totals over all of them, the last `history` rounds; the rest is
+paged (/api/v1/workers, /api/v1/rounds)."""
 
 import time
 
 STALL_SECONDS = 120  # no token trained for this long while workers are online: stalled
 RECENT_SECONDS = 300  # failures this recent make the swarm "degraded"
+WORKERS_SHOWN = 500  # workers in a snapshot (online ones first); /api/v1/workers pages through all
 
 
-def worker_rows(coord, now):
+def worker_rows(coord, now, limit=WORKERS_SHOWN, offset=0):
     out = []
-    for w in coord.ledger.workers_for_status():
+    for w in coord.ledger.workers_for_status(limit, offset):
         online = w["online"]
         state, reason = w["state"] or "joining", w["reason"] or ""
         if w["quarantine_reason"]:
@@ -30,12 +33,11 @@ def worker_rows(coord, now):
     return out
 
 
-def health(coord, workers, rounds, now):
+def health(coord, counts, rounds, now):
     view = coord.round_view()
-    online = [w for w in workers if w["online"]]
     if view["finished"]:
         return "finished", f"the run reached its budget of {coord.settings.max_tokens:,} tokens"
-    if not online:
+    if not counts["online"]:
         return "stalled", "no worker is online"
     last_progress = max([r["ended_at"] or 0 for r in rounds] + [coord.round_started_at])
     if coord.ledger.round_tokens(view["round"]) == 0 and now - last_progress > STALL_SECONDS:
@@ -53,20 +55,21 @@ def health(coord, workers, rounds, now):
     expired = coord.ledger.count_events("lease_expired", since=recent)
     if expired:
         return "degraded", f"{expired} lease(s) expired in the last {RECENT_SECONDS // 60} minutes (workers vanished)"
-    training = sum(w["state"] == "training" for w in online)
-    return "healthy", f"{len(online)} worker(s) online, {training} training"
+    training = counts["by_state"].get("training", 0)
+    return "healthy", f"{counts['online']} worker(s) online, {training} training"
 
 
-def snapshot(coord, history=200, events=30):
+def snapshot(coord, history=200, events=30, workers=WORKERS_SHOWN):
     now = time.time()
     view = coord.round_view()
     s = coord.settings
-    workers = worker_rows(coord, now)
+    counts = coord.ledger.worker_counts()
+    shown = worker_rows(coord, now, limit=workers)
     rounds = coord.ledger.finished_rounds(history)
-    state, reason = health(coord, workers, rounds, now)
-    tps = sum(w["tokens_per_second"] for w in workers)
+    state, reason = health(coord, counts, rounds, now)
+    tps = counts["tokens_per_second"]
     left = max(0, s.max_tokens - view["tokens_trained"])
-    counts = coord.ledger.shard_counts()
+    shards = coord.ledger.shard_counts()
     evs = coord.ledger.recent_events(events)
     return {
         "generated_at": now,
@@ -79,10 +82,11 @@ def snapshot(coord, history=200, events=30):
             "compression": s.compression, "theta_hash": view["theta_hash"], "val_loss": coord.val_loss,
         },
         "health": {"state": state, "reason": reason},
-        "workers": workers,
-        "shards": {"epoch": coord.ledger.get_meta("epoch", 0), "total": sum(counts.values()), **counts},
+        "workers": shown,
+        "worker_counts": counts,
+        "shards": {"epoch": coord.ledger.get_meta("epoch", 0), "total": sum(shards.values()), **shards},
         "rounds": rounds,
         "top_contributors": [{"name": w["name"], "tokens_contributed": w["tokens_contributed"]}
-                             for w in workers if w["tokens_contributed"] > 0][:10],
+                             for w in coord.ledger.top_contributors(10)],
         "events": [{"at": e["at"], "kind": e["kind"], "worker": e["name"], "detail": e["detail"]} for e in evs],
     }

@@ -15,7 +15,7 @@ import click
 
 from gptswarm.errors import UserError
 
-JOIN_LINE = re.compile(r"gptswarm worker --join (\S+) --token (\S+)")
+JOIN_LINE = re.compile(r"gptswarm worker --join (\S+) --tls-fingerprint (\S+)")
 PAGE_LINE = re.compile(r"status page: (http://\S+)")
 
 
@@ -71,25 +71,25 @@ def demo(workers, state_dir, port, http_port, max_tokens, tokens_per_round):
     coord = Proc("coordinator", gptswarm(
         "coordinator", "--task", "addition", "--model", "gpt-nano", "--state-dir", state_dir,
         "--listen", f"127.0.0.1:{port}", "--p2p-listen", "127.0.0.1:0", "--http", f"127.0.0.1:{http_port}",
-        "--token", token,
         "--tokens-per-round", tokens_per_round, "--max-tokens", max_tokens, "--lr", "2e-3", "--sender-timeout", "3",
-        "--shard-tokens", "8192"), env={"OMP_NUM_THREADS": "1"})
+        "--shard-tokens", "8192"), env={"OMP_NUM_THREADS": "1", "GPTSWARM_TOKEN": token})
     procs = [coord]
     stopping = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stopping.set())
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     try:
-        join = wait_for_line(coord, JOIN_LINE, stopping)
+        join, pin = wait_for_line(coord, JOIN_LINE, stopping, groups=2)
         page = wait_for_line(coord, PAGE_LINE, stopping)
         for i in range(workers):
             procs.append(Proc(f"volunteer-{i + 1}", gptswarm(
-                "worker", "--join", join, "--token", token, "--name", f"volunteer-{i + 1}", "--device", "cpu",
+                "worker", "--join", join, "--tls-fingerprint", pin, "--name", f"volunteer-{i + 1}", "--device", "cpu",
                 "--threads", threads, "--state-dir", Path(state_dir) / "workers" / f"volunteer-{i + 1}"),
-                env={"OMP_NUM_THREADS": str(threads)}))
+                env={"OMP_NUM_THREADS": str(threads), "GPTSWARM_TOKEN": token}))
         click.echo(f"\n  swarm is up: coordinator at {join}, {workers} workers, state in {state_dir}\n"
                    f"  watch it at {page} (status page: workers, loss curves, shards, events)\n"
                    f"  each round the coordinator logs its validation loss; workers log the theta hash check\n"
-                   f"  another machine could join with: gptswarm worker --join {join} --token {token}\n"
+                   f"  a worker in another terminal could join with:\n"
+                   f"    GPTSWARM_TOKEN={token} gptswarm worker --join {join} --tls-fingerprint {pin}\n"
                    f"  Ctrl+C stops everything; afterwards: gptswarm eval {state_dir}/checkpoints/latest "
                    f"--task addition\n")
         while not stopping.wait(0.5):
@@ -111,13 +111,15 @@ def demo(workers, state_dir, port, http_port, max_tokens, tokens_per_round):
     click.echo(f"  stopped. The model is in {latest}: gptswarm eval {latest} --task addition")
 
 
-def wait_for_line(coord, pattern, stopping, timeout=120):
+def wait_for_line(coord, pattern, stopping, timeout=120, groups=1):
+    """The first `groups` groups of the first line of coord's output that matches pattern (one
+    group: as a string)."""
     deadline = time.time() + timeout
     while time.time() < deadline and not stopping.is_set():
         for line in list(coord.lines):
             m = pattern.search(line)
             if m:
-                return m.group(1)
+                return m.group(1) if groups == 1 else m.groups()[:groups]
         if coord.p.poll() is not None:
             raise UserError("the coordinator failed to start (see its output above)")
         time.sleep(0.2)

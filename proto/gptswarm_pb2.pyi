@@ -7,20 +7,24 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class JoinRequest(_message.Message):
-    __slots__ = ("protocol_version", "token", "name", "device", "peer_id", "software_version")
+    __slots__ = ("protocol_version", "token", "name", "device", "peer_id", "software_version", "worker_id", "worker_secret")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     SOFTWARE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    WORKER_SECRET_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     token: str
     name: str
     device: str
     peer_id: str
     software_version: str
-    def __init__(self, protocol_version: _Optional[int] = ..., token: _Optional[str] = ..., name: _Optional[str] = ..., device: _Optional[str] = ..., peer_id: _Optional[str] = ..., software_version: _Optional[str] = ...) -> None: ...
+    worker_id: str
+    worker_secret: str
+    def __init__(self, protocol_version: _Optional[int] = ..., token: _Optional[str] = ..., name: _Optional[str] = ..., device: _Optional[str] = ..., peer_id: _Optional[str] = ..., software_version: _Optional[str] = ..., worker_id: _Optional[str] = ..., worker_secret: _Optional[str] = ...) -> None: ...
 
 class RegisterPeerRequest(_message.Message):
     __slots__ = ("peer_id",)
@@ -33,16 +37,20 @@ class RegisterPeerResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class JoinResponse(_message.Message):
-    __slots__ = ("worker_id", "session", "run_id", "protocol_version")
+    __slots__ = ("worker_id", "session", "run_id", "protocol_version", "worker_secret", "session_ttl")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_FIELD_NUMBER: _ClassVar[int]
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    WORKER_SECRET_FIELD_NUMBER: _ClassVar[int]
+    SESSION_TTL_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     session: str
     run_id: str
     protocol_version: int
-    def __init__(self, worker_id: _Optional[str] = ..., session: _Optional[str] = ..., run_id: _Optional[str] = ..., protocol_version: _Optional[int] = ...) -> None: ...
+    worker_secret: str
+    session_ttl: float
+    def __init__(self, worker_id: _Optional[str] = ..., session: _Optional[str] = ..., run_id: _Optional[str] = ..., protocol_version: _Optional[int] = ..., worker_secret: _Optional[str] = ..., session_ttl: _Optional[float] = ...) -> None: ...
 
 class RunConfigRequest(_message.Message):
     __slots__ = ()
@@ -171,10 +179,10 @@ class HeartbeatResponse(_message.Message):
     def __init__(self, round: _Optional[int] = ..., phase: _Optional[str] = ..., theta_hash: _Optional[str] = ..., may_train: _Optional[bool] = ..., lease_deadline: _Optional[float] = ..., expired_lease_ids: _Optional[_Iterable[str]] = ..., tokens_trained: _Optional[int] = ..., finished: _Optional[bool] = ..., swarm_round_tokens: _Optional[int] = ..., swarm_tokens_per_second: _Optional[float] = ..., tokens_per_round: _Optional[int] = ...) -> None: ...
 
 class ShardRequest(_message.Message):
-    __slots__ = ("shard_index",)
-    SHARD_INDEX_FIELD_NUMBER: _ClassVar[int]
-    shard_index: int
-    def __init__(self, shard_index: _Optional[int] = ...) -> None: ...
+    __slots__ = ("lease_id",)
+    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    lease_id: str
+    def __init__(self, lease_id: _Optional[str] = ...) -> None: ...
 
 class DataChunk(_message.Message):
     __slots__ = ("data",)
@@ -261,16 +269,18 @@ class CheckpointRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class CheckpointChunk(_message.Message):
-    __slots__ = ("file", "data", "round", "theta_hash")
+    __slots__ = ("file", "data", "round", "theta_hash", "size")
     FILE_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     THETA_HASH_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
     file: str
     data: bytes
     round: int
     theta_hash: str
-    def __init__(self, file: _Optional[str] = ..., data: _Optional[bytes] = ..., round: _Optional[int] = ..., theta_hash: _Optional[str] = ...) -> None: ...
+    size: int
+    def __init__(self, file: _Optional[str] = ..., data: _Optional[bytes] = ..., round: _Optional[int] = ..., theta_hash: _Optional[str] = ..., size: _Optional[int] = ...) -> None: ...
 
 class LeaveRequest(_message.Message):
     __slots__ = ()

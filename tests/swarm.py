@@ -12,8 +12,10 @@ import threading
 import time
 from pathlib import Path
 
+from gptswarm import transport
+
 EXE = str(Path(sys.executable).with_name("gptswarm"))
-JOIN = re.compile(r"gptswarm worker --join (\S+) --token (\S+)")
+JOIN = re.compile(r"GPTSWARM_TOKEN=(\S+) gptswarm worker --join (\S+) (?:--tls-fingerprint (\S+)|--plaintext)")
 FAST = ["--http", "127.0.0.1:0", "--tokens-per-round", "6000", "--sender-timeout", "4", "--heartbeat-interval", "0.5",
         "--lease-seconds", "4", "--shard-tokens", "2048", "--lr", "2e-3"]
 
@@ -75,27 +77,46 @@ class Process:
 
 
 def coordinator(state_dir, *extra, listen="127.0.0.1:0", p2p="127.0.0.1:0", token="sekrit"):
+    """A coordinator process, over TLS (its own certificate) unless extra has --plaintext; token
+    None: the saved one (or, with --rotate-token, a new one)."""
     return Process(["coordinator", "--task", "addition", "--model", "gpt-nano", "--state-dir", state_dir,
-                    "--listen", listen, "--p2p-listen", p2p, "--token", token, *FAST, *extra])
+                    "--listen", listen, "--p2p-listen", p2p, *FAST, *extra], env={"GPTSWARM_TOKEN": token} if token else None)
+
+
+class Join(str):
+    """The coordinator's HOST:PORT, with the certificate fingerprint to pin ("" in plaintext)."""
+
+    pin = ""
+
+    def worker_args(self):
+        return ["--tls-fingerprint", self.pin] if self.pin else ["--plaintext"]
 
 
 def join_address(coord):
-    return coord.wait_for(JOIN.pattern).group(1)
+    m = coord.wait_for(JOIN.pattern)
+    join = Join(m.group(2))
+    join.pin = m.group(3) or ""
+    return join
+
+
+def channel(join):
+    """A gRPC channel to the coordinator, as a worker opens it."""
+    return transport.channel(join, pin=join.pin, plaintext=not join.pin)
 
 
 def worker(join, name, *extra, token="sekrit", env=None):
     """A worker process; each gets its own --state-dir (control socket) unless one is given."""
     if "--state-dir" not in extra:
         extra = (*extra, "--state-dir", tempfile.mkdtemp(prefix="gptswarm-worker-"))
-    return Process(["worker", "--join", join, "--token", token, "--name", name, "--device", "cpu", "--threads", "1",
-                    *extra], env=env)
+    return Process(["worker", "--join", join, *join.worker_args(), "--name", name, "--device", "cpu",
+                    "--threads", "1", *extra], env={"GPTSWARM_TOKEN": token, **(env or {})})
 
 
 def hostile_worker(join, name, attack, token="sekrit"):
     """A worker process whose contribution is tampered with (bench/hostile_worker.py)."""
-    args = [sys.executable, "-m", "bench.hostile_worker", "--attack", attack, "--join", join, "--token", token,
+    args = [sys.executable, "-m", "bench.hostile_worker", "--attack", attack, "--join", join, *join.worker_args(),
             "--name", name, "--state-dir", tempfile.mkdtemp(prefix="gptswarm-hostile-")]
-    return Process(args, exe=None, cwd=Path(__file__).resolve().parents[1])
+    return Process(args, exe=None, cwd=Path(__file__).resolve().parents[1], env={"GPTSWARM_TOKEN": token})
 
 
 def ledger(state_dir, sql, args=()):

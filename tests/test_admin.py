@@ -10,7 +10,7 @@ def test_quarantine_list_and_lift(tmp_path):
     new_run(sd, task="addition", model="gpt-nano")
     ledger = Ledger(sd / "ledger.sqlite", lease_seconds=60, heartbeat_interval=1.0, quarantine_after=2)
     ledger.start_round(0, "h")
-    w, _ = ledger.add_worker(name="mallory", device="cpu", peer_id="QmM", current_round=0, round_started=False)
+    w, _, _ = ledger.add_worker(name="mallory", device="cpu", peer_id="QmM", current_round=0, round_started=False)
     for r in (0, 1):
         ledger.commit_round(r, included={}, excluded={w: "flagged: left out"}, flagged={w}, theta_hash="h",
                             averaging_seconds=1)

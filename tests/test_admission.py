@@ -20,7 +20,7 @@ from gptswarm.proto import gptswarm_pb2_grpc as pb_grpc
 from gptswarm.rounds.hivemind_ext import RoundServicer
 from gptswarm.rounds.p2p import P2PNode
 from gptswarm.rounds.theta import load_theta, theta_hash, theta_views
-from swarm import coordinator, hostile_worker, join_address, ledger, wait_until, worker
+from swarm import channel, coordinator, hostile_worker, join_address, ledger, wait_until, worker
 
 PEER_LINE = r"hivemind peer (\S+) at (/ip4/127\.0\.0\.1/tcp/\d+/p2p/[^\s,]+)"
 
@@ -37,7 +37,7 @@ class Session:
     """A raw gRPC client with the swarm token: it says whatever it likes."""
 
     def __init__(self, join, name, peer_id, token="sekrit"):
-        self.channel = grpc.insecure_channel(join)
+        self.channel = channel(join)
         self.stub = pb_grpc.CoordinatorStub(self.channel)
         joined = self.stub.Join(pb.JoinRequest(protocol_version=PROTOCOL_VERSION, token=token, name=name,
                                                peer_id=peer_id))
@@ -146,7 +146,7 @@ def insider_group(s, timeout=60):
         lease = s.LeaseShard(pb.LeaseRequest(round=s.Heartbeat(pb.HeartbeatRequest(state="waiting")).round))
     while True:
         assert time.time() < deadline, "the round did not average"
-        view = s.Heartbeat(pb.HeartbeatRequest(round=lease_round(s), state="training", lease_ids=[lease.lease_id],
+        view = s.Heartbeat(pb.HeartbeatRequest(round=current_round(s), state="training", lease_ids=[lease.lease_id],
                                                lease_tokens=[pb.LeaseTokens(lease_id=lease.lease_id, tokens=100)]))
         if view.phase == "averaging":
             group = s.GetAveragingGroup(pb.AveragingGroupRequest(round=view.round))
@@ -155,8 +155,14 @@ def insider_group(s, timeout=60):
         time.sleep(0.2)
 
 
-def lease_round(s):
+def current_round(s):
     return s.Heartbeat(pb.HeartbeatRequest(state="training")).round
+
+
+def lease_round(s):
+    """The round in which s may lease (a newcomer waits for the round after the one under way)."""
+    return wait_until(lambda: (lambda b: b.may_train and b.round + 1)(s.Heartbeat(pb.HeartbeatRequest(
+        state="waiting"))), 60, "a round this session may train in") - 1
 
 
 def test_lying_workers_move_nothing(tmp_path):
@@ -172,7 +178,7 @@ def test_lying_workers_move_nothing(tmp_path):
         # hoarding: at most two active leases
         leases = [liar.LeaseShard(pb.LeaseRequest(round=r)) for _ in range(4)]
         held = [l for l in leases if l.granted]
-        assert len(held) <= 2 and any("at most 2 active lease(s)" in l.reason for l in leases)
+        assert len(held) <= 2 and any("at most 2 active lease(s)" in l.reason for l in leases), leases
         # round tokens far beyond its leases, on leases it does not hold, and for a future round
         for lid, tokens in [(held[0].lease_id, 2**53), ("l-somebody-elses", 10**6)]:
             liar.Heartbeat(pb.HeartbeatRequest(round=r, state="training",

@@ -25,7 +25,7 @@ def coord(tmp_path):
     sd = tmp_path / "run"
     new_run(sd, task="addition", model="gpt-nano", tokens_per_round=100, max_tokens=10**6)
     c = Coordinator(sd, CoordinatorConfig())
-    worker_id, _ = c.ledger.add_worker(name="w", device="cpu", peer_id="QmW", current_round=0, round_started=False)
+    worker_id, _, _ = c.ledger.add_worker(name="w", device="cpu", peer_id="QmW", current_round=0, round_started=False)
     lease = c.ledger.lease(worker_id, 0)
     c.ledger.clock = lambda: 10**10  # long after the round began: any claim is possible in time
     c.ledger.claim(worker_id, 0, {lease["lease_id"]: 100})

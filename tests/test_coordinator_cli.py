@@ -14,7 +14,7 @@ def assert_one_line_error(r, *needles):
     for n in needles:
         assert n in last, last
 
-BASE = ["coordinator", "--listen", "127.0.0.1:0", "--p2p-listen", "127.0.0.1:0", "--token", "t"]
+BASE = ["coordinator", "--listen", "127.0.0.1:0", "--p2p-listen", "127.0.0.1:0"]
 
 
 def test_port_in_use(tmp_path):

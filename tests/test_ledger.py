@@ -199,11 +199,56 @@ def test_leave_returns_leases(ledger):
 
 
 def test_sessions_are_stored_hashed(ledger):
-    wid, session = ledger.add_worker(name="x", device="cpu", peer_id="p", current_round=3, round_started=True)
+    wid, session, _ = ledger.add_worker(name="x", device="cpu", peer_id="p", current_round=3, round_started=True)
     assert ledger.worker_for_session(session)["id"] == wid
     assert ledger.worker(wid)["eligible_round"] == 4  # joined mid-round: waits for the next
     raw = sqlite3.connect(ledger.path).execute("SELECT group_concat(session_hash) FROM workers").fetchone()[0]
     assert session not in raw
+
+
+def test_sessions_expire_end_on_leave_and_rotation_and_the_secret_brings_the_worker_back(ledger):
+    wid, session, secret = ledger.add_worker(name="x", device="cpu", peer_id="p", current_round=0,
+                                             round_started=False)
+    raw = sqlite3.connect(ledger.path).execute("SELECT secret_hash FROM workers").fetchone()[0]
+    assert secret not in raw
+    ledger.clock_.t += 50
+    assert ledger.worker_for_session(session, ttl=60)["id"] == wid
+    beat(ledger, wid)  # used: the clock of its expiry starts again
+    ledger.clock_.t += 59
+    assert ledger.worker_for_session(session, ttl=60) is not None
+    ledger.clock_.t += 2
+    assert ledger.worker_for_session(session, ttl=60) is None  # unused for over a minute: gone for good
+    assert ledger.worker_for_session(session) is None
+    assert ledger.resume_worker(wid, "not-its-secret", peer_id="p", current_round=0, round_started=False) is None
+    assert ledger.resume_worker("w-nobody", secret, peer_id="p", current_round=0, round_started=False) is None
+    again = ledger.resume_worker(wid, secret, peer_id="p2", current_round=0, round_started=True)
+    w = ledger.worker_for_session(again)
+    assert w["id"] == wid and w["peer_id"] == "p2" and w["eligible_round"] == 1  # same worker, next round
+    ledger.leave(wid)
+    assert ledger.worker_for_session(again) is None  # Leave ends the session
+    back = ledger.resume_worker(wid, secret, peer_id="p2", current_round=0, round_started=False)
+    other, other_session, _ = ledger.add_worker(name="y", device="cpu", peer_id="q", current_round=0,
+                                                round_started=False)
+    assert ledger.revoke_sessions("the swarm token was rotated") == 2
+    assert ledger.worker_for_session(back) is None and ledger.worker_for_session(other_session) is None
+    kinds = [k for (k,) in sqlite3.connect(ledger.path).execute("SELECT kind FROM events")]
+    assert {"session_expired", "rejoin", "sessions_revoked"} <= set(kinds)
+
+
+def test_refused_strangers_are_counted_per_network_not_a_row_each(ledger, monkeypatch):
+    import gptswarm.coordinator.ledger as module
+
+    monkeypatch.setattr(module, "MAX_SOURCES", 3)
+    for i in range(50):
+        ledger.refuse_source("auth_failed", "a join with a wrong or missing swarm token", f"ip:10.0.{i % 5}.0/24")
+    rows = {r["worker_id"]: r["n"] for r in ledger.query("SELECT worker_id, n FROM refusals")}
+    assert rows == {"ip:10.0.0.0/24": 10, "ip:10.0.1.0/24": 10, "ip:10.0.2.0/24": 10, "ip:many": 20}
+    events = ledger.query("SELECT detail FROM events WHERE kind = 'refused'")
+    assert len(events) == 1 and "wrong or missing swarm token" in events[0]["detail"]  # one a minute, for all
+    ledger.clock_.t += 61
+    ledger.refuse_source("auth_failed", "a join with a wrong or missing swarm token", "ip:10.0.0.0/24")
+    assert len(ledger.query("SELECT 1 FROM events WHERE kind = 'refused'")) == 2
+    assert ledger.refusal_counts() == {"auth_failed": 51}
 
 
 def test_lease_order_is_a_seeded_shuffle_per_epoch(tmp_path):

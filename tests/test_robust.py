@@ -63,19 +63,23 @@ def clean(tmp_path_factory):
 def test_a_hostile_worker_is_left_out_flagged_and_quarantined(attack, tmp_path, clean):
     sd, val_loss, workers = run(tmp_path, attack)
     (hostile,), = ledger(sd, "SELECT id FROM workers WHERE name = 'hostile'")
-    rounds = ledger(sd, "SELECT c.round, r.state, c.included, c.flagged, c.reason FROM contributions c JOIN rounds r "
-                        "ON r.round = c.round WHERE c.worker_id = ? AND c.included IS NOT NULL ORDER BY c.round",
-                    (hostile,))
-    # every round it took part in (its first honest one aside, for replay) left it out and, where the
-    # round stood, flagged it
-    judged = rounds[1:] if attack == "replay" else rounds
-    assert judged and all(inc == 0 and (flag == 1 or state != "done") for _, state, inc, flag, _ in judged), rounds
+    rounds = ledger(sd, "SELECT c.round, r.state, c.included, c.flagged, c.reason, (SELECT COUNT(*) FROM contributions "
+                        "h WHERE h.round = c.round AND h.worker_id != c.worker_id AND h.included = 1) AS honest "
+                        "FROM contributions c JOIN rounds r ON r.round = c.round WHERE c.worker_id = ? "
+                        "AND c.included IS NOT NULL ORDER BY c.round", (hostile,))
+    # every round it took part in (its first honest one aside, for replay) left it out and, where
+    # the round stood, flagged it; for an attack only its direction gives away, in the rounds it
+    # faced both honest workers (a pair cannot outvote each other: docs/architecture.md, the
+    # breakdown point)
+    need = 2 if attack in ("noise", "const") else 1  # only direction tells these: with one honest member, no
+    judged = [r[:5] for r in (rounds[1:] if attack == "replay" else rounds) if r[1] != "done" or r[5] >= need]
+    assert all(inc == 0 and (flag == 1 or state != "done") for _, state, inc, flag, _ in judged), rounds
     reason = "non-finite" if attack == "nan" else "flagged: left out of"
     assert all(reason in why for _, state, _, _, why in judged if state == "done"), rounds
     # twice flagged: quarantined, no more leases, no more rounds
     (quarantine,), = ledger(sd, "SELECT quarantine_reason FROM workers WHERE id = ?", (hostile,))
     assert quarantine and "flagged in 2" in quarantine
-    took_part = [state for _, state, _, _, _ in rounds if state == "done"]
+    took_part = [r[1] for r in rounds if r[1] == "done" and r[5] >= 2]
     assert len(took_part) <= (3 if attack == "replay" else 2), rounds
     assert "quarantined" in [k for (k,) in ledger(sd, "SELECT kind FROM events WHERE worker_id = ?", (hostile,))]
     shown = workers["hostile"]  # on the status page, with the reason

@@ -8,13 +8,12 @@ import subprocess
 import urllib.request
 from pathlib import Path
 
-import grpc
 import pytest
 
 from gptswarm.proto import PROTOCOL_VERSION
 from gptswarm.proto import gptswarm_pb2 as pb
 from gptswarm.proto import gptswarm_pb2_grpc as pb_grpc
-from swarm import coordinator, join_address, ledger, wait_until, worker
+from swarm import channel, coordinator, join_address, ledger, wait_until, worker
 
 SCRIPT_NAME = "<script>alert(1)</script>"
 IMG_NAME = '<img src=x onerror="window.__pwned=1">'
@@ -57,7 +56,7 @@ def swarm(tmp_path_factory):
 
 def lie(join):
     """A client with a valid token that claims tokens on a lease it never held: refused, and shown."""
-    with grpc.insecure_channel(join) as ch:
+    with channel(join) as ch:
         stub = pb_grpc.CoordinatorStub(ch)
         joined = stub.Join(pb.JoinRequest(protocol_version=PROTOCOL_VERSION, token="sekrit", name=LIAR,
                                           peer_id="QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N"))

@@ -9,7 +9,6 @@ import time
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from gptswarm.mingpt_core import checkpoint
 from gptswarm.proto import PROTOCOL_VERSION
@@ -17,7 +16,7 @@ from gptswarm.proto import gptswarm_pb2 as pb
 from gptswarm.proto import gptswarm_pb2_grpc as pb_grpc
 from gptswarm.rounds.theta import load_theta, theta_hash
 from conftest import run_cli
-from swarm import coordinator, hostile_worker, join_address, ledger, wait_until, worker
+from swarm import channel, coordinator, hostile_worker, join_address, ledger, wait_until, worker
 
 
 def rounds_done(state_dir):
@@ -176,7 +175,7 @@ def test_bad_tokens_versions_and_poisoned_contributions(tmp_path):
     procs = [coord]
     try:
         join = join_address(coord)
-        with grpc.insecure_channel(join) as ch:
+        with channel(join) as ch:
             stub = pb_grpc.CoordinatorStub(ch)
             for token in ("wrong", ""):
                 with pytest.raises(grpc.RpcError) as e:
@@ -193,10 +192,6 @@ def test_bad_tokens_versions_and_poisoned_contributions(tmp_path):
             assert ledger(sd, "SELECT COUNT(*) FROM leases")[0][0] == 0
             health = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service="gptswarm.v1.Coordinator"))
             assert health.status == health_pb2.HealthCheckResponse.SERVING
-            refl = reflection_pb2_grpc.ServerReflectionStub(ch).ServerReflectionInfo(
-                iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
-            names = {s.name for r in refl for s in r.list_services_response.service}
-            assert "gptswarm.v1.Coordinator" in names
 
         bad = worker(join, "mallory", token="nope")
         bad.p.wait(60)

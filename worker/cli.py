@@ -50,7 +50,15 @@ def state_dir_option(f):
 @click.option("--config", envvar="GPTSWARM_CONFIG", callback=load_config, is_eager=True, expose_value=False,
               type=click.Path(dir_okay=False), help=f"TOML file of settings named like these options (default {CONFIG}).")
 @click.option("--join", envvar="GPTSWARM_JOIN", metavar="HOST:PORT", help="The coordinator's address, as it printed it.")
-@click.option("--token", envvar="GPTSWARM_TOKEN", default=DEFAULTS["token"], help="The swarm token from the operator.")
+@click.option("--token-file", envvar="GPTSWARM_TOKEN_FILE", type=click.Path(dir_okay=False, exists=True),
+              help="File holding the swarm token from the operator; or set GPTSWARM_TOKEN (never put the token on "
+                   "the command line, where every user of this machine can read it).")
+@click.option("--tls-fingerprint", envvar="GPTSWARM_TLS_FINGERPRINT", metavar="sha256:HEX",
+              help="The coordinator's certificate fingerprint, as its join command shows it: the worker talks only "
+                   "to a coordinator that presents that certificate. Without it the certificate must be one this "
+                   "machine's CA roots trust.")
+@click.option("--plaintext", envvar="GPTSWARM_PLAINTEXT", is_flag=True,
+              help="Talk to the coordinator without TLS: only for one on this machine (loopback demos and tests).")
 @click.option("--device", envvar="GPTSWARM_DEVICE", default=DEFAULTS["device"], show_default=True,
               help="auto (a GPU if there is one), cpu, cuda or cuda:N.")
 @click.option("--name", envvar="GPTSWARM_NAME", help="Public name shown on the status page (default: host name).")
@@ -68,7 +76,7 @@ def state_dir_option(f):
 @click.option("--threads", envvar="GPTSWARM_THREADS", type=int, help="CPU threads for training on the CPU (default: all).")
 @state_dir_option
 @click.pass_context
-def worker(ctx, join, token, device, name, schedule, idle_only, max_hours, max_vram,
+def worker(ctx, join, token_file, tls_fingerprint, plaintext, device, name, schedule, idle_only, max_hours, max_vram,
            json_logs, threads, state_dir):
     """Join a swarm and train with it: lease data shards from the coordinator, train the shared
     GPT on them, and average what was learned with the other workers every round.
@@ -80,14 +88,21 @@ def worker(ctx, join, token, device, name, schedule, idle_only, max_hours, max_v
         return
     if not join:
         raise click.UsageError("--join HOST:PORT is required (or a subcommand: status, pause, resume, finish)")
+    import os
+
     import torch
 
     from gptswarm.worker.loop import Worker
 
+    token = Path(token_file).read_text().strip() if token_file else os.environ.get("GPTSWARM_TOKEN", "").strip()
+    if tls_fingerprint and plaintext:
+        raise click.UsageError("--tls-fingerprint and --plaintext contradict each other")
+
     setup_logging(json_logs)
     if threads:
         torch.set_num_threads(threads)
-    config = WorkerConfig(join=join, token=token, device=device, name=name or "", state_dir=Path(state_dir),
+    config = WorkerConfig(join=join, token=token, tls_fingerprint=tls_fingerprint or "", plaintext=plaintext,
+                          device=device, name=name or "", state_dir=Path(state_dir),
                           schedule=schedule or "", idle_only=idle_only, max_hours=max_hours or 0.0,
                           max_vram=max_vram or 0.0)
     run(Worker(config))

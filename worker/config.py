@@ -13,7 +13,9 @@ def default_state_dir():
 @dataclass(frozen=True)
 class WorkerConfig:
     join: str  # the coordinator's HOST:PORT
-    token: str = ""  # the swarm token
+    token: str = ""  # the swarm token (from GPTSWARM_TOKEN or --token-file, never the command line)
+    tls_fingerprint: str = ""  # sha256:<hex> of the coordinator's certificate, as it printed it
+    plaintext: bool = False  # no TLS: only to a coordinator on loopback
     device: str = "auto"  # auto, cpu, cuda or cuda:N
     name: str = ""  # public name on the status page ("": the host name)
     state_dir: Path = default_state_dir()  # control socket, saved pause, session, throughput cache

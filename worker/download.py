@@ -1,5 +1,8 @@
-"""What the worker downloads from the coordinator: leased shards (checked against the sha256 they
-were leased with) and theta_global (checked against the coordinator's theta hash)."""
+"""What the worker downloads from the coordinator, streamed and bounded: a leased shard (no more
+bytes than its lease's tokens, checked against the sha256 it was leased with) and theta_global
+(only the checkpoint format's own files, each within the size the run's model implies and the
+size the coordinator declared, written to disk as it arrives, checked against the coordinator's
+theta hash)."""
 
 import math
 import tempfile
@@ -13,32 +16,65 @@ from gptswarm.worker.state import LeasedShard
 
 SHARD_TIMEOUT = 120.0
 CHECKPOINT_TIMEOUT = 600.0
+TOKEN_BYTES = 2  # shards hold uint16 tokens
 
 
 def shard(client, lease, shard_info, *, block_size, batch_size):
     """The LeasedShard for a granted LeaseResponse; UserError if its bytes do not match."""
-    chunks = client.call("GetShard", pb.ShardRequest(shard_index=lease.shard_index), timeout=SHARD_TIMEOUT,
-                         stream=True)
-    tokens = decode_shard(b"".join(c.data for c in chunks), lease.sha256, f"shard {lease.shard_index}")
+    limit = TOKEN_BYTES * (lease.tokens + 1)
+    raw = bytearray()
+    for c in client.call("GetShard", pb.ShardRequest(lease_id=lease.lease_id), timeout=SHARD_TIMEOUT, stream=True):
+        raw += c.data
+        if len(raw) > limit:
+            raise UserError(f"shard {lease.shard_index} is larger than its lease's {lease.tokens} tokens")
+    tokens = decode_shard(bytes(raw), lease.sha256, f"shard {lease.shard_index}")
     batches = Batches([Shard(tokens, "train", lease.sha256)], shard_info, block_size, batch_size,
                       seed=int(lease.sha256[:8], 16) ^ lease.epoch)
     return LeasedShard(lease.lease_id, lease.tokens, batches,
                        steps_needed=max(1, math.ceil(lease.tokens / batches.tokens_per_batch)))
 
 
-def theta(client):
-    """(theta, momentum, round, meta, theta hash) of the coordinator's latest checkpoint; UserError if
-    it does not hash to the coordinator's theta hash."""
+def theta(client, spec):
+    """(theta, momentum, round, meta, theta hash) of the coordinator's latest checkpoint; UserError
+    if a file is not the format's, is larger than spec (run_config.RunSpec) allows or than declared,
+    or the whole does not hash to the coordinator's theta hash."""
     chunks = client.call("GetCheckpoint", pb.CheckpointRequest(), timeout=CHECKPOINT_TIMEOUT, stream=True)
     with tempfile.TemporaryDirectory() as tmp:
-        files = {}
-        for c in chunks:
-            files.setdefault(c.file, []).append(c.data)
-        for name, parts in files.items():
-            (Path(tmp) / Path(name).name).write_bytes(b"".join(parts))
+        files, sizes, first = {}, {}, None
+        try:
+            for c in chunks:
+                first = first or c
+                if c.file not in files:
+                    limit = spec.file_limit(c.file)
+                    if limit is None or c.file in sizes:
+                        raise UserError(f"the coordinator's checkpoint has an unexpected file {c.file[:80]!r}")
+                    if c.size > limit:
+                        raise UserError(f"the coordinator's checkpoint file {c.file} declares {c.size:,} bytes, "
+                                        f"more than the run's model allows ({limit:,})")
+                    for f in files.values():
+                        f.close()
+                    files = {c.file: open(Path(tmp) / c.file, "wb")}
+                    sizes[c.file] = [c.size, 0]
+                sizes[c.file][1] += len(c.data)
+                if sizes[c.file][1] > sizes[c.file][0]:
+                    raise UserError(f"the coordinator's checkpoint file {c.file} is longer than declared")
+                files[c.file].write(c.data)
+        finally:
+            for f in files.values():
+                f.close()
+        short = [name for name, (declared, got) in sizes.items() if got != declared]
+        if first is None or short:
+            raise UserError(f"the coordinator's checkpoint is incomplete ({', '.join(short) or 'empty'})")
         model, _, meta, momentum = load_theta(tmp)
     theta = {k: v.clone() for k, v in theta_views(model).items()}
     digest = theta_hash(theta)
-    if digest != chunks[0].theta_hash:
+    if digest != first.theta_hash:
         raise UserError("downloaded checkpoint does not match the coordinator's theta hash")
-    return theta, momentum, chunks[0].round, meta, digest
+    return theta, momentum, first.round, meta, digest
+
+
+def why(error):
+    """One line for a failed download."""
+    if hasattr(error, "code") and callable(error.code):
+        return f"{error.code().name}: {error.details()}"
+    return str(error)

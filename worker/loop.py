@@ -15,25 +15,24 @@ theta), state.py (what the threads share), utilization.py, control.py (the volun
 socket).
 """
 
-import json
 import logging
 import platform
 import threading
 import time
-from pathlib import Path
 
+import grpc
 import torch
 
 from gptswarm.errors import UserError
-from gptswarm.mingpt_core.data import ShardSet
-from gptswarm.mingpt_core.model import GPT, GPTConfig
-from gptswarm.mingpt_core.trainer import Trainer, TrainConfig, limit_vram, resolve_device
+from gptswarm.mingpt_core.model import GPT
+from gptswarm.mingpt_core.trainer import Trainer, limit_vram, resolve_device
+from gptswarm.private import private_dir
 from gptswarm.proto import gptswarm_pb2 as pb
 from gptswarm.rounds.averaging import Outcome, RoundContributor
 from gptswarm.rounds.outer import outer_step, pseudo_gradient
 from gptswarm.rounds.p2p import P2PNode
 from gptswarm.rounds.theta import theta_hash, theta_views
-from gptswarm.worker import download, session, throughput
+from gptswarm.worker import download, run_config, session, throughput
 from gptswarm.worker.client import CoordinatorClient, Stopped
 from gptswarm.worker.control import ControlServer
 from gptswarm.worker.heartbeat import Heartbeats, unreachable
@@ -57,8 +56,7 @@ class Worker:
         self.config = config
         self.device = resolve_device(config.device)
         limit_vram(self.device, config.max_vram)
-        self.state_dir = Path(config.state_dir)
-        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.state_dir = private_dir(config.state_dir)
         idle = None
         if config.idle_only:
             on_gpu = self.device.type == "cuda"
@@ -68,12 +66,14 @@ class Worker:
         self.pause = PausePolicy(self.state_dir, schedule=self.schedule, idle=idle, max_hours=config.max_hours)
         self.name = config.name or platform.node() or "volunteer"
         self.shared = SharedState()
-        self.client = CoordinatorClient(config.join, config.token,
+        self.client = CoordinatorClient(config.join, config.token, pin=config.tls_fingerprint,
+                                        plaintext=config.plaintext,
                                         on_wait=lambda reason: unreachable(self.shared, "waiting", reason))
         self.stopping = threading.Event()
         self.utilization = Utilization()
         self.worker_id = None
         self.cfg = None  # the coordinator's RunConfig
+        self.spec = None  # what it says to train, checked (run_config.RunSpec)
         self.shard_info = None  # the run's ShardSet layout (no shards)
         self.model = self.trainer = None
         self.batch_tokens = 0  # tokens in one training batch
@@ -129,13 +129,10 @@ class Worker:
         self.worker_id, cfg = session.join_or_resume(self.client, self.state_dir, name=self.name,
                                                      device=throughput.describe_device(self.device),
                                                      peer_id=str(self.node.peer_id))
-        self.cfg = cfg
-        model_config = GPTConfig.from_dict(json.loads(cfg.model_config_json))
-        self.shard_info = ShardSet([], **{k: v for k, v in json.loads(cfg.shards_json).items()
-                                          if k in ("vocab_size", "layout", "example_len", "loss_start")})
+        self.cfg, self.spec = cfg, run_config.parse(cfg, self.device)
+        model_config, train, self.shard_info = self.spec.model, self.spec.train, self.spec.shard_info
         self.contributor = RoundContributor(self.node, theta_views(GPT(model_config)), prefix=cfg.averaging_prefix,
                                             compression=cfg.compression)
-        train = TrainConfig.from_dict(json.loads(cfg.train_config_json))
         self.batch_tokens = train.batch_size * (model_config.block_size if self.shard_info.layout == "stream"
                                                 else self.shard_info.example_len - 1)
         train.max_iters = max(1, cfg.max_tokens // self.batch_tokens)  # the LR schedule spans the run's budget
@@ -230,9 +227,10 @@ class Worker:
         try:
             shard = download.shard(self.client, resp, self.shard_info, block_size=self.model.config.block_size,
                                    batch_size=self.trainer.cfg.batch_size)
-        except UserError as e:
-            log.warning("%s; giving the lease back", e)
+        except (UserError, grpc.RpcError) as e:
+            log.warning("shard download failed (%s); giving the lease back", download.why(e))
             self.client.call("ReleaseLeases", pb.ReleaseRequest(lease_ids=[resp.lease_id]))
+            self._sleep(1.0)
             return
         with s.lock:
             s.shard = shard
@@ -367,17 +365,17 @@ class Worker:
 
     # --- theta ---
 
-    def _sync_from_checkpoint(self, tries=5):
+    def _sync_from_checkpoint(self, tries=8):
         self.shared.set("syncing", "downloading theta_global from the coordinator")
         for attempt in range(tries):
             try:
-                self.theta, self.momentum, round_, meta, digest = download.theta(self.client)
+                self.theta, self.momentum, round_, meta, digest = download.theta(self.client, self.spec)
                 break
-            except UserError as e:  # e.g. a round committed mid-download: try again
+            except (UserError, grpc.RpcError) as e:  # a round committed mid-download, the coordinator busy
                 if attempt == tries - 1:
-                    raise
-                log.warning("%s; downloading again", e)
-                self._sleep(2 ** attempt)
+                    raise UserError(f"cannot download theta_global: {download.why(e)}") from None
+                log.warning("%s; downloading again", download.why(e))
+                self._sleep(min(2 ** attempt, 30))
         self.tokens_trained = int(meta.get("tokens_trained", 0))
         with self.shared.lock:
             self.shared.round, self.shared.round_tokens, self.shared.round_leases = round_, 0, {}

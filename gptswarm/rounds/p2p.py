@@ -6,13 +6,23 @@ checks a worker's averaging traffic against."""
 
 import asyncio
 import threading
+from pathlib import Path
 
 import gptswarm.rounds.hivemind_ext  # noqa: F401  (first: it checks the installed hivemind's version)
 from gptswarm.errors import UserError
+from gptswarm.private import write_private
 from hivemind.p2p import P2P, PeerID
 from hivemind.utils.multiaddr import Multiaddr
 
 STARTUP_TIMEOUT = 30.0
+
+
+def new_identity():
+    """A new hivemind peer identity: a serialized libp2p RSA private key (what hivemind itself writes)."""
+    from hivemind.proto import crypto_pb2
+    from hivemind.utils.crypto import RSAPrivateKey
+
+    return crypto_pb2.PrivateKey(key_type=crypto_pb2.KeyType.RSA, data=RSAPrivateKey().to_bytes()).SerializeToString()
 
 
 class P2PNode:
@@ -23,6 +33,8 @@ class P2PNode:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="p2p", daemon=True)
         self.thread.start()
+        if identity_path and not Path(identity_path).exists():
+            write_private(identity_path, new_identity())  # hivemind would write it world-readable, then chmod
         kwargs = {"identity_path": str(identity_path)} if identity_path else {}
         if listen:
             host, _, port = listen.rpartition(":")

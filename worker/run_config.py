@@ -1,0 +1,120 @@
+"""What the coordinator tells a worker to train, checked before anything is built from it: the
+model and training configs within sane bounds, and a model that fits this machine's memory (a
+clear error otherwise, never an out-of-memory crash hours later). The same bounds size what the
+worker will accept as the run's checkpoint files (download.py)."""
+
+import json
+import math
+from dataclasses import dataclass, fields
+
+import psutil
+import torch
+
+from gptswarm.errors import UserError
+from gptswarm.mingpt_core.data import ShardSet
+from gptswarm.mingpt_core.model import GPT, GPTConfig
+from gptswarm.mingpt_core.trainer import TrainConfig
+
+# far above any model a volunteer could train, far below what would hang or exhaust the worker
+LIMITS = {"n_layer": 1024, "n_head": 1024, "n_embd": 65536, "vocab_size": 1 << 16, "block_size": 1 << 17,
+          "attn_window": 1 << 17}
+TRAIN_LIMITS = {"batch_size": 1 << 16, "micro_batch_size": 1 << 16, "warmup_iters": 1 << 40,
+                "lr_decay_iters": 1 << 40, "eval_interval": 1 << 40, "eval_tokens": 1 << 40}
+SHARD_KEYS = ("vocab_size", "layout", "example_len", "loss_start")
+# bytes per parameter: the CPU keeps theta, the outer momentum and a downloaded copy (fp32); the
+# training device keeps the model, its gradients and AdamW's two moments (fp32)
+HOST_BYTES, DEVICE_BYTES = 12, 16
+TEXT_FILE_LIMIT = 64 << 20  # config.json, tokenizer.json
+HEADER_SLACK = 1 << 20  # a safetensors file's header, beyond its tensors
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    model: GPTConfig
+    train: TrainConfig
+    shard_info: ShardSet  # the run's shard layout (no shards)
+    n_params: int
+
+    def file_limit(self, name):
+        """The most bytes the run's checkpoint file `name` may have (None: not a file of the format)."""
+        tensors = 4 * self.n_params + HEADER_SLACK
+        return {"model.safetensors": tensors, "optimizer.safetensors": tensors, "config.json": TEXT_FILE_LIMIT,
+                "tokenizer.json": TEXT_FILE_LIMIT}.get(name)
+
+
+def _json(text, what):
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = None
+    if not isinstance(value, dict):
+        raise UserError(f"the coordinator sent a {what} that is not a JSON object")
+    return value
+
+
+def _bounded(values, limits, what):
+    for key, high in limits.items():
+        v = values.get(key)
+        if v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= high:
+            raise UserError(f"the coordinator's {what} has {key} = {str(v)[:40]}, outside 0..{high}")
+    for key, v in values.items():
+        if isinstance(v, float) and not math.isfinite(v):
+            raise UserError(f"the coordinator's {what} has {key} = {v}")
+
+
+def _typed(values, cls, what):
+    """Each known field of the dataclass cls has the JSON type of its declared type."""
+    for f in fields(cls):
+        if f.name not in values:
+            continue
+        v, kind = values[f.name], f.type if isinstance(f.type, type) else type(f.default)
+        ok = {bool: isinstance(v, bool), int: isinstance(v, int) and not isinstance(v, bool),
+              float: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
+              str: isinstance(v, str) and len(v) <= 64}.get(kind, True)
+        if not ok:
+            raise UserError(f"the coordinator's {what} has {f.name} = {str(v)[:40]!r}, not a {kind.__name__}")
+
+
+def count_params(config):
+    """The model's parameter count, without allocating it (on the meta device)."""
+    with torch.device("meta"):
+        return GPT(config).num_params(non_embedding=False)
+
+
+def memory_available(device):
+    """(bytes of host memory available, bytes free on the training device or None for the CPU)."""
+    host = psutil.virtual_memory().available
+    if device.type == "cuda":
+        return host, torch.cuda.mem_get_info(device)[0]
+    return host, None
+
+
+def parse(cfg, device):
+    """The RunSpec of a RunConfig; UserError if it is out of bounds or does not fit this machine."""
+    model_dict, train_dict = _json(cfg.model_config_json, "model config"), _json(cfg.train_config_json,
+                                                                                   "training config")
+    shard_dict = _json(cfg.shards_json, "shard layout")
+    _typed(model_dict, GPTConfig, "model config")
+    _typed(train_dict, TrainConfig, "training config")
+    _bounded(model_dict, LIMITS, "model config")
+    _bounded(train_dict, TRAIN_LIMITS, "training config")
+    try:
+        model = GPTConfig.from_dict(model_dict)
+        train = TrainConfig.from_dict(train_dict)
+        shard_info = ShardSet([], **{k: shard_dict[k] for k in SHARD_KEYS if k in shard_dict})
+    except (TypeError, ValueError) as e:
+        raise UserError(f"the coordinator sent a run config this worker cannot use: {str(e)[:200]}") from None
+    if model.vocab_size > LIMITS["vocab_size"]:
+        raise UserError(f"the run's vocabulary ({model.vocab_size}) does not fit its uint16 shards")
+    n_params = count_params(model)
+    host, free = memory_available(device)
+    need_host = HOST_BYTES * n_params + (DEVICE_BYTES * n_params if free is None else 0)
+    gib = 1 << 30
+    if need_host > host or (free is not None and DEVICE_BYTES * n_params > free):
+        have = host if free is None else free
+        raise UserError(f"the run's model ({n_params:,} parameters) needs about "
+                        f"{max(need_host, DEVICE_BYTES * n_params if free is not None else 0) / gib:.1f} GiB on "
+                        f"{device}, more than the {have / gib:.1f} GiB this machine has free: it cannot train here")
+    return RunSpec(model, train, shard_info, n_params)
