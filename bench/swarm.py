@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import sqlite3
@@ -24,13 +25,15 @@ import time
 from pathlib import Path
 
 from bench.netns import Net, available
+from bench.procs import Children
 
-EXE = str(Path(sys.executable).with_name("gptswarm"))
+SCRIPT = Path(sys.executable).with_name("gptswarm")
+EXE = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "gptswarm"]  # installed, or run in place
 MODEL = ["--model", "gpt-micro", "--block-size", "64"]
 
 
 def gptswarm(args, **kw):
-    return subprocess.run([EXE, *map(str, args)], check=True, capture_output=True, text=True, **kw)
+    return subprocess.run([*EXE, *map(str, args)], check=True, capture_output=True, text=True, **kw)
 
 
 def evaluate(ckpt, text):
@@ -68,10 +71,12 @@ def done_rounds(sd):
 
 def run_swarm(text, tokens, sd, tokens_per_round=48_000, compression="fp16", outer_lr=0.7, outer_momentum=0.9,
               shard_tokens=4096, batch=12, workers=2, netns=None, rate=None, target_loss=None, sender_timeout=3,
-              aggregation="robust", hostile=None):
+              aggregation="robust", hostile=None, device="cpu", model=MODEL):
     """Coordinator and workers train to the token budget (or until a round's validation loss reaches
     target_loss); the figures. netns: None = on a private network if root, else loopback; hostile:
-    an attack of bench/hostile_worker.py, run by one more worker that joins after the first round."""
+    an attack of bench/hostile_worker.py, run by one more worker that joins after the first round;
+    device: the workers' (cuda: all of them on the one GPU); model: the run's model flags. Every
+    process it starts is gone when it returns."""
     sd = Path(sd)
     sd.mkdir(parents=True, exist_ok=True)
     netns = available() if netns is None else netns
@@ -79,12 +84,12 @@ def run_swarm(text, tokens, sd, tokens_per_round=48_000, compression="fp16", out
     net = Net(hosts, rate=rate) if netns else None
     host = net.addrs[0] if net else "127.0.0.1"
     on = (lambda i, argv: net.exec(i, argv)) if net else (lambda i, argv: argv)
-    with net or contextlib.nullcontext():
+    with net or contextlib.nullcontext(), Children() as children:
         before = [net.tx_bytes(i) for i in range(hosts)] if net else None
         t0 = time.time()
         env = {**os.environ, "OMP_NUM_THREADS": "1", "GPTSWARM_TOKEN": "bench"}
-        coord = subprocess.Popen(on(0, [EXE, *map(str, [
-            "coordinator", "--text", text, *MODEL, "--state-dir", sd, "--listen", f"{host}:0", "--p2p-listen",
+        coord = children.start(on(0, [*EXE, *map(str, [
+            "coordinator", "--text", text, *model, "--state-dir", sd, "--listen", f"{host}:0", "--p2p-listen",
             f"{host}:0", "--http", "127.0.0.1:0", "--batch-size", batch, "--lr", "1e-3",
             "--min-lr", "1e-4", "--warmup-iters", "100", "--tokens-per-round", tokens_per_round, "--max-tokens", tokens,
             "--compression", compression, "--aggregation", aggregation, "--outer-lr", outer_lr,
@@ -105,17 +110,17 @@ def run_swarm(text, tokens, sd, tokens_per_round=48_000, compression="fp16", out
         procs = []
         for i in range(workers):
             wlog = open(sd / f"worker{i}.log", "w")
-            procs.append(subprocess.Popen(on(i + 1, [EXE, "worker", "--join", join, *secure, "--name", f"w{i}",
-                                                     "--device", "cpu", "--threads", "1", "--json-logs", "--state-dir",
-                                                     str(sd / f"worker{i}")]),
-                                          stdout=wlog, stderr=wlog, env=env))
+            procs.append(children.start(on(i + 1, [*EXE, "worker", "--join", join, *secure, "--name", f"w{i}",
+                                                   "--device", device, "--threads", "1", "--json-logs", "--state-dir",
+                                                   str(sd / f"worker{i}")]),
+                                        stdout=wlog, stderr=wlog, env=env))
         reached = None
         attacker = None
         while any(w.poll() is None for w in procs):  # workers leave when the run reaches its budget
             time.sleep(1)
             if hostile and attacker is None and (sd / "ledger.sqlite").exists() and done_rounds(sd):
                 hlog = open(sd / "hostile.log", "w")
-                attacker = subprocess.Popen(on(hosts - 1, [sys.executable, "-m", "bench.hostile_worker", "--attack",
+                attacker = children.start(on(hosts - 1, [sys.executable, "-m", "bench.hostile_worker", "--attack",
                                                            hostile, "--join", join, *secure, "--name",
                                                            "hostile", "--state-dir", str(sd / "hostile")]),
                                             stdout=hlog, stderr=hlog, cwd=Path(__file__).resolve().parents[1],
@@ -125,16 +130,14 @@ def run_swarm(text, tokens, sd, tokens_per_round=48_000, compression="fp16", out
                 if hit:
                     reached = {"round": hit[0][0], "seconds": round(hit[0][3] - t0, 1)}
                     for w in procs:
-                        w.terminate()
+                        children.signal(w, signal.SIGTERM)
         for w in procs:
             w.wait()
         failed = [i for i, w in enumerate(procs) if w.returncode not in (0, -signal.SIGTERM)]
         if attacker is not None:
-            attacker.terminate()
-            attacker.wait()
+            children.stop(attacker)
         cpu = cpu_seconds(coord.pid)
-        coord.terminate()
-        coord.wait()
+        children.stop(coord)
         wall = time.time() - t0
         sent = [net.tx_bytes(i) - before[i] for i in range(workers + 1)] if net else None
     if failed:
@@ -189,13 +192,20 @@ def main():
     p.add_argument("--loopback", action="store_true", help="do not use network namespaces even as root")
     p.add_argument("--rate", help="shape each host's link with tc tbf, e.g. 20mbit (needs namespaces)")
     p.add_argument("--target-loss", type=float, help="stop once a round's validation loss reaches this")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--device", default="cpu", help="the workers' device (cuda: all on the one GPU)")
+    p.add_argument("--model-flags", default=" ".join(MODEL),
+                   help="the coordinator's model flags, as one string (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=12)
     p.add_argument("--workdir", default="runs/bench-swarm")
     args = p.parse_args()
     shutil.rmtree(args.workdir, ignore_errors=True)
     out = run_swarm(str(Path(args.text).resolve()), args.tokens, Path(args.workdir).resolve(), args.tokens_per_round,
                     args.compression, args.outer_lr, args.outer_momentum, args.shard_tokens,
                     netns=False if args.loopback else None, rate=args.rate, target_loss=args.target_loss,
-                    sender_timeout=args.sender_timeout, aggregation=args.aggregation, hostile=args.hostile)
+                    sender_timeout=args.sender_timeout, aggregation=args.aggregation, hostile=args.hostile,
+                    workers=args.workers, device=args.device, model=shlex.split(args.model_flags),
+                    batch=args.batch_size)
     print(json.dumps(out, indent=1))
 
 

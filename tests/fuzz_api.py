@@ -145,13 +145,16 @@ class Fuzzer:
                         break
                 code = grpc.StatusCode.OK
             else:
-                response = fn(request, metadata=self.metadata(), timeout=10)
+                metadata = self.metadata()
+                response = fn(request, metadata=metadata, timeout=10)
                 self._learn(method.name, response)
+                if method.name == "Leave" and metadata == [("authorization", f"Bearer {self.session}")]:
+                    self.session = self._session()  # it left: a new worker goes on
                 code = grpc.StatusCode.OK
         except grpc.RpcError as e:
             code = e.code()
-            if code == grpc.StatusCode.UNAUTHENTICATED and "session" in (e.details() or "") and self.rng.random() < 0.05:
-                self.session = self._session()  # ours expired or was revoked (Leave): a new one now and then
+            if code == grpc.StatusCode.UNAUTHENTICATED and "session" in (e.details() or "") and self.rng.random() < 0.5:
+                self.session = self._session()  # ours expired or was revoked (Leave): mostly a new one
             if code in BAD_CODES:
                 self.failures.append((method.name, code.name, (e.details() or "")[:300]))
         self.codes[code.name] += 1

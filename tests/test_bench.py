@@ -7,6 +7,7 @@ import math
 import subprocess
 import sys
 
+import psutil
 import pytest
 
 from bench.netns import available
@@ -14,11 +15,27 @@ from bench.report import KEYS  # the flat keys latest.json must have
 from conftest import REPO
 
 
+def bench_processes(before, work):
+    """Processes started since `before` (pids) that belong to a benchmark run in `work`: its
+    coordinators, workers and trainers (their command lines name it) and hivemind daemons."""
+    found = []
+    for p in psutil.process_iter(["pid", "cmdline", "name"]):
+        if p.info["pid"] in before:
+            continue
+        cmd = " ".join(p.info["cmdline"] or [])
+        if str(work) in cmd or p.info["name"] == "p2pd" or "bench.hostile_worker" in cmd:
+            found.append((p.info["pid"], cmd[:200]))
+    return found
+
+
 @pytest.mark.timeout(900)
 def test_bench_quick_writes_every_figure(tmp_path, shakespeare_path):
+    before = set(psutil.pids())
     r = subprocess.run([sys.executable, "-m", "bench", "--quick", "--text", str(shakespeare_path), "--results",
                         str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=880)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    # nothing it started outlives it: no worker, coordinator, trainer or hivemind daemon
+    assert bench_processes(before, tmp_path) == []
     res = json.loads((tmp_path / "latest.json").read_text())
     for k in ("machine", "date", "tokens", "model", "versions"):
         assert res[k], k
