@@ -199,8 +199,9 @@ def plot(r, folder):
         seen, xs, ys = 0, [], []
         for _, tokens, val_loss in s["history"]:
             seen += tokens
-            xs.append(seen / 1e6)
-            ys.append(val_loss)
+            if val_loss is not None:  # evaluated after its commit: the last one may not be yet
+                xs.append(seen / 1e6)
+                ys.append(val_loss)
         ax.plot(xs, ys, "o-", markersize=3, label=f"gptswarm {c}, 2 workers, after each round")
     for key, label, style in (("loss_single", "one process", "--"), ("loss_ddp", "DDP, 2 ranks", ":"),
                               ("loss_hivemind_opt", "hivemind.Optimizer, 2 peers", "-.")):

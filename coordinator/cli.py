@@ -113,8 +113,9 @@ def wait_for_signal():
 @click.option("--quarantine-window", type=int, default=PROC.quarantine_window, show_default=True,
               help="See --quarantine-after.")
 @click.option("--max-val-loss-rise", type=float, default=PROC.max_val_loss_rise, show_default=True,
-              help="Refuse a round whose validation loss is more than this fraction (plus 0.1) above the best of "
-                   "the last 5 rounds (theta and momentum stay; its shards go back).")
+              help="Take back a round whose validation loss (evaluated just after it commits, while the next "
+                   "round trains) is more than this fraction (plus 0.1) above the median of the last 5 evaluated rounds: the "
+                   "run goes back to the theta that round started from.")
 @click.option("--lease-seconds", type=float, default=PROC.lease_seconds, show_default=True,
               help="A lease not extended by a heartbeat for this long expires and its shard is leased again.")
 @click.option("--join-burst", type=int, default=PROC.join_burst, show_default=True,

@@ -17,7 +17,7 @@ class CoordinatorConfig:
     quarantine_after: int = 2  # a worker flagged in this many ...
     quarantine_window: int = 5  # ... of the last this many rounds it took part in is quarantined
     max_val_loss_rise: float = 0.25  # a round whose validation loss is this much (relative, + 0.1) above the
-    #                                  best of the last 5 committed rounds is rejected
+    #                                  median of the last 5 evaluated rounds is taken back
     averaging_timeout: float = 60.0  # seconds an averaging may take
     round_timeout: float = 600.0  # a round with any tokens ends after this many seconds
     eval_tokens: int = 65536  # validation tokens per evaluation of theta_global

@@ -25,6 +25,7 @@ import contextlib
 import hashlib
 import hmac
 import json
+import math
 import random
 import secrets
 import sqlite3
@@ -686,6 +687,19 @@ class Ledger:
             self.event(f"round_{state}", f"round {round_}: {detail}"[:300], None, db)
             self.start_round(round_ + 1, row[0] if row else "", db)
 
+    def set_val_loss(self, round_, val_loss):
+        """The validation loss of round round_'s new theta, evaluated after its commit."""
+        with self.tx() as db:
+            db.execute("UPDATE rounds SET val_loss = ? WHERE round = ?", (val_loss, round_))
+
+    def reject_late(self, round_, detail, val_loss):
+        """A committed round whose evaluation failed the safety gate: rejected after the fact (the
+        coordinator rolls back to the theta it started from)."""
+        with self.tx() as db:
+            db.execute("UPDATE rounds SET state = 'rejected', detail = ?, val_loss = ? WHERE round = ?",
+                       (detail[:300], val_loss if math.isfinite(val_loss) else None, round_))
+            self.event("round_rejected", f"round {round_}: {detail}", None, db)
+
     def request_rollback(self, to_round):
         """The operator asks for theta_global to go back to round to_round's (applied by the
         coordinator between rounds, or at its next start)."""
@@ -747,9 +761,9 @@ class Ledger:
                           "AND round < ? ORDER BY round DESC LIMIT ?", (1 << 62 if before is None else before, limit))[::-1]
 
     def recent_val_losses(self, limit):
-        """The validation losses of the last `limit` committed rounds."""
-        return [r["val_loss"] for r in self.query("SELECT val_loss FROM rounds WHERE state = 'done' AND val_loss "
-                                                  "IS NOT NULL ORDER BY round DESC LIMIT ?", (limit,))]
+        """The validation losses of the last `limit` evaluated rounds, committed or rejected."""
+        return [r["val_loss"] for r in self.query("SELECT val_loss FROM rounds WHERE state IN ('done', 'rejected') "
+                                                  "AND val_loss IS NOT NULL ORDER BY round DESC LIMIT ?", (limit,))]
 
     def round_counts(self):
         """{state: number of rounds}."""

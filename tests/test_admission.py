@@ -133,7 +133,7 @@ def test_strangers_never_reach_the_average(tmp_path):
     theta = theta_views(model)
     assert all(t.isfinite().all() and t.abs().max() < 100 for t in theta.values())
     assert dict(ledger(sd, "SELECT round, theta_hash FROM rounds"))[meta["round"]] == theta_hash(theta)
-    assert meta["val_loss"] < 2.5
+    assert ledger(sd, "SELECT val_loss FROM rounds WHERE val_loss IS NOT NULL ORDER BY round DESC LIMIT 1")[0][0] < 2.5  # evaluated after its commit
 
 
 def insider_group(s, timeout=60):

@@ -89,17 +89,29 @@ def test_a_commit_moves_everything_at_once_and_survives_a_crash(coord):
         again.ledger.close()
 
 
-def test_the_safety_gate_refuses_a_round_whose_loss_jumps(coord):
+def test_the_safety_gate_takes_back_a_round_whose_loss_jumps(coord):
+    """Evaluation runs off the round's critical path: the round commits, and once its theta is
+    evaluated and found ruinous, the round is rejected and the run goes back to its starting theta."""
     c, w = coord
     good = average(c, 0.001)
     good.included = {w: 100}
     c._commit(0, good, 1.0, set())
+    assert c.evaluations.wait(120)
+    assert c.ledger.round_rows(0)[0]["val_loss"] is not None and c.val_loss is not None
+    assert load_theta(round_dir(c.state_dir, 1))[2]["val_loss"] == c.val_loss  # in the checkpoint too
     before = state(c)
     torch.manual_seed(0)
     wrecked = Outcome(True, {k: torch.randn_like(v) * 2 for k, v in c.theta.items()}, {w: 100})  # finite, ruinous
-    with pytest.raises(RoundRejected, match="validation loss .* above the best of the last 1 rounds"):
-        c._commit(1, wrecked, 1.0, set())
-    assert state(c) == before and not round_dir(c.state_dir, 2).exists()
+    wrecked.included = {w: 100}
+    c._commit(1, wrecked, 1.0, set())
+    assert c.round == 2 and c.theta_hash != before[1]  # committed, not yet judged
+    assert c.evaluations.wait(120)
+    row = c.ledger.round_rows(1)[1]
+    assert row["state"] == "rejected" and "above the median of the last 1 evaluated rounds" in row["detail"]
+    assert c.ledger.get_meta("rollback_to") == 1
+    c._apply_rollback()  # the round loop does this between two rounds
+    assert c.theta_hash == before[1] and theta_hash(c.theta) == before[3] and c.round == 3
+    assert os.readlink(latest_dir(c.state_dir)) == "round-000001"
 
 
 def test_rollback_to_a_kept_round(coord):

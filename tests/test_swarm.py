@@ -217,7 +217,7 @@ def test_bad_tokens_versions_and_poisoned_contributions(tmp_path):
     assert rejected and all(inc == 0 for (inc,) in rejected)
     model, _, meta, _ = load_theta(sd / "checkpoints" / "latest")
     assert all(t.isfinite().all() for t in checkpoint.model_tensors(model).values())  # the model did not move to NaN
-    assert meta["val_loss"] < 2.0
+    assert meta["val_loss"] < 2.0  # the coordinator stopped cleanly: the last round's evaluation is in
 
 
 def test_operator_rolls_back_and_workers_follow(tmp_path):

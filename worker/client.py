@@ -37,6 +37,7 @@ class CoordinatorClient:
         self.on_wait = on_wait or (lambda reason: None)
         self.on_session = lambda: None
         self.stop = threading.Event()
+        self.joining = threading.Lock()
         self.channel = self.stub = None
 
     def _backoff(self, delay, reason):
@@ -72,6 +73,7 @@ class CoordinatorClient:
         its iterator (the caller reads it)."""
         delay, rejoined = 1.0, False
         while True:
+            session = self.session
             try:
                 fn = getattr(self.stub, method)
                 return fn(request, metadata=self._metadata(), timeout=timeout)
@@ -83,7 +85,9 @@ class CoordinatorClient:
                     continue
                 if (code == grpc.StatusCode.UNAUTHENTICATED and method != "Join" and self.worker_id and not rejoined
                         and self.identity is not None):
-                    self.join(*self.identity)  # our session ended: come back as the same worker
+                    with self.joining:  # the heartbeat thread and the round loop may both find out
+                        if self.session == session:
+                            self.join(*self.identity)  # our session ended: come back as the same worker
                     rejoined = True
                     continue
                 if code in REFUSED:

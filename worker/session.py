@@ -6,7 +6,6 @@ Leave or by a token rotation) by joining again with its worker secret and the sw
 import json
 import logging
 
-from gptswarm.errors import UserError
 from gptswarm.private import write_private
 from gptswarm.proto import gptswarm_pb2 as pb
 
@@ -23,17 +22,12 @@ def join_or_resume(client, state_dir, *, name, device, peer_id):
     run_id = saved.get("run_id", "")
     client.on_session = lambda: save(state_dir, client, run_id)
     if client.session:
-        try:
-            cfg = client.call("GetRunConfig", pb.RunConfigRequest())  # joins again by itself if the session ended
-            client.call("RegisterPeer", pb.RegisterPeerRequest(peer_id=peer_id))
-            run_id = cfg.run_id
-            save(state_dir, client, run_id)
-            log.info("resuming as %s (%s) in run %s", client.worker_id, name, cfg.run_id)
-            return client.worker_id, cfg
-        except UserError as e:  # the coordinator does not know us (a new run, a new swarm), or a wrong token
-            if "token" in str(e):
-                raise
-        client.worker_id = client.secret = client.session = ""
+        cfg = client.call("GetRunConfig", pb.RunConfigRequest())  # joins again by itself if the session ended
+        client.call("RegisterPeer", pb.RegisterPeerRequest(peer_id=peer_id))
+        run_id = cfg.run_id
+        save(state_dir, client, run_id)
+        log.info("resuming as %s (%s) in run %s", client.worker_id, name, cfg.run_id)
+        return client.worker_id, cfg
     client.join(name, device, peer_id)
     cfg = client.call("GetRunConfig", pb.RunConfigRequest())
     run_id = cfg.run_id

@@ -8,6 +8,7 @@ theta_hash() is what workers compare with the coordinator's after every round.
 """
 
 import hashlib
+import json
 import os
 import shutil
 from pathlib import Path
@@ -52,6 +53,20 @@ def save_round(state_dir, model, tokenizer, settings, *, round_, tokens_trained,
                                        "compression": settings.compression}, **(extra_meta or {})}
     extra = {MOMENTUM + k: v for k, v in momentum.items()}
     checkpoint.save(round_dir(state_dir, round_), model, tokenizer, meta, extra)
+
+
+def set_checkpoint_meta(state_dir, round_, **values):
+    """Add values to the meta of round round_'s checkpoint (its config.json, replaced atomically), if
+    it is still kept."""
+    path = round_dir(state_dir, round_) / "config.json"
+    try:
+        cfg = json.loads(path.read_text())
+        cfg["meta"].update(values)
+        tmp = path.with_name(f".config.json.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(cfg, indent=1))
+        os.replace(tmp, path)
+    except FileNotFoundError:  # no longer kept (point_latest dropped it meanwhile)
+        return
 
 
 def kept(rounds, current):
