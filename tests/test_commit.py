@@ -30,6 +30,7 @@ def coord(tmp_path):
     c.ledger.clock = lambda: 10**10  # long after the round began: any claim is possible in time
     c.ledger.claim(worker_id, 0, {lease["lease_id"]: 100})
     yield c, worker_id
+    c.evaluations.close(timeout=60)  # as shutdown() does: no evaluation thread outlives the test
     c.ledger.close()
 
 
@@ -138,3 +139,21 @@ def test_rollback_to_a_kept_round(coord):
 def test_checkpoints_are_kept_at_exponential_spacing():
     assert kept(range(100), 99) == {0, 1, 2, 4, 8, 16, 32, 64, 97, 98, 99}
     assert kept([0, 1, 2, 3], 1) == {0, 1, 2, 3}
+
+
+def test_the_safety_gate_cannot_stall_a_run(coord):
+    """Near zero loss, honest rounds can land well above the best one: the gate refuses a jump, but a
+    level that holds for three rounds becomes the baseline (rejected rounds count in the median)."""
+    c, _ = coord
+    with c.ledger.tx() as db:
+        db.executemany("INSERT OR REPLACE INTO rounds (round, state, val_loss) VALUES (?, 'done', 0.0001)",
+                       [(r,) for r in range(10, 15)])
+    for r in range(15, 18):
+        with pytest.raises(RoundRejected, match="median of the last 5"):
+            c._check_val_loss(0.15)
+        with c.ledger.tx() as db:  # committed, then evaluated and rejected
+            db.execute("INSERT OR REPLACE INTO rounds (round, state) VALUES (?, 'done')", (r,))
+        c.ledger.reject_late(r, "validation loss jumped", 0.15)
+    c._check_val_loss(0.15)  # three in a row: that is where training is now
+    with pytest.raises(RoundRejected):
+        c._check_val_loss(5.0)  # a jump from there is still refused
