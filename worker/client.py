@@ -67,7 +67,7 @@ class CoordinatorClient:
     def _metadata(self):
         return [("authorization", f"Bearer {self.session}")] if self.session else []
 
-    def call(self, method, request, timeout=15.0, retry=True, stream=False):
+    def call(self, method, request, timeout=15.0, retry=True):
         """Call an RPC; retry with backoff (1, 2, 4 ... 30 s) while the coordinator is unreachable
         or busy; join again once if the session expired or was revoked. A stream is returned as
         its iterator (the caller reads it)."""

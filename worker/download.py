@@ -23,7 +23,7 @@ def shard(client, lease, shard_info, *, block_size, batch_size):
     """The LeasedShard for a granted LeaseResponse; UserError if its bytes do not match."""
     limit = TOKEN_BYTES * (lease.tokens + 1)
     raw = bytearray()
-    for c in client.call("GetShard", pb.ShardRequest(lease_id=lease.lease_id), timeout=SHARD_TIMEOUT, stream=True):
+    for c in client.call("GetShard", pb.ShardRequest(lease_id=lease.lease_id), timeout=SHARD_TIMEOUT):
         raw += c.data
         if len(raw) > limit:
             raise UserError(f"shard {lease.shard_index} is larger than its lease's {lease.tokens} tokens")
@@ -38,7 +38,7 @@ def theta(client, spec):
     """(theta, momentum, round, meta, theta hash) of the coordinator's latest checkpoint; UserError
     if a file is not the format's, is larger than spec (run_config.RunSpec) allows or than declared,
     or the whole does not hash to the coordinator's theta hash."""
-    chunks = client.call("GetCheckpoint", pb.CheckpointRequest(), timeout=CHECKPOINT_TIMEOUT, stream=True)
+    chunks = client.call("GetCheckpoint", pb.CheckpointRequest(), timeout=CHECKPOINT_TIMEOUT)
     with tempfile.TemporaryDirectory() as tmp:
         files, sizes, first = {}, {}, None
         try:
