@@ -22,6 +22,7 @@ from hivemind.p2p import PeerID
 from hivemind.utils.asyncio import as_aiter, azip
 
 GROUP_ID_BYTES = 32
+REPLY_GRACE = 2.0  # seconds the reducer waits for its last replies to be counted after its own average
 
 
 @dataclass
@@ -107,6 +108,7 @@ class RoundReducer:
         try:
             async for tensor, averaged in azip(as_aiter(*tensors), runner):
                 tensor.copy_(averaged)
+            await runner.replies_sent(timeout=REPLY_GRACE)  # so that bytes_sent counts the last replies
         finally:
             self.servicer.runner = None
         rejected, lies, flagged = {}, {}, set()

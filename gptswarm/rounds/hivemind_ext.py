@@ -183,6 +183,20 @@ class SwarmAllReduceRunner(AllReduceRunner):
                                                      self.rejections, weights=sender_weights, **robust)
         self._codec = self.tensor_part_container.compression.compression_type
         self._serialized = {}
+        self._replies_closed = set()  # sender indices whose reply stream has ended or holds every part
+
+    async def replies_sent(self, timeout):
+        """Wait (up to `timeout` s) until every other sender has its last reply counted, its stream
+        has ended, or it has been excluded: only then does bytes_sent hold every reply sent."""
+        reducer = self.tensor_part_reducer
+        own = self.sender_peer_ids.index(self.peer_id) if self.peer_id in self.sender_peer_ids else -1
+        deadline = asyncio.get_event_loop().time() + timeout
+        while any(i != own and i not in self._replies_closed and reducer.sender_failed_after[i] == float("inf")
+                  for i in range(len(self.sender_peer_ids))):
+            if asyncio.get_event_loop().time() > deadline:
+                return False
+            await asyncio.sleep(0.005)
+        return True
 
     def _count(self, msg):
         self.bytes_sent += msg.ByteSize()
@@ -250,8 +264,12 @@ class SwarmAllReduceRunner(AllReduceRunner):
                     break
                 serialized = await loop.run_in_executor(None, self._serialize_average, part_index, averaged)
                 part_index += 1
-                yield self._count(averaging_pb2.AveragingData(code=averaging_pb2.AVERAGED_PART, tensor_part=serialized))
+                reply = self._count(averaging_pb2.AveragingData(code=averaging_pb2.AVERAGED_PART, tensor_part=serialized))
+                if part_index == self.tensor_part_reducer.num_parts:
+                    self._replies_closed.add(sender_index)
+                yield reply
         finally:
+            self._replies_closed.add(sender_index)
             if part_index != self.tensor_part_reducer.num_parts:
                 await self._ban_sender(self.sender_peer_ids[sender_index])
 
