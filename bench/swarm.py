@@ -71,7 +71,7 @@ def done_rounds(sd):
 
 def run_swarm(text, tokens, sd, tokens_per_round=48_000, compression="fp16", outer_lr=0.7, outer_momentum=0.9,
               shard_tokens=4096, batch=12, workers=2, netns=None, rate=None, target_loss=None, sender_timeout=3,
-              aggregation="robust", hostile=None, device="cpu", model=MODEL):
+              aggregation="robust", hostile=None, device="cpu", model=MODEL, warmup_iters=200):
     """Coordinator and workers train to the token budget (or until a round's validation loss reaches
     target_loss); the figures. netns: None = on a private network if root, else loopback; hostile:
     an attack of bench/hostile_worker.py, run by one more worker that joins after the first round;
@@ -91,7 +91,7 @@ def run_swarm(text, tokens, sd, tokens_per_round=48_000, compression="fp16", out
         coord = children.start(on(0, [*EXE, *map(str, [
             "coordinator", "--text", text, *model, "--state-dir", sd, "--listen", f"{host}:0", "--p2p-listen",
             f"{host}:0", "--http", "127.0.0.1:0", "--batch-size", batch, "--lr", "1e-3",
-            "--min-lr", "1e-4", "--warmup-iters", "100", "--tokens-per-round", tokens_per_round, "--max-tokens", tokens,
+            "--min-lr", "1e-4", "--warmup-iters", warmup_iters, "--tokens-per-round", tokens_per_round, "--max-tokens", tokens,
             "--compression", compression, "--aggregation", aggregation, "--outer-lr", outer_lr,
             "--outer-momentum", outer_momentum,
             "--sender-timeout", sender_timeout, "--shard-tokens", shard_tokens])]), stderr=subprocess.PIPE, text=True,
@@ -197,6 +197,9 @@ def main():
     p.add_argument("--model-flags", default=" ".join(MODEL),
                    help="the coordinator's model flags, as one string (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=12)
+    p.add_argument("--warmup-iters", type=int, default=200,
+                   help="the LR warmup in steps of one worker's batch (the swarm's schedule counts the swarm's tokens: "
+                        "200 x 12 x 64 tokens is the 100 steps of 2 x 12 sequences of the DDP and one-process runs)")
     p.add_argument("--workdir", default="runs/bench-swarm")
     args = p.parse_args()
     shutil.rmtree(args.workdir, ignore_errors=True)
@@ -205,7 +208,7 @@ def main():
                     netns=False if args.loopback else None, rate=args.rate, target_loss=args.target_loss,
                     sender_timeout=args.sender_timeout, aggregation=args.aggregation, hostile=args.hostile,
                     workers=args.workers, device=args.device, model=shlex.split(args.model_flags),
-                    batch=args.batch_size)
+                    batch=args.batch_size, warmup_iters=args.warmup_iters)
     print(json.dumps(out, indent=1))
 
 

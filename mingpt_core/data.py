@@ -2,7 +2,10 @@
 
 A shard is a 1-D array of uint16 token ids, stored as `<sha256>.bin` (raw little-endian bytes) and
 named by the sha256 of those bytes. `manifest.json` lists the shards, their split and the layout:
-- "stream":   running text; a batch row is any block_size + 1 consecutive tokens of a shard.
+- "stream":   running text; a batch row is any block_size + 1 consecutive tokens of a piece of a
+              shard. A training shard is made of `piece_tokens`-token pieces of the text drawn from
+              all over it (a fixed shuffle), so that a worker that trains on a few leased shards still
+              sees the whole corpus, as a DDP rank does; piece_tokens 0: the shard is one piece.
 - "examples": fixed-length examples (e.g. a sum and its answer) back to back; the loss only
               counts targets from token `loss_start` of an example on.
 """
@@ -20,6 +23,7 @@ from gptswarm.errors import UserError
 
 MANIFEST = "manifest.json"
 FORMAT = "gptswarm-shards/1"
+PIECE_BLOCKS = 8  # default piece of a training shard, in block sizes (see "stream" above)
 
 
 def read_text(path):
@@ -69,6 +73,7 @@ class ShardSet:
     example_len: int = 0  # "examples" layout only
     loss_start: int = 0  # "examples" layout only: index of the first token the loss counts
     meta: dict = field(default_factory=dict)
+    piece_tokens: int = 0  # "stream" layout only: a batch row stays inside one piece of this many tokens
 
     def split(self, name):
         return [s for s in self.shards if s.split == name]
@@ -76,7 +81,8 @@ class ShardSet:
     def manifest(self):
         return {
             "format": FORMAT, "dtype": "uint16", "layout": self.layout, "vocab_size": self.vocab_size,
-            "example_len": self.example_len, "loss_start": self.loss_start, "meta": self.meta,
+            "example_len": self.example_len, "loss_start": self.loss_start, "piece_tokens": self.piece_tokens,
+            "meta": self.meta,
             "shards": [{"sha256": s.sha256, "tokens": len(s), "split": s.split} for s in self.shards],
         }
 
@@ -108,7 +114,8 @@ class ShardSet:
             raise UserError(f"{directory / MANIFEST}: unknown shard format {m.get('format')!r}")
         shards = [Shard(load_shard_file(directory / f"{e['sha256']}.bin", e["sha256"]), e["split"], e["sha256"])
                   for e in m["shards"]]
-        return cls(shards, m["vocab_size"], m["layout"], m["example_len"], m["loss_start"], m.get("meta", {}))
+        return cls(shards, m["vocab_size"], m["layout"], m["example_len"], m["loss_start"], m.get("meta", {}),
+                   m.get("piece_tokens", 0))
 
 
 def load_shard_file(path, expected_sha256):
@@ -136,9 +143,16 @@ def chunk(ids, size, min_len):
     return pieces
 
 
-def text_shards(ids, vocab_size, block_size, shard_tokens=65536, val_fraction=0.1):
+def pieces_of(tokens, piece_tokens, block_size):
+    """A stream shard's pieces (chunk's rule: a short last piece joins the one before)."""
+    return chunk(tokens, piece_tokens, block_size + 1) if piece_tokens else [tokens]
+
+
+def text_shards(ids, vocab_size, block_size, shard_tokens=65536, val_fraction=0.1, piece_tokens=None, seed=0):
     """Running text -> ShardSet: the first (1 - val_fraction) of the tokens for training, the rest
-    for validation (nanoGPT's split)."""
+    for validation (nanoGPT's split). The training text is cut into pieces of piece_tokens (default:
+    PIECE_BLOCKS x block_size, at least block_size + 1; 0: no cut) that a fixed permutation (seed)
+    deals into the shards; validation shards stay in order."""
     if vocab_size > 65536:
         raise UserError(f"vocab_size {vocab_size} does not fit uint16 shards")
     ids = np.asarray(ids, dtype=np.int64)
@@ -149,9 +163,23 @@ def text_shards(ids, vocab_size, block_size, shard_tokens=65536, val_fraction=0.
             f"text too short: {len(ids)} tokens, but block_size {block_size} needs at least "
             f"{need} tokens in each of the train and validation splits")
     shard_tokens = max(shard_tokens, need)
-    shards = [Shard(p, "train") for p in chunk(ids[:len(ids) - n_val], shard_tokens, need)]
+    train = ids[:len(ids) - n_val]
+    piece_tokens = PIECE_BLOCKS * block_size if piece_tokens is None else piece_tokens
+    if piece_tokens:
+        piece_tokens = min(max(piece_tokens, need), shard_tokens, len(train))
+        n = len(train) // piece_tokens
+        order = np.random.default_rng(seed).permutation(n)
+        per_shard = shard_tokens // piece_tokens
+        shards = [np.concatenate([train[i * piece_tokens:(i + 1) * piece_tokens] for i in order[j:j + per_shard]])
+                  for j in range(0, n, per_shard)]
+        rest = train[n * piece_tokens:]
+        if len(rest) >= need:  # the last shard's last piece (shorter ones would join an unrelated piece)
+            shards[-1] = np.concatenate([shards[-1], rest])
+        shards = [Shard(p, "train") for p in shards]
+    else:
+        shards = [Shard(p, "train") for p in chunk(train, shard_tokens, need)]
     shards += [Shard(p, "val") for p in chunk(ids[len(ids) - n_val:], shard_tokens, need)]
-    return ShardSet(shards, vocab_size, "stream")
+    return ShardSet(shards, vocab_size, "stream", piece_tokens=piece_tokens)
 
 
 class Batches:
@@ -167,7 +195,8 @@ class Batches:
             self.examples = torch.from_numpy(np.concatenate([s.tokens for s in shards]).astype(np.int64)).view(-1, L)
             self.loss_start = shard_set.loss_start
         else:
-            self.arrays = [s.tokens for s in shards if len(s) > block_size]
+            self.arrays = [p for s in shards for p in pieces_of(s.tokens, shard_set.piece_tokens, block_size)
+                           if len(p) > block_size]
             if not self.arrays:
                 raise UserError(f"no shard is longer than block_size {block_size}")
             starts = torch.tensor([len(a) - block_size for a in self.arrays])

@@ -4,7 +4,8 @@ import torch
 
 from gptswarm.errors import UserError
 from gptswarm.mingpt_core.addition import AdditionTask
-from gptswarm.mingpt_core.data import Batches, ShardSet, eval_batches, read_text, sha256_of, text_shards
+from gptswarm.mingpt_core.data import (Batches, ShardSet, eval_batches, pieces_of, read_text, sha256_of,
+                                       text_shards)
 from gptswarm.mingpt_core.tokenizer import Tokenizer
 
 UNICODE = "Ünïcödé — naïve café, 東京, emoji 🙂\nsecond line\ttab"
@@ -59,7 +60,7 @@ def test_read_text_errors(tmp_path):
 
 def test_text_shards_split_and_round_trip(tmp_path):
     ids = np.random.default_rng(0).integers(0, 300, 10_000)
-    s = text_shards(ids, 300, block_size=32, shard_tokens=1000)
+    s = text_shards(ids, 300, block_size=32, shard_tokens=1000, piece_tokens=0)
     train, val = s.split("train"), s.split("val")
     assert sum(map(len, train)) == 9000 and sum(map(len, val)) == 1000
     assert np.array_equal(np.concatenate([x.tokens for x in train + val]), ids)  # nothing lost, order kept
@@ -73,8 +74,33 @@ def test_text_shards_split_and_round_trip(tmp_path):
 
 
 def test_short_tail_joins_previous_shard():
-    s = text_shards(np.arange(2030) % 7, 7, block_size=16, shard_tokens=1000, val_fraction=0.01)
+    s = text_shards(np.arange(2030) % 7, 7, block_size=16, shard_tokens=1000, val_fraction=0.01, piece_tokens=0)
     assert [len(x) for x in s.split("train")] == [1000, 1010]
+
+
+def test_training_shards_deal_pieces_from_the_whole_text(tmp_path):
+    ids = np.arange(60_000)  # a token's value is its position: pieces show where they came from
+    s = text_shards(ids, 65536, block_size=64, shard_tokens=4096)
+    assert s.piece_tokens == 8 * 64
+    train = s.split("train")
+    assert sum(map(len, train)) == 54_000  # nothing lost: 105 pieces, and the 240 tokens after them
+    assert [len(x) for x in train[:-1]] == [4096] * (len(train) - 1)
+    starts = []
+    for sh in train:
+        for piece in pieces_of(sh.tokens.astype(np.int64), s.piece_tokens, 64):
+            assert np.all(np.diff(piece) == 1)  # each piece is running text
+            starts.append(int(piece[0]))
+    assert sorted(starts) == [i * 512 for i in range(106)]  # every piece once
+    first = [int(p[0]) for p in pieces_of(train[0].tokens.astype(np.int64), 512, 64)]
+    assert max(first) - min(first) > 27_000  # one shard holds text from far apart
+    assert np.array_equal(s.split("val")[0].tokens, ids[54_000:58_096])  # validation stays in order
+    s.write(tmp_path)
+    assert ShardSet.read(tmp_path).piece_tokens == 512
+    # a worker's batches from one shard never cross from one piece into another
+    b = Batches(train[:1], s, block_size=64, batch_size=256, seed=0)
+    for _ in range(20):
+        x, y = b.next()
+        assert torch.equal(y - x, torch.ones_like(x))
 
 
 def test_corrupt_shard_is_detected(tmp_path):

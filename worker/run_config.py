@@ -20,7 +20,8 @@ LIMITS = {"n_layer": 1024, "n_head": 1024, "n_embd": 65536, "vocab_size": 1 << 1
           "attn_window": 1 << 17}
 TRAIN_LIMITS = {"batch_size": 1 << 16, "micro_batch_size": 1 << 16, "warmup_iters": 1 << 40,
                 "lr_decay_iters": 1 << 40, "eval_interval": 1 << 40, "eval_tokens": 1 << 40}
-SHARD_KEYS = ("vocab_size", "layout", "example_len", "loss_start")
+SHARD_KEYS = ("vocab_size", "layout", "example_len", "loss_start", "piece_tokens")
+SHARD_LIMITS = {"vocab_size": 1 << 16, "example_len": 1 << 17, "loss_start": 1 << 17, "piece_tokens": 1 << 40}
 # bytes per parameter: the CPU keeps theta, the outer momentum and a downloaded copy (fp32); the
 # training device keeps the model, its gradients and AdamW's two moments (fp32)
 HOST_BYTES, DEVICE_BYTES = 12, 16
@@ -100,6 +101,7 @@ def parse(cfg, device):
     _typed(train_dict, TrainConfig, "training config")
     _bounded(model_dict, LIMITS, "model config")
     _bounded(train_dict, TRAIN_LIMITS, "training config")
+    _bounded(shard_dict, SHARD_LIMITS, "shard layout")
     try:
         model = GPTConfig.from_dict(model_dict)
         train = TrainConfig.from_dict(train_dict)
