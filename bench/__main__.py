@@ -24,21 +24,26 @@ from pathlib import Path
 
 from bench import ddp, hivemind_opt
 from bench.netns import available
-from bench.report import KEYS, mean, plot, report
+from bench.report import KEYS, best, mean, plot, report
 from bench.swarm import MODEL, evaluate, gptswarm, run_swarm
 
 HERE = Path(__file__).resolve().parent
 
-# gptswarm runs: (label, compression, rounds this many times longer than tokens_per_round)
+# gptswarm runs, the frontier of loss against bytes: label -> run_swarm settings (longer: rounds this
+# many times tokens_per_round); "fp16" is the reference configuration
 # robustness runs (issue: a hostile worker cannot wreck the model): `honest` workers, plus one per attack
 ATTACKS = ("flip20", "scale100", "noise", "const", "replay", "nan")
+SWARMS = {"fp16": {}, "fp16, plain mean": dict(aggregation="mean"), "8bit": dict(compression="8bit"),
+          "4bit": dict(compression="4bit"), "topk 3%": dict(compression="topk"),
+          "4bit, 4x longer rounds": dict(compression="4bit", longer=4),
+          "topk 3%, rounds growing 1x-4x": dict(compression="topk", round_growth=4.0),
+          "topk 3%, 4x longer rounds": dict(compression="topk", longer=4)}
 FULL = dict(tokens=1_536_000, tokens_per_round=48_000, hm_tokens=1_536_000, hm_target=192, hm_lr=2e-3, rate="20mbit",
-            wan_target=2.6, swarms=(("fp16", "fp16", 1), ("8bit", "8bit", 1), ("none", "none", 1),
-                                    ("8bit, 4x longer rounds", "8bit", 4)),
+            wan_target=2.6, swarms=SWARMS,
             robust=dict(tokens=768_000, tokens_per_round=48_000, honest=3, attacks=ATTACKS))
 PARTS = ("single", "ddp", "swarm", "robustness", "hivemind", "wan")
 QUICK = dict(tokens=98_304, tokens_per_round=32_768, hm_tokens=49_152, hm_target=96, hm_lr=1.4e-3, rate="50mbit",
-             wan_target=3.2, swarms=(("fp16", "fp16", 1),),
+             wan_target=3.2, swarms={"fp16": {}, "topk 3%": dict(compression="topk")},
              robust=dict(tokens=98_304, tokens_per_round=16_384, honest=2, attacks=("flip20",)))
 
 
@@ -118,11 +123,13 @@ def main():
 
     def swarm_runs():
         r["swarm"] = {}
-        for i, (label, compression, longer) in enumerate(plan["swarms"]):
-            s = run_swarm(text, plan["tokens"], work / f"swarm{i}", plan["tokens_per_round"] * longer,
-                          compression=compression)
+        for i, (label, settings) in enumerate(plan["swarms"].items()):
+            settings = dict(settings)
+            longer = settings.pop("longer", 1)
+            s = run_swarm(text, plan["tokens"], work / f"swarm{i}", plan["tokens_per_round"] * longer, **settings)
             sent = s.get("wire_bytes_per_worker") or s["averaging_bytes_per_worker"]
             s["bytes_per_mtok"] = per_mtok(sent, s["tokens_swarm"])
+            s["settings"] = {"longer": longer, **settings}
             r["swarm"][label] = s
         s = r["swarm"]["fp16"]
         r.update(loss_swarm=s["loss_swarm"], bytes_per_mtok_swarm=s["bytes_per_mtok"],
@@ -144,11 +151,14 @@ def main():
         h = hivemind_opt.run(text, plan["hm_tokens"], work / "hivemind-opt", plan["hm_target"], plan["hm_lr"])
         r.update(loss_hivemind_opt=h["loss"], bytes_per_mtok_hivemind_opt=h["bytes_per_mtok"], hivemind_opt=h)
 
-    def wan():
-        w = {"rate": plan["rate"], "target_loss": plan["wan_target"]}
+    def wan():  # DDP against the best configuration (report.best), or fp16 before any swarm ran
+        b = best(r)
+        label, settings = (b[0], dict(b[1]["settings"])) if b else ("fp16", {})
+        longer = settings.pop("longer", 1)
+        w = {"rate": plan["rate"], "target_loss": plan["wan_target"], "configuration": label}
         d = ddp.run(text, plan["tokens"] // (24 * 64), work / "wan-ddp", rate=plan["rate"], target_loss=plan["wan_target"])
-        s = run_swarm(text, plan["tokens"], work / "wan-swarm", plan["tokens_per_round"], rate=plan["rate"],
-                      target_loss=plan["wan_target"])
+        s = run_swarm(text, plan["tokens"], work / "wan-swarm", plan["tokens_per_round"] * longer, rate=plan["rate"],
+                      target_loss=plan["wan_target"], **settings)
         w.update(ddp=d, swarm={k: v for k, v in s.items() if k != "history"})
         r.update(wan=w, wan_seconds_ddp=d["seconds_to_target"], wan_seconds_swarm=(s["reached"] or {}).get("seconds"))
 
@@ -157,10 +167,10 @@ def main():
                                   ("wan", wan, True)):
         if name in only and (netns or not needs_netns):
             part(name, fn)
-    if r.get("bytes_per_mtok_ddp") and r.get("bytes_per_mtok_swarm"):
-        r["comm_reduction"] = round(r["bytes_per_mtok_ddp"] / r["bytes_per_mtok_swarm"], 1)
-        for s in r["swarm"].values():
-            s["comm_reduction"] = round(r["bytes_per_mtok_ddp"] / s["bytes_per_mtok"], 1)
+        if r.get("bytes_per_mtok_ddp") and r.get("bytes_per_mtok_swarm"):
+            r["comm_reduction"] = round(r["bytes_per_mtok_ddp"] / r["bytes_per_mtok_swarm"], 1)
+            for s in r["swarm"].values():
+                s["comm_reduction"] = round(r["bytes_per_mtok_ddp"] / s["bytes_per_mtok"], 1)
     for k in KEYS:
         r.setdefault(k, None)
     r["bench_seconds"] = round(time.time() - t_all)

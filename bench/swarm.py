@@ -26,6 +26,7 @@ from pathlib import Path
 
 from bench.netns import Net, available
 from bench.procs import Children
+from gptswarm.rounds import COMPRESSIONS, DEFAULT_TOPK
 
 SCRIPT = Path(sys.executable).with_name("gptswarm")
 EXE = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "gptswarm"]  # installed, or run in place
@@ -71,7 +72,8 @@ def done_rounds(sd):
 
 def run_swarm(text, tokens, sd, tokens_per_round=48_000, compression="fp16", outer_lr=0.7, outer_momentum=0.9,
               shard_tokens=4096, batch=12, workers=2, netns=None, rate=None, target_loss=None, sender_timeout=3,
-              aggregation="robust", hostile=None, device="cpu", model=MODEL, warmup_iters=200):
+              aggregation="robust", hostile=None, device="cpu", model=MODEL, warmup_iters=200,
+              topk_fraction=DEFAULT_TOPK, round_growth=1.0):
     """Coordinator and workers train to the token budget (or until a round's validation loss reaches
     target_loss); the figures. netns: None = on a private network if root, else loopback; hostile:
     an attack of bench/hostile_worker.py, run by one more worker that joins after the first round;
@@ -91,8 +93,9 @@ def run_swarm(text, tokens, sd, tokens_per_round=48_000, compression="fp16", out
         coord = children.start(on(0, [*EXE, *map(str, [
             "coordinator", "--text", text, *model, "--state-dir", sd, "--listen", f"{host}:0", "--p2p-listen",
             f"{host}:0", "--http", "127.0.0.1:0", "--batch-size", batch, "--lr", "1e-3",
-            "--min-lr", "1e-4", "--warmup-iters", warmup_iters, "--tokens-per-round", tokens_per_round, "--max-tokens", tokens,
-            "--compression", compression, "--aggregation", aggregation, "--outer-lr", outer_lr,
+            "--min-lr", "1e-4", "--warmup-iters", warmup_iters, "--tokens-per-round", tokens_per_round,
+            "--round-growth", round_growth, "--max-tokens", tokens,
+            "--compression", compression, "--topk-fraction", topk_fraction, "--aggregation", aggregation, "--outer-lr", outer_lr,
             "--outer-momentum", outer_momentum,
             "--sender-timeout", sender_timeout, "--shard-tokens", shard_tokens])]), stderr=subprocess.PIPE, text=True,
             env=env)
@@ -143,6 +146,7 @@ def run_swarm(text, tokens, sd, tokens_per_round=48_000, compression="fp16", out
     if failed:
         raise RuntimeError(f"worker(s) {failed} failed: see {sd}/worker{failed[0]}.log")
     out = {"swarm_seconds": round(wall, 1), "tokens_per_round": tokens_per_round, "compression": compression,
+           "round_growth": round_growth,
            "aggregation": aggregation, "rate": rate, "network": "namespaces" if net else "loopback",
            "coordinator_cpu_seconds": cpu}
     history = [list(r[:3]) for r in done_rounds(sd)]
@@ -182,7 +186,9 @@ def main():
     p.add_argument("--text", default="../shared/data/tinyshakespeare.txt")
     p.add_argument("--tokens", type=int, default=1_536_000, help="token budget of the run")
     p.add_argument("--tokens-per-round", type=int, default=48_000)
-    p.add_argument("--compression", default="fp16", choices=["none", "fp16", "8bit"])
+    p.add_argument("--compression", default="fp16", choices=COMPRESSIONS)
+    p.add_argument("--topk-fraction", type=float, default=DEFAULT_TOPK, help="with --compression topk")
+    p.add_argument("--round-growth", type=float, default=1.0, help="rounds grow to this many times --tokens-per-round")
     p.add_argument("--outer-lr", type=float, default=0.7)
     p.add_argument("--outer-momentum", type=float, default=0.9)
     p.add_argument("--shard-tokens", type=int, default=4096, help="tokens per leased shard")
@@ -208,7 +214,8 @@ def main():
                     netns=False if args.loopback else None, rate=args.rate, target_loss=args.target_loss,
                     sender_timeout=args.sender_timeout, aggregation=args.aggregation, hostile=args.hostile,
                     workers=args.workers, device=args.device, model=shlex.split(args.model_flags),
-                    batch=args.batch_size, warmup_iters=args.warmup_iters)
+                    batch=args.batch_size, warmup_iters=args.warmup_iters, topk_fraction=args.topk_fraction,
+                    round_growth=args.round_growth)
     print(json.dumps(out, indent=1))
 
 

@@ -76,9 +76,16 @@ def wait_for_signal():
                    "its saved secret). Sessions also end when a worker leaves and when the token is rotated.")
 @click.option("--tokens-per-round", type=int, default=RUN["tokens_per_round"], show_default=True,
               help="A round ends when the swarm has trained this many tokens in it.")
+@click.option("--round-growth", type=float, default=RUN["round_growth"], show_default=True,
+              help="Rounds grow linearly with the run's progress, to this many times --tokens-per-round at its end: "
+                   "short rounds while the loss falls fast, fewer bytes later (1: fixed rounds).")
 @click.option("--max-tokens", type=int, default=RUN["max_tokens"], show_default=True, help="The run's token budget.")
 @click.option("--compression", type=click.Choice(COMPRESSIONS), default=RUN["compression"], show_default=True,
-              help="How pseudo-gradients travel during averaging.")
+              help="How pseudo-gradients travel during averaging: none (fp32), fp16, 8bit, 4bit (blocks of 64 "
+                   "values with a scale each), or topk (each worker sends the largest --topk-fraction of its "
+                   "pseudo-gradient and carries the rest to its next round; bench/README.md compares them).")
+@click.option("--topk-fraction", type=float, default=RUN["topk_fraction"], show_default=True,
+              help="With --compression topk: the fraction of each 4096 values a worker sends (0 < f <= 1).")
 @click.option("--aggregation", type=click.Choice(AGGREGATIONS), default=RUN["aggregation"], show_default=True,
               help="How the coordinator reduces them: robust (outliers left out, part by part, and flagged; "
                    "docs/architecture.md) or mean (the plain token-weighted mean: only for swarms you trust).")
@@ -126,7 +133,7 @@ def wait_for_signal():
 @click.option("--json-logs", is_flag=True, help="Log one JSON object per line (for running as a service).")
 def coordinator(task, text, digits, tokenizer_kind, vocab_size, model, block_size, state_dir, listen, p2p_listen,
                 http_listen, announce_host, token_file, rotate_token, tls_cert, tls_key, plaintext, grpc_reflection,
-                session_ttl, tokens_per_round, max_tokens, compression, outer_lr,
+                session_ttl, tokens_per_round, round_growth, max_tokens, compression, topk_fraction, outer_lr,
                 outer_momentum, aggregation, batch_size, learning_rate, min_lr, warmup_iters, shard_tokens,
                 heartbeat_interval, sender_timeout, max_leases, averaging_timeout, round_timeout, quarantine_after,
                 quarantine_window, max_val_loss_rise, lease_seconds, join_burst, joins_per_minute, json_logs):
@@ -157,8 +164,10 @@ def coordinator(task, text, digits, tokenizer_kind, vocab_size, model, block_siz
                                     warmup_iters=warmup_iters)
         s = runs.new_run(state_dir, task=task, text=text, digits=digits, tokenizer_kind=tokenizer_kind,
                          vocab_size=vocab_size, model=model or DEFAULT_PRESET, block_size=block_size,
-                         train_config=train, tokens_per_round=tokens_per_round, max_tokens=max_tokens,
-                         compression=compression, aggregation=aggregation, outer_lr=outer_lr,
+                         train_config=train, tokens_per_round=tokens_per_round, round_growth=round_growth,
+                         max_tokens=max_tokens,
+                         compression=compression, topk_fraction=topk_fraction, aggregation=aggregation,
+                         outer_lr=outer_lr,
                          outer_momentum=outer_momentum, shard_tokens=shard_tokens)
         log.info("new run %s in %s", s.run_id, state_dir)
     if min(max_leases, quarantine_after, quarantine_window) < 1 or min(sender_timeout, heartbeat_interval,

@@ -28,7 +28,7 @@ from gptswarm.mingpt_core.model import GPT, GPTConfig
 from gptswarm.mingpt_core.tasks import make_task
 from gptswarm.mingpt_core.trainer import TrainConfig
 from gptswarm.private import private_dir, write_private
-from gptswarm.rounds import AGGREGATIONS, COMPRESSIONS
+from gptswarm.rounds import AGGREGATIONS, COMPRESSIONS, DEFAULT_TOPK
 from gptswarm.rounds.theta import point_latest, save_round
 
 DEFAULT_PRESET = "gpt-nano"
@@ -44,14 +44,23 @@ class RunSettings:
     task: dict  # the task's metadata (mingpt_core/tasks.py)
     model: dict  # GPTConfig
     train: dict  # the workers' inner TrainConfig
-    tokens_per_round: int = 100_000  # a round ends when the swarm trained this many tokens in it
+    tokens_per_round: int = 100_000  # a round ends when the swarm trained this many tokens in it...
+    round_growth: float = 1.0  # ... times up to this factor as the run progresses (round_target)
     max_tokens: int = 10_000_000  # the run's token budget
     compression: str = "fp16"  # how pseudo-gradients travel (COMPRESSIONS)
+    topk_fraction: float = DEFAULT_TOPK  # "topk": the fraction of values a contribution sends
     aggregation: str = "robust"  # how the coordinator reduces them (AGGREGATIONS)
     outer_lr: float = 0.7  # outer Nesterov SGD (DiLoCo's defaults)
     outer_momentum: float = 0.9
     shard_tokens: int = 16384  # tokens per leased shard
     extra: dict = field(default_factory=dict)  # {"preset": model preset name}
+
+    def round_target(self, tokens_trained):
+        """The tokens that end a round when the run has trained tokens_trained: tokens_per_round at
+        the start, growing linearly with the run's progress to round_growth times it at the end
+        (short rounds while the loss falls fast, longer ones, so fewer bytes, as it flattens)."""
+        progress = min(1.0, tokens_trained / self.max_tokens)
+        return int(self.tokens_per_round * (1 + (self.round_growth - 1) * progress))
 
     def save(self, path):
         tmp = Path(path).with_suffix(".tmp")
@@ -71,8 +80,12 @@ def new_run(state_dir, *, task=None, text=None, digits=2, tokenizer_kind="char",
     settings = RunSettings(uuid.uuid4().hex[:12], {}, {}, {}, extra={"preset": model}, **settings)
     if settings.compression not in COMPRESSIONS:
         raise UserError(f"unknown compression {settings.compression!r}; choose one of {', '.join(COMPRESSIONS)}")
+    if not 0 < settings.topk_fraction <= 1:
+        raise UserError(f"--topk-fraction must be in (0, 1], not {settings.topk_fraction}")
     if settings.aggregation not in AGGREGATIONS:
         raise UserError(f"unknown aggregation {settings.aggregation!r}; choose one of {', '.join(AGGREGATIONS)}")
+    if not 1 <= settings.round_growth <= 1000:
+        raise UserError(f"--round-growth must be between 1 and 1000, not {settings.round_growth}")
     if settings.tokens_per_round < 1 or settings.max_tokens < 1:
         raise UserError("--tokens-per-round and --max-tokens must be positive")
     t = make_task(task, text, digits, None, tokenizer_kind, vocab_size, block_size)

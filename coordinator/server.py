@@ -160,7 +160,8 @@ class Coordinator:
                             identity_path=self.state_dir / "p2p_identity.key")
         self.reducer = RoundReducer(self.node, self.theta, prefix=self.averaging_prefix,
                                     compression=self.settings.compression, aggregation=self.settings.aggregation,
-                                    sender_timeout=cfg.sender_timeout, on_refused=self._refused_peer)
+                                    sender_timeout=cfg.sender_timeout, on_refused=self._refused_peer,
+                                    topk_fraction=self.settings.topk_fraction)
         self.tls = None if cfg.plaintext else coordinator_certificate(self.state_dir, cfg.tls_cert, cfg.tls_key)
         self.server, self.service, self.port = make_server(self, cfg)
         if cfg.http_listen:
@@ -285,7 +286,7 @@ class Coordinator:
                     continue
                 tokens = self.ledger.round_tokens(self.round)
                 late = time.time() - self.round_started_at > self.config.round_timeout
-                if tokens >= self.settings.tokens_per_round or (tokens > 0 and (
+                if tokens >= self.settings.round_target(self.tokens_trained) or (tokens > 0 and (
                         late or self._epoch_drained() or not self.ledger.anyone_may_train(self.round))):
                     self._finish_round()
             except Exception:  # the coordinator must outlive any one bad round

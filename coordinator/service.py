@@ -164,7 +164,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             outer_lr=s.outer_lr, outer_momentum=s.outer_momentum, averaging_prefix=c.averaging_prefix,
             averaging_timeout=c.config.averaging_timeout, heartbeat_interval=c.config.heartbeat_interval,
             coordinator_peer_id=str(c.node.peer_id), coordinator_maddrs=c.node.maddrs(),
-            sender_timeout=c.config.sender_timeout)
+            sender_timeout=c.config.sender_timeout, topk_fraction=s.topk_fraction)
 
     def LeaseShard(self, request, context):
         w = self._worker(context)
@@ -203,7 +203,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                                     tokens_trained=r["tokens_trained"], finished=r["finished"],
                                     swarm_round_tokens=c.ledger.round_tokens(r["round"]),
                                     swarm_tokens_per_second=c.ledger.swarm_tokens_per_second(),
-                                    tokens_per_round=c.settings.tokens_per_round)
+                                    tokens_per_round=c.settings.round_target(r["tokens_trained"]))
 
     def _stream(self, context, worker, chunks):
         """chunks, sent while this download holds one of the server's few stream slots."""

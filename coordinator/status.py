@@ -77,7 +77,7 @@ def snapshot(coord, history=200, events=30, workers=WORKERS_SHOWN):
             "id": s.run_id, "task": s.task.get("task"), "model": s.extra.get("preset"),
             "n_params": coord.n_params, "round": view["round"], "phase": view["phase"],
             "tokens_trained": view["tokens_trained"], "max_tokens": s.max_tokens,
-            "tokens_per_round": s.tokens_per_round, "round_tokens": coord.ledger.round_tokens(view["round"]),
+            "tokens_per_round": s.round_target(view["tokens_trained"]), "round_tokens": coord.ledger.round_tokens(view["round"]),
             "tokens_per_second": round(tps, 1), "eta_seconds": round(left / tps) if tps > 0 else None,
             "compression": s.compression, "theta_hash": view["theta_hash"], "val_loss": coord.val_loss,
         },

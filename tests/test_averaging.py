@@ -7,12 +7,18 @@ import pytest
 import torch
 
 from gptswarm.rounds.averaging import Group, RoundContributor, RoundReducer
+from gptswarm.rounds.codecs import ErrorFeedback
 from gptswarm.rounds.p2p import P2PNode
 
 TEMPLATE = {"a.weight": torch.zeros(300, 100), "b.bias": torch.zeros(77)}  # 30,077 floats
 
 
-@pytest.fixture(scope="module", params=[("fp16", "mean"), ("8bit", "robust")], ids=["fp16-mean", "8bit-robust"])
+CODECS = [("fp16", "mean"), ("8bit", "robust"), ("4bit", "robust"), ("topk", "mean")]
+BYTES_PER_VALUE = {"fp16": 2, "8bit": 1, "4bit": 0.5 + 2 / 64, "topk": 0.03 * 3}  # topk: 3% kept, 3 bytes each
+TOLERANCE = {"fp16": 0.001, "8bit": 0.02, "4bit": 0.12, "topk": 0.02}  # the codec's rounding, relative
+
+
+@pytest.fixture(scope="module", params=CODECS, ids=[f"{c}-{a}" for c, a in CODECS])
 def swarm(request):
     codec, aggregation = request.param
     refused = []
@@ -40,36 +46,37 @@ def run_round(reducer, contributors, tensors, weights, claimed=None, round_=0):
         return red.result(), [f.result() for f in outs]
 
 
-def filled(v):
+def filled(v, codec=None):
     """A pseudo-gradient around v: two of them agree (cosine about 0.8), as honest ones do, without
-    being copies of each other."""
-    return {k: torch.full_like(t, v) + torch.randn_like(t) * 0.5 * v for k, t in TEMPLATE.items()}
+    being copies of each other. codec "topk": sparsified as a worker does (3% per chunk)."""
+    g = {k: torch.full_like(t, v) + torch.randn_like(t) * 0.5 * v for k, t in TEMPLATE.items()}
+    return ErrorFeedback(0.03).sparsify(g) if codec == "topk" else g
 
 
 def test_weighted_identical_average_with_the_coordinators_weights(swarm):
     codec, reducer, contributors, _ = swarm
-    g1, g2 = filled(1.0), filled(1.5)  # norms per square root of weight within 3x: no clipping
+    g1, g2 = filled(1.0, codec), filled(1.5, codec)  # norms per square root of weight within 3x: no clipping
     # the second worker claims an absurd weight in its messages: the coordinator's weights count
     red, outs = run_round(reducer, contributors, [g1, g2], [3, 1], claimed=[3, 1e9])
     assert red.ok and all(o.ok for o in outs), (red.error, [o.error for o in outs])
     assert red.included == {"w0": 3, "w1": 1} and not red.rejected
     expected = {k: (3 * g1[k] + g2[k]) / 4 for k in TEMPLATE}
-    tol = 0.001 if codec == "fp16" else 0.02  # the codec's rounding
     for k in TEMPLATE:
-        assert (red.averaged[k] - expected[k]).norm() < tol * expected[k].norm()
+        assert (red.averaged[k] - expected[k]).norm() < TOLERANCE[codec] * expected[k].norm()
         # every peer holds the very same bits: they can all take the same outer step
         assert torch.equal(red.averaged[k], outs[0].averaged[k])
         assert torch.equal(red.averaged[k], outs[1].averaged[k])
     n = sum(t.numel() for t in TEMPLATE.values())
-    per_float = 2 if codec == "fp16" else 1
+    per_value = BYTES_PER_VALUE[codec]
     for o in outs:  # a worker sends its whole vector once
-        assert n * per_float <= o.bytes_sent <= n * per_float * 1.1 + 4096
-    assert red.bytes_sent >= 2 * n * per_float  # the coordinator sends the average to each
+        assert n * per_value <= o.bytes_sent <= n * per_value * 1.1 + 4096
+    # the coordinator sends the average to each (top-k: the union of the two supports, nearly twice each)
+    assert red.bytes_sent >= 2 * n * per_value * (1.8 if codec == "topk" else 1)
 
 
 def test_non_finite_contribution_is_excluded(swarm):
-    _, reducer, contributors, _ = swarm
-    good, bad = filled(2.0), filled(1.0)
+    codec, reducer, contributors, _ = swarm
+    good, bad = filled(2.0, codec), filled(1.0, codec)
     for t in bad.values():
         t[0] = float("nan")
     red, outs = run_round(reducer, contributors, [good, bad], [5, 5], round_=1)
@@ -77,7 +84,7 @@ def test_non_finite_contribution_is_excluded(swarm):
     assert red.rejected == {"w1": "non-finite values in its pseudo-gradient"} and red.included == {"w0": 5}
     for k in TEMPLATE:  # the average is the good worker's alone: the bad one did not move it
         assert torch.isfinite(red.averaged[k]).all()
-        assert (red.averaged[k] - good[k]).norm() < 0.02 * good[k].norm()
+        assert (red.averaged[k] - good[k]).norm() < max(0.02, TOLERANCE[codec]) * good[k].norm()
         assert torch.equal(red.averaged[k], outs[0].averaged[k])
 
 
@@ -89,12 +96,12 @@ def test_only_members_reach_the_average(swarm):
     try:
         node = reducer.node
         group = Group(2, {str(contributors[0].node.peer_id): ("w0", 2), str(contributors[1].node.peer_id): ("w1", 2)})
-        sent = filled(1.0)
+        sent = filled(1.0, codec)
         with ThreadPoolExecutor(3) as ex:
             red = ex.submit(reducer.reduce, group, 30)
             member = ex.submit(contributors[0].contribute, sent, group_id=group.group_id,
                                reducer=str(node.peer_id), reducer_maddrs=node.maddrs(), weight=2, timeout=30)
-            intruder = ex.submit(stranger.contribute, filled(1000.0), group_id=group.group_id,
+            intruder = ex.submit(stranger.contribute, filled(1000.0, codec), group_id=group.group_id,
                                  reducer=str(node.peer_id), reducer_maddrs=node.maddrs(), weight=2, timeout=30)
             red, member, intruder = red.result(), member.result(), intruder.result()
     finally:
@@ -104,4 +111,19 @@ def test_only_members_reach_the_average(swarm):
     assert red.rejected == {"w1": "did not send its whole contribution in time"}  # w1 never showed up
     assert any(peer == str(stranger.node.peer_id) and "not a member" in reason for peer, reason in refused)
     for k in TEMPLATE:
-        assert (red.averaged[k] - sent[k]).norm() < 0.02 * sent[k].norm()  # the intruder's 1000s are nowhere
+        # the intruder's 1000s are nowhere
+        assert (red.averaged[k] - sent[k]).norm() < max(0.02, TOLERANCE[codec]) * sent[k].norm()
+
+
+def test_top_k_run_refuses_a_dense_contribution(swarm):
+    """In a top-k run, a member that sends more than the run's fraction of nonzeros (to hog the
+    coordinator's link, or to push more of its own direction) is left out, and says why."""
+    codec, reducer, contributors, _ = swarm
+    if codec != "topk":
+        pytest.skip("a top-k run's rule")
+    good = filled(1.0, codec)
+    red, outs = run_round(reducer, contributors, [good, filled(1.0)], [5, 5], round_=3)  # the second: dense
+    assert red.ok and outs[0].ok
+    assert red.included == {"w0": 5} and "denser than the run's top-k" in red.rejected["w1"]
+    for k in TEMPLATE:
+        assert (red.averaged[k] - good[k]).norm() < 0.02 * good[k].norm()

@@ -47,3 +47,15 @@ def test_bad_new_run(tmp_path):
                           "unknown model preset")
     assert not (tmp_path / "a").exists()  # validated before anything is written
     assert_one_line_error(run_cli(*BASE, "--state-dir", tmp_path / "b"), "--task addition or --text FILE")
+    for flags, needle in ((["--topk-fraction", "0"], "--topk-fraction must be in (0, 1]"),
+                          (["--round-growth", "0.5"], "--round-growth must be between 1 and 1000")):
+        assert_one_line_error(run_cli(*BASE, "--task", "addition", "--state-dir", tmp_path / "c", *flags), needle)
+        assert not (tmp_path / "c").exists()
+
+
+def test_rounds_grow_with_the_runs_progress():
+    from gptswarm.coordinator.run import RunSettings
+
+    s = RunSettings("r", {}, {}, {}, tokens_per_round=1000, max_tokens=100_000, round_growth=4.0)
+    assert [s.round_target(t) for t in (0, 50_000, 100_000, 10**9)] == [1000, 2500, 4000, 4000]
+    assert RunSettings("r", {}, {}, {}, tokens_per_round=1000).round_target(10**9) == 1000  # fixed by default

@@ -100,7 +100,7 @@ def test_two_workers_train_one_model(tmp_path):
 
 def test_worker_killed_mid_round_and_ctrl_c(tmp_path):
     sd = tmp_path / "state"
-    coord = coordinator(sd)
+    coord = coordinator(sd, "--compression", "4bit")
     procs = [coord]
     try:
         join = join_address(coord)
@@ -138,8 +138,9 @@ def test_worker_killed_mid_round_and_ctrl_c(tmp_path):
 
 
 def test_coordinator_killed_and_restarted(tmp_path):
+    """...in a top-k run: the workers' error feedback and the reducer's density rule across a restart."""
     sd = tmp_path / "state"
-    coord = coordinator(sd, listen="127.0.0.1:0")
+    coord = coordinator(sd, "--compression", "topk", "--topk-fraction", "0.05", listen="127.0.0.1:0")
     procs = [coord]
     try:
         join = join_address(coord)
@@ -164,6 +165,13 @@ def test_coordinator_killed_and_restarted(tmp_path):
         for w in ws:
             w.stop()
             assert w.p.returncode == 0, w.output()[-2000:]
+        # honest top-k contributions are never refused as too dense, and a whole round of them got in
+        assert not ledger(sd, "SELECT reason FROM contributions WHERE reason LIKE '%denser%'")
+        assert ledger(sd, "SELECT COUNT(*) FROM contributions WHERE included = 1")[0][0] >= 4
+        # what a worker sends is 5% of the values, 3 bytes each (plus headers)
+        n = sum(t.numel() for t in checkpoint.model_tensors(model).values())
+        sent = [int(b) for w in ws for b in re.findall(r"\((\d+) bytes sent\)", w.output())]
+        assert sent and all(0.8 * n * 0.05 * 3 < b < 1.3 * n * 0.05 * 3 + 4096 for b in sent), (n, sent)
     finally:
         for p in procs:
             p.kill()

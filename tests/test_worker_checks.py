@@ -25,7 +25,7 @@ HUGE = GPTConfig(vocab_size=50257, block_size=2048, n_layer=512, n_head=128, n_e
 def run_config_of(model, **train):
     return pb.RunConfig(run_id="r", model_config_json=json.dumps(model.to_dict()),
                         train_config_json=json.dumps(TrainConfig(**train).to_dict()),
-                        shards_json=json.dumps({"vocab_size": model.vocab_size, "layout": "stream"}))
+                        shards_json=json.dumps({"vocab_size": model.vocab_size, "layout": "stream"}), compression="fp16")
 
 
 class Hostile(pb_grpc.CoordinatorServicer):
@@ -81,6 +81,17 @@ def test_run_configs_out_of_bounds_are_refused():
         cfg.CopyFrom(bad)
         setattr(cfg, field, text)
         with pytest.raises(UserError):
+            run_config.parse(cfg, cpu)
+    for changes, message in ((dict(compression="zstd"), "compression 'zstd'"),
+                             (dict(compression="topk", topk_fraction=0.0), "top-k fraction 0"),
+                             (dict(compression="topk", topk_fraction=float("nan")), "top-k fraction nan"),
+                             (dict(shards_json=json.dumps({"vocab_size": 16, "layout": "stream", "piece_tokens": -5})),
+                              "piece_tokens = -5")):
+        cfg = pb.RunConfig()
+        cfg.CopyFrom(bad)
+        for k, v in changes.items():
+            setattr(cfg, k, v)
+        with pytest.raises(UserError, match=message):
             run_config.parse(cfg, cpu)
 
 

@@ -29,6 +29,7 @@ from gptswarm.mingpt_core.trainer import Trainer, limit_vram, resolve_device
 from gptswarm.private import private_dir
 from gptswarm.proto import gptswarm_pb2 as pb
 from gptswarm.rounds.averaging import Outcome, RoundContributor
+from gptswarm.rounds.codecs import ErrorFeedback
 from gptswarm.rounds.outer import outer_step, pseudo_gradient
 from gptswarm.rounds.p2p import P2PNode
 from gptswarm.rounds.theta import theta_hash, theta_views
@@ -80,6 +81,7 @@ class Worker:
         self.theta = self.momentum = None  # theta_global and the outer momentum, fp32 on the CPU
         self.tokens_trained = 0  # the swarm's, at the last checkpoint we synchronized to
         self.node = self.contributor = self.heartbeats = self.control = None
+        self.feedback = None  # a top-k run's error feedback (what we have not sent yet)
 
     # --- public ---
 
@@ -132,7 +134,8 @@ class Worker:
         self.cfg, self.spec = cfg, run_config.parse(cfg, self.device)
         model_config, train, self.shard_info = self.spec.model, self.spec.train, self.spec.shard_info
         self.contributor = RoundContributor(self.node, theta_views(GPT(model_config)), prefix=cfg.averaging_prefix,
-                                            compression=cfg.compression)
+                                            compression=cfg.compression, topk_fraction=cfg.topk_fraction)
+        self.feedback = ErrorFeedback(cfg.topk_fraction) if cfg.compression == "topk" else None
         self.batch_tokens = train.batch_size * (model_config.block_size if self.shard_info.layout == "stream"
                                                 else self.shard_info.example_len - 1)
         train.max_iters = max(1, cfg.max_tokens // self.batch_tokens)  # the LR schedule spans the run's budget
@@ -279,7 +282,10 @@ class Worker:
             log.warning("round %d: %s", r, group.detail)
             outcome = Outcome(False, error=group.detail)
         else:
-            grad, weight = self.contribution(pseudo_gradient(self.theta, theta_views(self.model)), group.weight, r)
+            grad = pseudo_gradient(self.theta, theta_views(self.model))
+            if self.feedback is not None:  # top-k: the largest values of it and of what we left out before
+                grad = self.feedback.sparsify(grad)
+            grad, weight = self.contribution(grad, group.weight, r)
             if not all(torch.isfinite(g).all() for g in grad.values()):
                 log.warning("round %d: our pseudo-gradient is not finite; the swarm will reject it", r)
             outcome = self.contributor.contribute(
@@ -295,6 +301,8 @@ class Worker:
         else:
             log.warning("round %d: %s", r, outcome.error)
         result = self._round_result(r)
+        if self.feedback is not None and result.included and result.state == "done":
+            self.feedback.commit()
         if before is not None and result.state != "done":  # failed, or its theta was rejected: nothing moved
             self.theta, self.momentum = before
             log.warning("round %d %s: %s", r, result.state, result.detail)

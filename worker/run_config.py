@@ -14,6 +14,7 @@ from gptswarm.errors import UserError
 from gptswarm.mingpt_core.data import ShardSet
 from gptswarm.mingpt_core.model import GPT, GPTConfig
 from gptswarm.mingpt_core.trainer import TrainConfig
+from gptswarm.rounds import COMPRESSIONS
 
 # far above any model a volunteer could train, far below what would hang or exhaust the worker
 LIMITS = {"n_layer": 1024, "n_head": 1024, "n_embd": 65536, "vocab_size": 1 << 16, "block_size": 1 << 17,
@@ -108,6 +109,11 @@ def parse(cfg, device):
         shard_info = ShardSet([], **{k: shard_dict[k] for k in SHARD_KEYS if k in shard_dict})
     except (TypeError, ValueError) as e:
         raise UserError(f"the coordinator sent a run config this worker cannot use: {str(e)[:200]}") from None
+    if cfg.compression not in COMPRESSIONS:
+        raise UserError(f"the coordinator's run uses compression {cfg.compression[:40]!r}, which this worker does not "
+                        f"know ({', '.join(COMPRESSIONS)}): install the coordinator's gptswarm version")
+    if cfg.compression == "topk" and not 0 < cfg.topk_fraction <= 1:
+        raise UserError(f"the coordinator's run has top-k fraction {cfg.topk_fraction}, outside (0, 1]")
     if model.vocab_size > LIMITS["vocab_size"]:
         raise UserError(f"the run's vocabulary ({model.vocab_size}) does not fit its uint16 shards")
     n_params = count_params(model)

@@ -3,5 +3,6 @@ hivemind (averaging.py, with the hivemind adaptation fenced in hivemind_ext.py),
 (outer.py) and theta_global on disk and its hash (theta.py). Importing this package imports no
 hivemind; its modules do."""
 
-COMPRESSIONS = ("none", "fp16", "8bit")  # how pseudo-gradients travel; hivemind_ext.CODECS implements each
+COMPRESSIONS = ("none", "fp16", "8bit", "4bit", "topk")  # how pseudo-gradients travel; hivemind_ext.CODECS implements each
+DEFAULT_TOPK = 0.03  # a "topk" run's default fraction of values sent (SparseLoCo: 1-3%)
 AGGREGATIONS = ("robust", "mean")  # how the coordinator reduces them: robust.py's rule, or the plain weighted mean

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from gptswarm.rounds import DEFAULT_TOPK
 from gptswarm.rounds.hivemind_ext import CODECS, AveragingMode, RoundServicer, SwarmAllReduceRunner
 from gptswarm.rounds.robust import History
 from hivemind.p2p import PeerID
@@ -47,27 +48,31 @@ class Outcome:
     error: str = ""
 
 
-def _runner(node, tensors, *, prefix, compression, group_id, peer_ids, weight, sender_weights=None,
-            sender_timeout=None, robust=None):
-    """A SwarmAllReduceRunner in which peer_ids[0] (the coordinator) reduces everything."""
+def _runner(node, tensors, *, prefix, compression, topk_fraction, group_id, peer_ids, weight, sender_weights=None,
+            sender_timeout=None, robust=None, codecs=None):
+    """A SwarmAllReduceRunner in which peer_ids[0] (the coordinator) reduces everything; codecs:
+    the codec pair (default: the run's, CODECS)."""
     n = len(peer_ids)
     return SwarmAllReduceRunner(
         p2p=node.p2p, servicer_type=RoundServicer, prefix=prefix, group_id=group_id, tensors=tensors, weight=weight,
         ordered_peer_ids=[PeerID.from_base58(p) for p in peer_ids], peer_fractions=(1.0,) + (0.0,) * (n - 1),
         modes=(AveragingMode.NODE,) + (AveragingMode.CLIENT,) * (n - 1), sender_weights=sender_weights,
-        robust=robust, compression=CODECS[compression](), sender_timeout=sender_timeout,
+        robust=robust, codecs=codecs or CODECS[compression](topk_fraction), sender_timeout=sender_timeout,
+        max_density=topk_fraction if compression == "topk" else None,
         reducer_timeout=2 * sender_timeout if sender_timeout else None)
 
 
 class RoundReducer:
     """The coordinator's side. node: its P2PNode; template: {name: tensor} of the averaged schema;
-    prefix: the run's namespace; compression: a CODECS name; aggregation: "robust" (robust.py) or
+    prefix: the run's namespace; compression: a CODECS name (topk_fraction: a "topk" run's fraction of
+    values a contribution may have nonzero); aggregation: "robust" (robust.py) or
     "mean" (the weighted mean); sender_timeout: seconds a member may stay silent (before it starts,
     or between parts) before it is excluded; on_refused(peer_id, reason): hears of every peer
     turned away."""
 
-    def __init__(self, node, template, *, prefix, compression, aggregation, sender_timeout, on_refused):
-        self.node, self.prefix, self.compression = node, prefix, compression
+    def __init__(self, node, template, *, prefix, compression, aggregation, sender_timeout, on_refused,
+                 topk_fraction=DEFAULT_TOPK):
+        self.node, self.prefix, self.compression, self.topk_fraction = node, prefix, compression, topk_fraction
         self.history = History() if aggregation == "robust" else None
         self.names = list(template)
         self.shapes = {k: template[k].shape for k in self.names}
@@ -101,7 +106,7 @@ class RoundReducer:
             self.history.forget({w for w, _ in group.members.values()})
             robust = dict(keys=[None] + [group.members[p][0] for p in peers], history=self.history, scores=scores)
         runner = _runner(self.node, tensors, prefix=self.prefix, compression=self.compression,
-                         group_id=group.group_id, peer_ids=[str(self.node.peer_id), *peers], weight=0.0,
+                         topk_fraction=self.topk_fraction, group_id=group.group_id, peer_ids=[str(self.node.peer_id), *peers], weight=0.0,
                          sender_weights=[0.0] + [float(group.members[p][1]) for p in peers],
                          sender_timeout=self.sender_timeout, robust=robust)
         self.servicer.runner = runner
@@ -141,11 +146,12 @@ class RoundReducer:
 
 
 class RoundContributor:
-    """A worker's side. node: its (outgoing-only) P2PNode; template, prefix, compression: as the
-    coordinator's RunConfig says."""
+    """A worker's side. node: its (outgoing-only) P2PNode; template, prefix, compression,
+    topk_fraction: as the coordinator's RunConfig says."""
 
-    def __init__(self, node, template, *, prefix, compression):
-        self.node, self.prefix, self.compression = node, prefix, compression
+    def __init__(self, node, template, *, prefix, compression, topk_fraction=DEFAULT_TOPK):
+        self.node, self.prefix, self.compression, self.topk_fraction = node, prefix, compression, topk_fraction
+        self.codecs = CODECS[compression](topk_fraction)  # (what we send in, what the coordinator replies in)
         self.names = list(template)
         self.bytes_sent_total = 0
 
@@ -160,7 +166,8 @@ class RoundContributor:
             return Outcome(False, error=f"cannot reach the coordinator's hivemind peer: {type(e).__name__}: {e}"[:300])
         runners = []  # the runner is made on the node's event loop, where its asyncio parts live
         future = asyncio.run_coroutine_threadsafe(
-            self._contribute(runners, local, prefix=self.prefix, compression=self.compression, group_id=group_id,
+            self._contribute(runners, local, prefix=self.prefix, compression=self.compression,
+                             topk_fraction=self.topk_fraction, codecs=self.codecs, group_id=group_id,
                              peer_ids=[reducer, str(self.node.peer_id)], weight=float(weight)), self.node.loop)
         deadline = time.monotonic() + timeout
         while not future.done():

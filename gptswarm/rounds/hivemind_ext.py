@@ -20,6 +20,9 @@ What the changes do:
 - admission: only the group's members may send, each once (RoundServicer);
 - no partial results: a peer whose all-reduce lost the reducer's part fails instead of returning
   its own values as part of "the average";
+- codecs: gptswarm's own (codecs.py: 4-bit, sparse top-k) travel beside hivemind's, every
+  receiver decodes with codecs.decode, sized by the parts it expects; in a top-k run the reducer
+  refuses a part denser than the run's fraction;
 - accounting: the bytes of every message this peer sends in an all-reduce are counted.
 """
 
@@ -47,13 +50,21 @@ if hivemind.__version__ != HIVEMIND_VERSION:
 
 from hivemind.averaging.allreduce import AllReduceRunner, AveragingMode  # noqa: E402
 from hivemind.averaging.partition import AllreduceException, BannedException, TensorPartReducer  # noqa: E402
-from hivemind.compression import (Float16Compression, NoCompression, Uniform8BitQuantization,  # noqa: E402
-                                  deserialize_torch_tensor, serialize_torch_tensor)
+from hivemind.compression import (CompressionInfo, Float16Compression, NoCompression,  # noqa: E402
+                                  Uniform8BitQuantization)
 from hivemind.p2p import P2PContext, ServicerBase  # noqa: E402
 from hivemind.proto import averaging_pb2  # noqa: E402
-from hivemind.utils.asyncio import achain, amap_in_executor, anext, as_aiter  # noqa: E402
+from hivemind.utils.asyncio import (achain, aiter_with_timeout, amap_in_executor, anext, as_aiter,  # noqa: E402
+                                    attach_event_on_finished)
 
-CODECS = {"none": NoCompression, "fp16": Float16Compression, "8bit": Uniform8BitQuantization}
+from gptswarm.rounds.codecs import CHUNK, Blockwise4Bit, Sparse8Bit, decode  # noqa: E402
+
+# codec name -> (the contributions' codec, the reducer's replies' codec), each made for the run's top-k fraction
+CODECS = {"none": lambda f: (NoCompression(), NoCompression()),
+          "fp16": lambda f: (Float16Compression(), Float16Compression()),
+          "8bit": lambda f: (Uniform8BitQuantization(), Uniform8BitQuantization()),
+          "4bit": lambda f: (Blockwise4Bit(), Blockwise4Bit()),
+          "topk": lambda f: (Sparse8Bit(f), Sparse8Bit(f, dense_fallback=True))}
 assert tuple(CODECS) == COMPRESSIONS
 MAX_ABS = 1e4  # a pseudo-gradient entry beyond this is not a real contribution
 FIRST_MESSAGE_TIMEOUT = 10.0  # seconds a caller of rpc_aggregate_part has to say which group it is in
@@ -65,9 +76,9 @@ class ValidatingReducer(TensorPartReducer):
     """TensorPartReducer that refuses a sender's part that cannot be a real pseudo-gradient: the
     sender is then treated as failed (excluded from the average) and reported on `report`."""
 
-    def __init__(self, part_shapes, num_senders, sender_peer_ids, report):
+    def __init__(self, part_shapes, num_senders, sender_peer_ids, report, max_density=None):
         super().__init__(part_shapes, num_senders)
-        self.sender_peer_ids, self.report = sender_peer_ids, report
+        self.sender_peer_ids, self.report, self.max_density = sender_peer_ids, report, max_density
 
     def on_sender_failed(self, sender_index):
         if self.sender_failed_after[sender_index] == float("inf"):  # the first failure counts
@@ -82,6 +93,11 @@ class ValidatingReducer(TensorPartReducer):
             return "non-finite values in its pseudo-gradient"
         if part.numel() and part.abs().max() > MAX_ABS:
             return f"pseudo-gradient entries beyond {MAX_ABS:g}"
+        if self.max_density is not None:  # top-k: what the worker's sparsify() keeps, per CHUNK values
+            nonzero, allowed = int(torch.count_nonzero(part)), self.max_density * part.numel() + part.numel() / CHUNK + 1
+            if nonzero > allowed:
+                return (f"{nonzero} nonzero values in a part of {part.numel()}, denser than the run's top-k "
+                        f"({self.max_density:g})")
         return None
 
     def validate(self, sender_index, part_index, tensor_part, weight):
@@ -103,9 +119,10 @@ class RobustReducer(ValidatingReducer):
     (None: leave it out, as the coordinator's own zeros); weights: per sender (read when the part
     is reduced); history and scores: robust.History and {key: robust.PartScores}."""
 
-    def __init__(self, part_shapes, num_senders, sender_peer_ids, report, *, keys, weights, history, scores):
+    def __init__(self, part_shapes, num_senders, sender_peer_ids, report, max_density=None, *, keys, weights,
+                 history, scores):
         self.received = {}
-        super().__init__(part_shapes, num_senders, sender_peer_ids, report)
+        super().__init__(part_shapes, num_senders, sender_peer_ids, report, max_density)
         self.keys, self.weights, self.history, self.scores = keys, weights, history, scores
 
     def reset_accumulators(self):
@@ -164,11 +181,12 @@ class SwarmAllReduceRunner(AllReduceRunner):
     sender weighed by `sender_weights` (aligned with sender_peer_ids) when given, reduced by the
     robust rule when `robust` is given (RobustReducer's keys, history and scores).
 
+    codecs: (the contributions', the replies') CompressionBase; max_density: a top-k run's fraction.
     After a run: bytes_sent (this peer's messages), rejections [(peer id, reason)], and with
     sender_weights, claimed_weights {peer id: the weight its first message claimed}."""
 
-    def __init__(self, *, sender_weights=None, robust=None, **kwargs):
-        super().__init__(**kwargs)
+    def __init__(self, *, codecs, sender_weights=None, robust=None, max_density=None, **kwargs):
+        super().__init__(compression=codecs[0], **kwargs)
         self.sender_weights = sender_weights
         self.claimed_weights = {}
         self.bytes_sent = 0
@@ -177,12 +195,17 @@ class SwarmAllReduceRunner(AllReduceRunner):
         shapes = tuple(p.shape for p in self.parts_for_local_averaging)
         if robust is None:
             self.tensor_part_reducer = ValidatingReducer(shapes, len(self.sender_peer_ids), self.sender_peer_ids,
-                                                         self.rejections)
+                                                         self.rejections, max_density)
         else:  # {keys, history, scores}: robust aggregation, weighed by sender_weights
             self.tensor_part_reducer = RobustReducer(shapes, len(self.sender_peer_ids), self.sender_peer_ids,
-                                                     self.rejections, weights=sender_weights, **robust)
-        self._codec = self.tensor_part_container.compression.compression_type
+                                                     self.rejections, max_density, weights=sender_weights, **robust)
+        self._codec = codecs[0].compression_type
+        self._reply_codec = codecs[1]
         self._serialized = {}
+        # the most values a part can have (the reducer's parts, and this peer's own: the same partition)
+        self._max_part = max([p.numel() for p in self.parts_for_local_averaging] +
+                             [p.numel() for parts in self.tensor_part_container._input_parts_by_peer for p, _ in parts]
+                             + [1])
         self._replies_closed = set()  # sender indices whose reply stream has ended or holds every part
 
     async def replies_sent(self, timeout):
@@ -205,7 +228,7 @@ class SwarmAllReduceRunner(AllReduceRunner):
     def _serialize_average(self, part_index, averaged):
         """One serialization per part, in the run's codec: every sender receives the same bytes."""
         if part_index not in self._serialized:
-            self._serialized[part_index] = serialize_torch_tensor(averaged, self._codec)
+            self._serialized[part_index] = self._reply_codec.compress(averaged, CompressionInfo.from_tensor(averaged))
         return self._serialized[part_index]
 
     def sent_every_part(self, peer_id):
@@ -223,7 +246,7 @@ class SwarmAllReduceRunner(AllReduceRunner):
         # peer_id == self.peer_id; changed: our own part goes through the same serialization as the
         # groupmates' copies, and the container receives the average itself, not a delta
         if peer_id != self.peer_id:
-            return await super()._communicate_with_peer(peer_id)
+            return await self._communicate_with_reducer(peer_id)
         peer_index = self.ordered_peer_ids.index(peer_id)
         sender_index = self.sender_peer_ids.index(peer_id)
         loop = asyncio.get_event_loop()
@@ -231,12 +254,41 @@ class SwarmAllReduceRunner(AllReduceRunner):
             averaged = await self.tensor_part_reducer.accumulate_part(sender_index, part_index, part, weight=self.weight)
             serialized = await loop.run_in_executor(None, self._serialize_average, part_index, averaged)
             self.tensor_part_container.register_processed_part(peer_index, part_index,
-                                                               deserialize_torch_tensor(serialized))
+                                                               decode(serialized, self._max_part))
+
+    async def _communicate_with_reducer(self, peer_id):
+        # from hivemind/averaging/allreduce.py, AllReduceRunner._communicate_with_peer, the branch for
+        # another peer; changed: replies are decoded by codecs.decode (gptswarm's codecs too), no
+        # larger than our own parts, and a reply of another kind than AVERAGED_PART fails the peer
+        peer_index = self.ordered_peer_ids.index(peer_id)
+        try:
+            done_sending = asyncio.Event()
+            inputs = attach_event_on_finished(self._generate_input_for_peer(peer_index), done_sending)
+            stream = await self._get_peer_stub(peer_id).rpc_aggregate_part(inputs)
+            if self.should_delay_results(self.peer_id):
+                await done_sending.wait()
+            part_index = 0
+
+            def _decode(msg):
+                if msg.code != averaging_pb2.AVERAGED_PART:
+                    raise AllreduceException(f"{peer_id} sent {averaging_pb2.MessageCode.Name(msg.code)}")
+                return decode(msg.tensor_part, self._max_part)
+
+            async for averaged in amap_in_executor(_decode, aiter_with_timeout(stream, self.reducer_timeout),
+                                                   max_prefetch=self.tensor_part_container.prefetch):
+                self.tensor_part_container.register_processed_part(peer_index, part_index, averaged)
+                part_index += 1
+            if part_index != self.tensor_part_container.num_parts_by_peer[peer_index]:
+                raise AllreduceException(f"peer {peer_id} sent {part_index} parts, but we expected "
+                                         f"{self.tensor_part_container.num_parts_by_peer[peer_index]}")
+        except BaseException:
+            self.tensor_part_container.register_failed_reducer(peer_index)
+            raise
 
     async def _accumulate_parts_streaming(self, stream, sender_index):
         # from hivemind/averaging/allreduce.py, AllReduceRunner._accumulate_parts_streaming; changed:
         # the sender's weight is sender_weights[sender_index] when given (not the message's), a part
-        # in another codec is refused, the reply is the (cached) serialized average instead of
+        # in another codec or that does not decode is refused, the reply is the (cached) serialized average instead of
         # `averaged_part - tensor_part`, and every reply is counted
         part_index = 0
         peer = self.sender_peer_ids[sender_index]
@@ -246,16 +298,24 @@ class SwarmAllReduceRunner(AllReduceRunner):
                 return msg.weight
             self.claimed_weights.setdefault(peer, msg.weight)
             return self.sender_weights[sender_index]
+        def decoded(msg):
+            try:
+                return decode(msg.tensor_part, self._max_part), weight_of(msg), msg.tensor_part.compression
+            except Exception as e:  # the codec's own errors, or hivemind's on a malformed buffer
+                return None, f"{type(e).__name__}: {e}"[:200], msg.tensor_part.compression
+
+        def reject(reason):
+            self.tensor_part_reducer.on_sender_failed(sender_index)
+            self.rejections.append((str(self.sender_peer_ids[sender_index]), reason))
         try:
             loop = asyncio.get_event_loop()
-            async for part, weight, codec in amap_in_executor(
-                    lambda msg: (deserialize_torch_tensor(msg.tensor_part), weight_of(msg),
-                                 msg.tensor_part.compression),
-                    stream, max_prefetch=self.tensor_part_container.prefetch):
+            async for part, weight, codec in amap_in_executor(decoded, stream,
+                                                              max_prefetch=self.tensor_part_container.prefetch):
                 if codec != self._codec:
-                    self.tensor_part_reducer.on_sender_failed(sender_index)
-                    self.rejections.append((str(self.sender_peer_ids[sender_index]),
-                                            "a contribution in another codec than the run's"))
+                    reject("a contribution in another codec than the run's")
+                    break
+                if part is None:
+                    reject(f"a malformed part: {weight}")
                     break
                 try:
                     averaged = await self.tensor_part_reducer.accumulate_part(sender_index, part_index, part,

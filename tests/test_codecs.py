@@ -1,0 +1,117 @@
+"""gptswarm's own pseudo-gradient codecs (4-bit, sparse top-k): their round trips, the error
+feedback's bookkeeping, and a receiver's defence against malformed or oversized claims (also
+through a real hivemind all-reduce, from a sender whose codec lies)."""
+
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+from gptswarm.rounds.averaging import Group, RoundContributor, RoundReducer
+from gptswarm.rounds.codecs import CHUNK, Blockwise4Bit, DecodeError, ErrorFeedback, Sparse8Bit, decode, sparsify
+from gptswarm.rounds.p2p import P2PNode
+
+
+@pytest.mark.parametrize("n", [1, 63, 64, 4097, 100_000])
+def test_4bit_round_trip(n):
+    t = torch.randn(n) * 0.01
+    s = Blockwise4Bit().compress(t)
+    assert len(s.buffer) == -(-n // 64) * 34  # a float16 scale and 32 bytes of codes per 64 values
+    back = decode(s, n)
+    assert back.shape == t.shape
+    assert (back - t).norm() <= 0.15 * t.norm()  # 15 levels per block
+    assert torch.equal(decode(Blockwise4Bit().compress(back), n), back)  # decoding is a fixed point
+
+
+@pytest.mark.parametrize("n", [5, 4096, 10_000])
+def test_top_k_with_error_feedback_sends_everything_eventually(n):
+    g = torch.randn(n)
+    sent, residual = sparsify(g, None, 0.03)
+    assert torch.equal(sent + residual, g)  # nothing lost: what is not sent is carried
+    chunks = [sent[i:i + CHUNK] for i in range(0, n, CHUNK)]
+    assert all(int(torch.count_nonzero(c)) == max(1, -(-len(c) * 3 // 100)) for c in chunks)
+    for i in range(0, n, CHUNK):  # the largest ones of each chunk
+        c, kept = g[i:i + CHUNK], sent[i:i + CHUNK] != 0
+        assert kept.all() or c[kept].abs().min() >= c[~kept].abs().max()
+    # over rounds of zero new signal, the residual drains: every value gets sent
+    ef, total = ErrorFeedback(0.03), torch.zeros(n)
+    for _ in range(40):
+        out = ef.sparsify({"g": g if not total.any() else torch.zeros(n)})["g"]
+        ef.commit()
+        total += out
+    assert torch.allclose(total, g)
+    # a round that did not include the contribution keeps the old residual
+    ef = ErrorFeedback(0.03)
+    ef.sparsify({"g": g})
+    assert ef.residual == {}  # not committed
+
+
+def test_sparse_round_trip_and_dense_fallback():
+    sent, _ = sparsify(torch.randn(50_000), None, 0.03)
+    s = Sparse8Bit().compress(sent)
+    assert len(s.buffer) <= 50_000 * 0.03 * 3 + 4 * 13 + 64
+    back = decode(s, 50_000)
+    assert torch.equal(back != 0, sent != 0) and (back - sent).norm() < 0.01 * sent.norm()
+    dense = torch.randn(50_000)  # an average of many supports: 8-bit is smaller, and is chosen
+    s = Sparse8Bit(dense_fallback=True).compress(dense)
+    assert len(s.buffer) < 50_000 * 1.1 and (decode(s, 50_000) - dense).norm() < 0.05 * dense.norm()
+
+
+def test_decode_refuses_malformed_and_oversized_claims():
+    sent, _ = sparsify(torch.randn(8192), None, 0.03)
+    s = Sparse8Bit().compress(sent)
+    with pytest.raises(DecodeError, match="at most 4096"):
+        decode(s, 4096)  # more values than the receiver's part: refused before anything is built
+    huge = Sparse8Bit().compress(sent)
+    del huge.size[:]
+    huge.size.extend([1 << 31, 1 << 9])  # a terabyte of zeros, claimed in a few bytes
+    with pytest.raises(DecodeError):
+        decode(huge, 1 << 20)
+    for cut in (1, 5, len(s.buffer) // 2):
+        bad = Sparse8Bit().compress(sent)
+        bad.buffer = s.buffer[:-cut]
+        with pytest.raises(DecodeError):
+            decode(bad, 8192)
+    bad = Sparse8Bit().compress(sent)
+    buf = bytearray(bad.buffer)
+    buf[0:2] = (5000).to_bytes(2, "little")  # a chunk that claims more values than it holds
+    bad.buffer = bytes(buf)
+    with pytest.raises(DecodeError):
+        decode(bad, 8192)
+    four = Blockwise4Bit().compress(torch.randn(1000))
+    four.buffer = four.buffer + b"x"
+    with pytest.raises(DecodeError):
+        decode(four, 1000)
+
+
+class LyingSparse(Sparse8Bit):
+    """A hostile sender's codec: its parts claim a thousand times their size."""
+
+    def compress(self, tensor, info=None, allow_inplace=False):
+        s = super().compress(tensor, info, allow_inplace)
+        del s.size[:]
+        s.size.extend([tensor.numel() * 1000])
+        return s
+
+
+def test_reducer_excludes_a_sender_whose_parts_do_not_decode():
+    template = {"w": torch.zeros(20_000)}
+    coord, nodes = P2PNode(listen="127.0.0.1:0"), [P2PNode(), P2PNode()]
+    try:
+        reducer = RoundReducer(coord, template, prefix="codec", compression="topk", aggregation="mean",
+                               sender_timeout=3.0, on_refused=lambda *a: None)
+        honest, liar = (RoundContributor(n, template, prefix="codec", compression="topk") for n in nodes)
+        liar.codecs = (LyingSparse(0.03), liar.codecs[1])
+        group = Group(0, {str(honest.node.peer_id): ("honest", 4), str(liar.node.peer_id): ("liar", 4)})
+        g = ErrorFeedback(0.03).sparsify({"w": torch.randn(20_000)})
+        with ThreadPoolExecutor(3) as ex:
+            red = ex.submit(reducer.reduce, group, 30)
+            outs = [ex.submit(c.contribute, g, group_id=group.group_id, reducer=str(coord.peer_id),
+                              reducer_maddrs=coord.maddrs(), weight=4, timeout=30) for c in (honest, liar)]
+            red, (good, bad) = red.result(), [f.result() for f in outs]
+        assert red.ok and good.ok and not bad.ok, bad.error
+        assert red.included == {"honest": 4} and "malformed part" in red.rejected["liar"], (red.rejected, bad.error)
+        assert torch.equal(red.averaged["w"], good.averaged["w"])
+    finally:
+        for n in (coord, *nodes):
+            n.shutdown()
