@@ -29,15 +29,14 @@ from bench.swarm import MODEL, evaluate, gptswarm, run_swarm
 
 HERE = Path(__file__).resolve().parent
 
-# gptswarm runs, the frontier of loss against bytes: label -> run_swarm settings (longer: rounds this
-# many times tokens_per_round); "fp16" is the reference configuration
 # robustness runs (issue: a hostile worker cannot wreck the model): `honest` workers, plus one per attack
 ATTACKS = ("flip20", "scale100", "noise", "const", "replay", "nan")
+# gptswarm runs, the frontier of loss against bytes: label -> run_swarm settings (longer: rounds this
+# many times tokens_per_round); "fp16" is the reference configuration
 SWARMS = {"fp16": {}, "fp16, plain mean": dict(aggregation="mean"), "8bit": dict(compression="8bit"),
-          "4bit": dict(compression="4bit"), "topk 3%": dict(compression="topk"),
+          "4bit": dict(compression="4bit"), "4bit, rounds growing 1x-4x": dict(compression="4bit", round_growth=4.0),
           "4bit, 4x longer rounds": dict(compression="4bit", longer=4),
-          "topk 3%, rounds growing 1x-4x": dict(compression="topk", round_growth=4.0),
-          "topk 3%, 4x longer rounds": dict(compression="topk", longer=4)}
+          "topk 10%": dict(compression="topk", topk_fraction=0.1), "topk 3%": dict(compression="topk")}
 FULL = dict(tokens=1_536_000, tokens_per_round=48_000, hm_tokens=1_536_000, hm_target=192, hm_lr=2e-3, rate="20mbit",
             wan_target=2.6, swarms=SWARMS,
             robust=dict(tokens=768_000, tokens_per_round=48_000, honest=3, attacks=ATTACKS))

@@ -70,7 +70,7 @@ def done_rounds(sd):
         db.close()
 
 
-def run_swarm(text, tokens, sd, tokens_per_round=48_000, compression="fp16", outer_lr=0.7, outer_momentum=0.9,
+def run_swarm(text, tokens, sd, tokens_per_round=48_000, compression="fp16", outer_lr=None, outer_momentum=None,
               shard_tokens=4096, batch=12, workers=2, netns=None, rate=None, target_loss=None, sender_timeout=3,
               aggregation="robust", hostile=None, device="cpu", model=MODEL, warmup_iters=200,
               topk_fraction=DEFAULT_TOPK, round_growth=1.0):
@@ -95,8 +95,9 @@ def run_swarm(text, tokens, sd, tokens_per_round=48_000, compression="fp16", out
             f"{host}:0", "--http", "127.0.0.1:0", "--batch-size", batch, "--lr", "1e-3",
             "--min-lr", "1e-4", "--warmup-iters", warmup_iters, "--tokens-per-round", tokens_per_round,
             "--round-growth", round_growth, "--max-tokens", tokens,
-            "--compression", compression, "--topk-fraction", topk_fraction, "--aggregation", aggregation, "--outer-lr", outer_lr,
-            "--outer-momentum", outer_momentum,
+            "--compression", compression, "--topk-fraction", topk_fraction, "--aggregation", aggregation,
+            *(["--outer-lr", outer_lr] if outer_lr is not None else []),
+            *(["--outer-momentum", outer_momentum] if outer_momentum is not None else []),
             "--sender-timeout", sender_timeout, "--shard-tokens", shard_tokens])]), stderr=subprocess.PIPE, text=True,
             env=env)
         join = None
@@ -189,8 +190,8 @@ def main():
     p.add_argument("--compression", default="fp16", choices=COMPRESSIONS)
     p.add_argument("--topk-fraction", type=float, default=DEFAULT_TOPK, help="with --compression topk")
     p.add_argument("--round-growth", type=float, default=1.0, help="rounds grow to this many times --tokens-per-round")
-    p.add_argument("--outer-lr", type=float, default=0.7)
-    p.add_argument("--outer-momentum", type=float, default=0.9)
+    p.add_argument("--outer-lr", type=float, help="default: the coordinator's for the compression")
+    p.add_argument("--outer-momentum", type=float, help="default: the coordinator's for the compression")
     p.add_argument("--shard-tokens", type=int, default=4096, help="tokens per leased shard")
     p.add_argument("--sender-timeout", type=float, default=3.0)
     p.add_argument("--aggregation", default="robust", choices=["robust", "mean"])

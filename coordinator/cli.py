@@ -14,7 +14,7 @@ from gptswarm.coordinator.config import CoordinatorConfig
 from gptswarm.coordinator.run import DEFAULT_PRESET, SWARM_TRAIN, RunSettings
 from gptswarm.logs import setup_logging
 from gptswarm.mingpt_core.model import PRESETS
-from gptswarm.rounds import AGGREGATIONS, COMPRESSIONS
+from gptswarm.rounds import AGGREGATIONS, COMPRESSIONS, OUTER_DEFAULTS
 
 RUN = {f.name: f.default for f in dataclasses.fields(RunSettings)}
 PROC = CoordinatorConfig()
@@ -89,10 +89,11 @@ def wait_for_signal():
 @click.option("--aggregation", type=click.Choice(AGGREGATIONS), default=RUN["aggregation"], show_default=True,
               help="How the coordinator reduces them: robust (outliers left out, part by part, and flagged; "
                    "docs/architecture.md) or mean (the plain token-weighted mean: only for swarms you trust).")
-@click.option("--outer-lr", type=float, default=RUN["outer_lr"], show_default=True,
-              help="Outer Nesterov SGD learning rate.")
-@click.option("--outer-momentum", type=float, default=RUN["outer_momentum"], show_default=True,
-              help="Outer SGD momentum.")
+@click.option("--outer-lr", type=float, default=None,
+              help="Outer Nesterov SGD learning rate [default: 0.7, DiLoCo's; with --compression topk, "
+                   f"{OUTER_DEFAULTS['topk'][0]:g}, measured in bench/README.md].")
+@click.option("--outer-momentum", type=float, default=None,
+              help=f"Outer SGD momentum [default: 0.9; with --compression topk, {OUTER_DEFAULTS['topk'][1]:g}].")
 @click.option("--batch-size", type=int, default=SWARM_TRAIN.batch_size, show_default=True,
               help="Workers' sequences per inner step.")
 @click.option("--lr", "learning_rate", type=float, default=SWARM_TRAIN.learning_rate, show_default=True,
@@ -167,8 +168,7 @@ def coordinator(task, text, digits, tokenizer_kind, vocab_size, model, block_siz
                          train_config=train, tokens_per_round=tokens_per_round, round_growth=round_growth,
                          max_tokens=max_tokens,
                          compression=compression, topk_fraction=topk_fraction, aggregation=aggregation,
-                         outer_lr=outer_lr,
-                         outer_momentum=outer_momentum, shard_tokens=shard_tokens)
+                         outer_lr=outer_lr, outer_momentum=outer_momentum, shard_tokens=shard_tokens)
         log.info("new run %s in %s", s.run_id, state_dir)
     if min(max_leases, quarantine_after, quarantine_window) < 1 or min(sender_timeout, heartbeat_interval,
                                                                        lease_seconds, max_val_loss_rise,

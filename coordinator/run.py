@@ -28,7 +28,7 @@ from gptswarm.mingpt_core.model import GPT, GPTConfig
 from gptswarm.mingpt_core.tasks import make_task
 from gptswarm.mingpt_core.trainer import TrainConfig
 from gptswarm.private import private_dir, write_private
-from gptswarm.rounds import AGGREGATIONS, COMPRESSIONS, DEFAULT_TOPK
+from gptswarm.rounds import AGGREGATIONS, COMPRESSIONS, DEFAULT_TOPK, outer_defaults
 from gptswarm.rounds.theta import point_latest, save_round
 
 DEFAULT_PRESET = "gpt-nano"
@@ -50,8 +50,8 @@ class RunSettings:
     compression: str = "fp16"  # how pseudo-gradients travel (COMPRESSIONS)
     topk_fraction: float = DEFAULT_TOPK  # "topk": the fraction of values a contribution sends
     aggregation: str = "robust"  # how the coordinator reduces them (AGGREGATIONS)
-    outer_lr: float = 0.7  # outer Nesterov SGD (DiLoCo's defaults)
-    outer_momentum: float = 0.9
+    outer_lr: float = None  # outer Nesterov SGD (None: rounds.outer_defaults for the compression)
+    outer_momentum: float = None
     shard_tokens: int = 16384  # tokens per leased shard
     extra: dict = field(default_factory=dict)  # {"preset": model preset name}
 
@@ -80,6 +80,9 @@ def new_run(state_dir, *, task=None, text=None, digits=2, tokenizer_kind="char",
     settings = RunSettings(uuid.uuid4().hex[:12], {}, {}, {}, extra={"preset": model}, **settings)
     if settings.compression not in COMPRESSIONS:
         raise UserError(f"unknown compression {settings.compression!r}; choose one of {', '.join(COMPRESSIONS)}")
+    lr, momentum = outer_defaults(settings.compression)
+    settings.outer_lr = lr if settings.outer_lr is None else settings.outer_lr
+    settings.outer_momentum = momentum if settings.outer_momentum is None else settings.outer_momentum
     if not 0 < settings.topk_fraction <= 1:
         raise UserError(f"--topk-fraction must be in (0, 1], not {settings.topk_fraction}")
     if settings.aggregation not in AGGREGATIONS:

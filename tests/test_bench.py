@@ -52,6 +52,12 @@ def test_bench_quick_writes_every_figure(tmp_path, shakespeare_path):
         assert res["comm_reduction"] == pytest.approx(res["bytes_per_mtok_ddp"] / res["bytes_per_mtok_swarm"], rel=0.01)
     report = (tmp_path / "REPORT.md").read_text()
     assert "## Goals" in report and "Loss parity" in report and "not measured yet" not in report
-    for png in ("loss.png", "comm.png"):
+    # the frontier: each configuration with its loss, bytes and utilization, the dominated ones apart
+    assert set(res["swarm"]) == {"fp16", "topk 3%"}
+    for s in res["swarm"].values():
+        assert s["bytes_per_mtok"] > 0 and math.isfinite(s["loss_swarm"]) and s["compute_utilization_per_worker"]
+    assert res["swarm"]["topk 3%"]["bytes_per_mtok"] < res["swarm"]["fp16"]["bytes_per_mtok"] / 3
+    assert "gptswarm, topk 3%" in report and "(frontier)" in report
+    for png in ("loss.png", "comm.png", "frontier.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not (tmp_path / "tmp").exists()  # the work folder is cleaned up after a good run
