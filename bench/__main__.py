@@ -150,16 +150,22 @@ def main():
         h = hivemind_opt.run(text, plan["hm_tokens"], work / "hivemind-opt", plan["hm_target"], plan["hm_lr"])
         r.update(loss_hivemind_opt=h["loss"], bytes_per_mtok_hivemind_opt=h["bytes_per_mtok"], hivemind_opt=h)
 
-    def wan():  # DDP against the best configuration (report.best), or fp16 before any swarm ran
+    def wan():  # DDP against fp16 and against the best configuration (report.best), if another one
         b = best(r)
-        label, settings = (b[0], dict(b[1]["settings"])) if b else ("fp16", {})
-        longer = settings.pop("longer", 1)
-        w = {"rate": plan["rate"], "target_loss": plan["wan_target"], "configuration": label}
+        configs = {"fp16": {}}
+        if b and b[0] != "fp16":
+            configs[b[0]] = dict(b[1]["settings"])
+        w = {"rate": plan["rate"], "target_loss": plan["wan_target"], "swarms": {}}
         d = ddp.run(text, plan["tokens"] // (24 * 64), work / "wan-ddp", rate=plan["rate"], target_loss=plan["wan_target"])
-        s = run_swarm(text, plan["tokens"], work / "wan-swarm", plan["tokens_per_round"] * longer, rate=plan["rate"],
-                      target_loss=plan["wan_target"], **settings)
-        w.update(ddp=d, swarm={k: v for k, v in s.items() if k != "history"})
-        r.update(wan=w, wan_seconds_ddp=d["seconds_to_target"], wan_seconds_swarm=(s["reached"] or {}).get("seconds"))
+        for i, (label, settings) in enumerate(configs.items()):
+            longer = settings.pop("longer", 1)
+            s = run_swarm(text, plan["tokens"], work / f"wan-swarm{i}", plan["tokens_per_round"] * longer,
+                          rate=plan["rate"], target_loss=plan["wan_target"], **settings)
+            w["swarms"][label] = {k: v for k, v in s.items() if k != "history"}
+        reached = {k: v["reached"]["seconds"] for k, v in w["swarms"].items() if v.get("reached")}
+        w["configuration"] = min(reached, key=reached.get) if reached else "fp16"
+        w.update(ddp=d, swarm=w["swarms"][w["configuration"]])
+        r.update(wan=w, wan_seconds_ddp=d["seconds_to_target"], wan_seconds_swarm=reached.get(w["configuration"]))
 
     for name, fn, needs_netns in (("single", single, False), ("ddp", ddp_run, True), ("swarm", swarm_runs, False),
                                   ("robustness", robustness, False), ("hivemind", hivemind_run, True),

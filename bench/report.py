@@ -58,7 +58,8 @@ def goals(r):
         x = wd / ws
         out.append(f"- **Slow links** (gptswarm >= 5x faster than DDP to validation loss {w.get('target_loss')} "
                    f"over {w.get('rate')} links): {'met' if x >= 5 else '**missed**'}: {ws:,.0f} s vs {wd:,.0f} s, "
-                   f"{x:.1f}x faster (gptswarm {w.get('configuration', 'fp16')}).")
+                   f"{x:.1f}x faster (gptswarm {w.get('configuration', 'fp16')}, the faster of "
+                   f"{' and '.join(w.get('swarms', [w.get('configuration', 'fp16')]))}).")
     elif w:
         out.append(f"- **Slow links**: a run did not reach the target loss {w.get('target_loss')} (DDP {wd}, gptswarm {ws}).")
     j = r.get("join_seconds")
@@ -163,8 +164,11 @@ def details(r):
     w = r.get("wan")
     if w:
         extra.append(f"Slow links: DDP reached the target at step {w['ddp'].get('step_reached')} "
-                     f"({w['ddp']['bytes_per_mtok'] / 1e6:,.0f} MB per M tokens); gptswarm at round "
-                     f"{(w['swarm'].get('reached') or {}).get('round')}.")
+                     f"({w['ddp']['bytes_per_mtok'] / 1e6:,.0f} MB per M tokens); " + "; ".join(
+                         f"gptswarm {k} at round {(v.get('reached') or {}).get('round')} "
+                         f"({(v.get('reached') or {}).get('seconds')} s)"
+                         for k, v in w.get("swarms", {w.get("configuration", "fp16"): w.get("swarm", {})}).items())
+                     + ".")
     return table + "\n\n" + "\n\n".join(extra) + robustness_table(r)
 
 

@@ -147,6 +147,7 @@ class Coordinator:
         point_latest(self.state_dir, self.checkpoint_round)
         self.round_started_at = time.time()
         self._stop = threading.Event()
+        self._wake = threading.Event()  # a heartbeat brought the round its tokens: end it now
         self.node = self.reducer = self.server = self.service = self.http = self.thread = self.tls = None
         self.evaluations = Background(self._evaluated, name="evaluation")
         self.port = None
@@ -174,6 +175,7 @@ class Coordinator:
 
     def shutdown(self):
         self._stop.set()
+        self._wake.set()
         if self.thread is not None:
             self.thread.join(timeout=self.config.averaging_timeout + 10)
         self.evaluations.close(timeout=120)  # the last round's evaluation is part of the run
@@ -225,6 +227,12 @@ class Coordinator:
             if round_ != self.round:
                 return False, f"round {round_} is over; the current round is {self.round}"
             return True, ""
+
+    def round_reached(self, round_, tokens, tokens_trained):
+        """A heartbeat says round_ holds `tokens`: if that ends it, the round loop ends it now
+        instead of at its next look."""
+        if round_ == self.round and self.phase == "training" and tokens >= self.settings.round_target(tokens_trained):
+            self._wake.set()
 
     def round_view(self):
         with self.lock:
@@ -278,7 +286,11 @@ class Coordinator:
     # --- rounds ---
 
     def _round_loop(self):
-        while not self._stop.wait(min(0.5, self.config.heartbeat_interval / 2)):
+        while not self._stop.is_set():
+            self._wake.wait(min(0.5, self.config.heartbeat_interval / 2))
+            self._wake.clear()
+            if self._stop.is_set():
+                break
             try:
                 self.ledger.expire()
                 self._apply_rollback()

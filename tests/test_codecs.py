@@ -115,3 +115,25 @@ def test_reducer_excludes_a_sender_whose_parts_do_not_decode():
     finally:
         for n in (coord, *nodes):
             n.shutdown()
+
+
+def test_density_rule_accepts_honest_parts_cut_anywhere():
+    """hivemind cuts a tensor into parts that need not line up with the 4096-value chunks (fractions
+    above 1/6): an honest top-k contribution is accepted in any cut, a denser one is not."""
+    import asyncio
+
+    from gptswarm.rounds.hivemind_ext import ValidatingReducer
+
+    async def check():
+        g = torch.randn(5 * CHUNK)
+        cut = 2048 + 7  # through the middle of the first chunk, whose largest values all lie before the cut
+        g[:cut] = 100 + torch.rand(cut)
+        sent, _ = sparsify(g, None, 0.5)
+        assert int(torch.count_nonzero(sent[:cut])) == CHUNK // 2
+        parts = [sent[:cut], sent[cut:]]
+        reducer = ValidatingReducer([p.shape for p in parts], 1, ["w"], [], max_density=0.5)
+        assert [reducer.reason_to_reject(i, p, 1.0) for i, p in enumerate(parts)] == [None, None]
+        dense = torch.randn(parts[1].shape)
+        assert "denser than the run's top-k" in reducer.reason_to_reject(1, dense, 1.0)
+
+    asyncio.run(check())

@@ -44,6 +44,7 @@ from gptswarm.worker.state import SharedState
 from gptswarm.worker.utilization import Utilization
 
 log = logging.getLogger("gptswarm.worker")
+RESULT_POLL = 0.05  # seconds between asking whether our round committed (the coordinator's commit takes ~0.1 s)
 
 
 class Worker:
@@ -351,7 +352,7 @@ class Worker:
             res = self.client.call("GetRoundResult", pb.RoundResultRequest(round=r))
             if res.state in ("done", "failed", "rejected") or self.stopping.is_set():
                 return res
-            self._sleep(0.2)
+            self._sleep(RESULT_POLL)
 
     def _missed_round(self):
         """The coordinator moved on without us (we were waiting, or missed the averaging)."""

@@ -3,6 +3,7 @@ thread reads it (and writes what the coordinator answered), the control socket r
 read and write goes through the lock."""
 
 import threading
+import time
 from dataclasses import dataclass
 
 from gptswarm.proto import gptswarm_pb2 as pb
@@ -34,6 +35,7 @@ class SharedState:
         self.completed = []  # (lease_id, tokens, loss) trained in this round, reported after its average
         self.unannounced = []  # ids of completed leases the coordinator has not been told of yet
         self.view = None  # the coordinator's last HeartbeatResponse
+        self.heard_at = 0.0  # when it came (time.monotonic())
         self.lost = set()  # lease ids the coordinator no longer holds for us
 
     def set(self, state, reason=""):
@@ -72,7 +74,7 @@ class SharedState:
     def heard(self, view):
         """The coordinator answered a heartbeat."""
         with self.lock:
-            self.view = view
+            self.view, self.heard_at = view, time.monotonic()
             self.lost.update(view.expired_lease_ids)
 
     def next_round(self, round_, contributed=0):

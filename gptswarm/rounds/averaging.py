@@ -106,7 +106,8 @@ class RoundReducer:
             self.history.forget({w for w, _ in group.members.values()})
             robust = dict(keys=[None] + [group.members[p][0] for p in peers], history=self.history, scores=scores)
         runner = _runner(self.node, tensors, prefix=self.prefix, compression=self.compression,
-                         topk_fraction=self.topk_fraction, group_id=group.group_id, peer_ids=[str(self.node.peer_id), *peers], weight=0.0,
+                         topk_fraction=self.topk_fraction, group_id=group.group_id,
+                         peer_ids=[str(self.node.peer_id), *peers], weight=0.0,
                          sender_weights=[0.0] + [float(group.members[p][1]) for p in peers],
                          sender_timeout=self.sender_timeout, robust=robust)
         self.servicer.runner = runner
