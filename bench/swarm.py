@@ -131,7 +131,7 @@ def run_swarm(text, tokens, sd, tokens_per_round=48_000, compression="fp16", out
                                             env=env)
             if target_loss and (sd / "ledger.sqlite").exists():
                 hit = [r for r in done_rounds(sd) if r[2] is not None and r[2] <= target_loss]
-                if hit:
+                if hit and reached is None:  # once: a second SIGTERM would make a worker abort its goodbye
                     reached = {"round": hit[0][0], "seconds": round(hit[0][3] - t0, 1)}
                     for w in procs:
                         children.signal(w, signal.SIGTERM)

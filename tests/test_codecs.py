@@ -94,24 +94,33 @@ class LyingSparse(Sparse8Bit):
         return s
 
 
-def test_reducer_excludes_a_sender_whose_parts_do_not_decode():
+def test_reducer_excludes_senders_whose_parts_do_not_decode_or_are_too_dense():
+    """Through a real all-reduce: a member whose parts claim more values than the part holds, and
+    in a top-k run a member that sends more than the run's fraction of nonzeros (to hog the
+    coordinator's link, or to push more of its own direction), are left out and told why; the
+    honest member's round completes."""
     template = {"w": torch.zeros(20_000)}
-    coord, nodes = P2PNode(listen="127.0.0.1:0"), [P2PNode(), P2PNode()]
+    coord, nodes = P2PNode(listen="127.0.0.1:0"), [P2PNode(), P2PNode(), P2PNode()]
     try:
         reducer = RoundReducer(coord, template, prefix="codec", compression="topk", aggregation="mean",
                                sender_timeout=3.0, on_refused=lambda *a: None)
-        honest, liar = (RoundContributor(n, template, prefix="codec", compression="topk") for n in nodes)
+        honest, liar, hog = (RoundContributor(n, template, prefix="codec", compression="topk") for n in nodes)
         liar.codecs = (LyingSparse(0.03), liar.codecs[1])
-        group = Group(0, {str(honest.node.peer_id): ("honest", 4), str(liar.node.peer_id): ("liar", 4)})
+        group = Group(0, {str(c.node.peer_id): (name, 4) for c, name in ((honest, "honest"), (liar, "liar"),
+                                                                          (hog, "hog"))})
         g = ErrorFeedback(0.03).sparsify({"w": torch.randn(20_000)})
-        with ThreadPoolExecutor(3) as ex:
+        sent = {honest: g, liar: g, hog: {"w": torch.randn(20_000)}}  # the hog: every value
+        with ThreadPoolExecutor(4) as ex:
             red = ex.submit(reducer.reduce, group, 30)
-            outs = [ex.submit(c.contribute, g, group_id=group.group_id, reducer=str(coord.peer_id),
-                              reducer_maddrs=coord.maddrs(), weight=4, timeout=30) for c in (honest, liar)]
-            red, (good, bad) = red.result(), [f.result() for f in outs]
-        assert red.ok and good.ok and not bad.ok, bad.error
-        assert red.included == {"honest": 4} and "malformed part" in red.rejected["liar"], (red.rejected, bad.error)
+            outs = [ex.submit(c.contribute, sent[c], group_id=group.group_id, reducer=str(coord.peer_id),
+                              reducer_maddrs=coord.maddrs(), weight=4, timeout=30) for c in (honest, liar, hog)]
+            red, (good, bad, greedy) = red.result(), [f.result() for f in outs]
+        assert red.ok and good.ok and not bad.ok and not greedy.ok, (red.error, bad.error, greedy.error)
+        assert red.included == {"honest": 4}, red.rejected
+        assert "malformed part" in red.rejected["liar"]
+        assert "denser than the run's top-k" in red.rejected["hog"]
         assert torch.equal(red.averaged["w"], good.averaged["w"])
+        assert (red.averaged["w"] - g["w"]).norm() < 0.02 * g["w"].norm()  # the honest member's alone
     finally:
         for n in (coord, *nodes):
             n.shutdown()

@@ -292,7 +292,8 @@ class Worker:
             outcome = self.contributor.contribute(
                 grad, group_id=group.group_id, reducer=self.cfg.coordinator_peer_id,
                 reducer_maddrs=list(group.reducer_maddrs), weight=weight, timeout=self.cfg.averaging_timeout,
-                give_up=lambda: self.stopping.is_set() or self.shared.view.round > r)
+                give_up=self.stopping.is_set)  # not when the round moves on: on a slow link our average may
+            # still be arriving after the coordinator committed; a reducer that left us out closes our stream
         if self.stopping.is_set():
             return  # leaving: the teardown gives the leases back
         before = None

@@ -176,7 +176,7 @@ class RoundContributor:
                 future.cancel()
                 sent = self._sent(runners)
                 return Outcome(False, bytes_sent=sent,
-                               error="gave up: stopping, or the round is over" if time.monotonic() <= deadline
+                               error="gave up: stopping" if time.monotonic() <= deadline
                                else f"averaging took longer than {timeout:g} s")
             time.sleep(0.05)
         sent = self._sent(runners)
