@@ -199,7 +199,8 @@ def report(r):
 {r['date']}, {r['machine']}; {', '.join(f'{k} {v}' for k, v in r['versions'].items())}.
 Model {r['model']}; character-level tinyshakespeare; {r['tokens']:,} tokens per run; every worker or rank
 trains batches of 12 sequences of 64 tokens. Network: {r['network']}.
-Reproduce: `sudo .venv/bin/python -m bench{' --quick' if r['quick'] else ''}` ({r['bench_seconds'] / 60:.1f} minutes).
+Reproduce: `sudo .venv/bin/python -m bench{' --quick' if r['quick'] else ''}` ({r['bench_seconds'] / 60:.1f} minutes).{
+    chr(10) + r['carried'] if r.get('carried') else ''}
 
 | key | value |
 |---|---|
