@@ -71,6 +71,14 @@ def run_single(text, tokens, out):
     return {"loss_single": evaluate(out, text)["val_loss"], "single_seconds": round(time.time() - t0, 1)}
 
 
+def run_configuration(text, plan, settings, sd, **kw):
+    """run_swarm for one of the plan's configurations (its SWARMS settings; longer: rounds that many
+    times the plan's tokens_per_round)."""
+    settings = dict(settings)
+    longer = settings.pop("longer", 1)
+    return run_swarm(text, plan["tokens"], sd, plan["tokens_per_round"] * longer, **settings, **kw)
+
+
 def per_mtok(sent, tokens):
     return round(sum(sent) / len(sent) / (tokens / 1e6))
 
@@ -123,12 +131,10 @@ def main():
     def swarm_runs():
         r["swarm"] = {}
         for i, (label, settings) in enumerate(plan["swarms"].items()):
-            settings = dict(settings)
-            longer = settings.pop("longer", 1)
-            s = run_swarm(text, plan["tokens"], work / f"swarm{i}", plan["tokens_per_round"] * longer, **settings)
+            s = run_configuration(text, plan, settings, work / f"swarm{i}")
             sent = s.get("wire_bytes_per_worker") or s["averaging_bytes_per_worker"]
             s["bytes_per_mtok"] = per_mtok(sent, s["tokens_swarm"])
-            s["settings"] = {"longer": longer, **settings}
+            s["settings"] = {"longer": 1, **settings}
             r["swarm"][label] = s
         s = r["swarm"]["fp16"]
         r.update(loss_swarm=s["loss_swarm"], bytes_per_mtok_swarm=s["bytes_per_mtok"],
@@ -154,13 +160,12 @@ def main():
         b = best(r)
         configs = {"fp16": {}}
         if b and b[0] != "fp16":
-            configs[b[0]] = dict(b[1]["settings"])
+            configs[b[0]] = b[1]["settings"]
         w = {"rate": plan["rate"], "target_loss": plan["wan_target"], "swarms": {}}
         d = ddp.run(text, plan["tokens"] // (24 * 64), work / "wan-ddp", rate=plan["rate"], target_loss=plan["wan_target"])
         for i, (label, settings) in enumerate(configs.items()):
-            longer = settings.pop("longer", 1)
-            s = run_swarm(text, plan["tokens"], work / f"wan-swarm{i}", plan["tokens_per_round"] * longer,
-                          rate=plan["rate"], target_loss=plan["wan_target"], **settings)
+            s = run_configuration(text, plan, settings, work / f"wan-swarm{i}", rate=plan["rate"],
+                                  target_loss=plan["wan_target"])
             w["swarms"][label] = {k: v for k, v in s.items() if k != "history"}
         reached = {k: v["reached"]["seconds"] for k, v in w["swarms"].items() if v.get("reached")}
         w["configuration"] = min(reached, key=reached.get) if reached else "fp16"

@@ -26,19 +26,17 @@ def fmt(k, v):
 
 def goals(r):
     out = []
-    ddp, sw = r.get("loss_ddp"), r.get("loss_swarm")
+    ddp, sw, b = r.get("loss_ddp"), r.get("loss_swarm"), best(r)
     if ddp and sw:
         gap = (sw - ddp) / ddp
         out.append(f"- **Loss parity** (gptswarm within 2% of DDP): {'met' if gap <= 0.02 else '**missed**'}: "
                    f"{sw:.4f} vs {ddp:.4f}, {gap:+.1%}" + ("" if gap <= 0.02 else f", {gap - 0.02:.1%} over the bar") + ".")
-        b = best(r)
         if b and b[0] != "fp16":
             g = (b[1]["loss_swarm"] - ddp) / ddp
             out.append(f"  The best configuration ({b[0]}): {b[1]['loss_swarm']:.4f}, {g:+.1%}: "
                        f"{'met' if g <= 0.02 else '**missed**'}.")
     else:
         out.append("- **Loss parity**: not measured (DDP needs root for its network namespaces).")
-    b = best(r)
     if b and ddp:
         label, s_ = b
         red, gap = s_["comm_reduction"], (s_["loss_swarm"] - ddp) / ddp
