@@ -9,7 +9,9 @@ copy, checked (finite) and written to its own checkpoint directory; one ledger t
 credits the included contributions and starts the next round with the new theta hash (the commit
 point); only then does the in-memory state move and checkpoints/latest point at the new round.
 Its validation loss is measured afterwards, off the round's critical path, by a thread of its own
-(the safety gate then takes a bad round back).
+(the safety gate then takes a bad round back). While a round averages, its group's members may
+lease shards: they train ahead for the next round (worker/loop.py, "overlap"), and claim those
+tokens once it opens.
 """
 
 import copy
@@ -222,11 +224,18 @@ class Coordinator:
                 return False, f"quarantined: {worker['quarantine_reason']}; the operator can lift it"
             if worker["eligible_round"] > self.round:
                 return False, "waiting for the round: joined while this round was under way"
-            if self.phase != "training":
+            if self.phase != "training" and not self._in_group(worker):
                 return False, "waiting for the round: averaging in progress"
             if round_ != self.round:
                 return False, f"round {round_} is over; the current round is {self.round}"
             return True, ""
+
+    def _in_group(self, worker):
+        """Is the worker a member of the round that averages now? Its members train ahead for the
+        next round meanwhile (they carry that progress over onto the new theta; a newcomer could not)."""
+        group = self.group
+        member = group.members.get(worker["peer_id"] or "") if group is not None else None
+        return member is not None and member[0] == worker["id"]
 
     def round_reached(self, round_, tokens, tokens_trained):
         """A heartbeat says round_ holds `tokens`: if that ends it, the round loop ends it now

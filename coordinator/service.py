@@ -164,7 +164,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             outer_lr=s.outer_lr, outer_momentum=s.outer_momentum, averaging_prefix=c.averaging_prefix,
             averaging_timeout=c.config.averaging_timeout, heartbeat_interval=c.config.heartbeat_interval,
             coordinator_peer_id=str(c.node.peer_id), coordinator_maddrs=c.node.maddrs(),
-            sender_timeout=c.config.sender_timeout, topk_fraction=s.topk_fraction)
+            sender_timeout=c.config.sender_timeout, topk_fraction=s.topk_fraction, max_leases=c.config.max_leases)
 
     def LeaseShard(self, request, context):
         w = self._worker(context)

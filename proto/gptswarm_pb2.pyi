@@ -57,7 +57,7 @@ class RunConfigRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class RunConfig(_message.Message):
-    __slots__ = ("run_id", "model_config_json", "train_config_json", "tokenizer_json", "shards_json", "tokens_per_round", "max_tokens", "outer_lr", "outer_momentum", "compression", "averaging_prefix", "averaging_timeout", "heartbeat_interval", "coordinator_peer_id", "coordinator_maddrs", "sender_timeout", "topk_fraction")
+    __slots__ = ("run_id", "model_config_json", "train_config_json", "tokenizer_json", "shards_json", "tokens_per_round", "max_tokens", "outer_lr", "outer_momentum", "compression", "averaging_prefix", "averaging_timeout", "heartbeat_interval", "coordinator_peer_id", "coordinator_maddrs", "sender_timeout", "topk_fraction", "max_leases")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
     TRAIN_CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
@@ -75,6 +75,7 @@ class RunConfig(_message.Message):
     COORDINATOR_MADDRS_FIELD_NUMBER: _ClassVar[int]
     SENDER_TIMEOUT_FIELD_NUMBER: _ClassVar[int]
     TOPK_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    MAX_LEASES_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     model_config_json: str
     train_config_json: str
@@ -92,7 +93,8 @@ class RunConfig(_message.Message):
     coordinator_maddrs: _containers.RepeatedScalarFieldContainer[str]
     sender_timeout: float
     topk_fraction: float
-    def __init__(self, run_id: _Optional[str] = ..., model_config_json: _Optional[str] = ..., train_config_json: _Optional[str] = ..., tokenizer_json: _Optional[str] = ..., shards_json: _Optional[str] = ..., tokens_per_round: _Optional[int] = ..., max_tokens: _Optional[int] = ..., outer_lr: _Optional[float] = ..., outer_momentum: _Optional[float] = ..., compression: _Optional[str] = ..., averaging_prefix: _Optional[str] = ..., averaging_timeout: _Optional[float] = ..., heartbeat_interval: _Optional[float] = ..., coordinator_peer_id: _Optional[str] = ..., coordinator_maddrs: _Optional[_Iterable[str]] = ..., sender_timeout: _Optional[float] = ..., topk_fraction: _Optional[float] = ...) -> None: ...
+    max_leases: int
+    def __init__(self, run_id: _Optional[str] = ..., model_config_json: _Optional[str] = ..., train_config_json: _Optional[str] = ..., tokenizer_json: _Optional[str] = ..., shards_json: _Optional[str] = ..., tokens_per_round: _Optional[int] = ..., max_tokens: _Optional[int] = ..., outer_lr: _Optional[float] = ..., outer_momentum: _Optional[float] = ..., compression: _Optional[str] = ..., averaging_prefix: _Optional[str] = ..., averaging_timeout: _Optional[float] = ..., heartbeat_interval: _Optional[float] = ..., coordinator_peer_id: _Optional[str] = ..., coordinator_maddrs: _Optional[_Iterable[str]] = ..., sender_timeout: _Optional[float] = ..., topk_fraction: _Optional[float] = ..., max_leases: _Optional[int] = ...) -> None: ...
 
 class LeaseTokens(_message.Message):
     __slots__ = ("lease_id", "tokens")

@@ -226,10 +226,15 @@ def test_lying_workers_move_nothing(tmp_path):
     assert ledger(sd, "SELECT tokens_contributed FROM workers WHERE id = ?", (liar_id,))[0][0] == 0
     assert not ledger(sd, "SELECT 1 FROM shards WHERE done_by = ?", (liar_id,))
     assert not ledger(sd, "SELECT 1 FROM contributions WHERE worker_id = ? AND included = 1", (liar_id,))
-    # the heavy worker's weight is what its leases cover, never its 1e9: no round is bigger than the
-    # tokens of the shards its members held
-    biggest = ledger(sd, "SELECT MAX(tokens) FROM contributions WHERE worker_id = ? AND included = 1", (heavy_id,))[0][0]
-    assert 0 < biggest < 10 * 2048  # a few 2048-token shards at most
+    # the heavy worker's weight is what its leases cover, never its 1e9: in no round is it credited
+    # more than the tokens of the shards it held during that round
+    credited = ledger(sd, "SELECT round, tokens FROM contributions WHERE worker_id = ? AND included = 1", (heavy_id,))
+    assert credited
+    for r, tokens in credited:
+        held = ledger(sd, "SELECT COALESCE(SUM(l.tokens), 0) FROM leases l JOIN rounds r ON r.round = ? "
+                          "WHERE l.worker_id = ? AND l.granted_at <= r.ended_at AND "
+                          "(l.closed_at IS NULL OR l.closed_at >= r.started_at)", (r, heavy_id))[0][0]
+        assert 0 < tokens <= held, (r, tokens, held)
     assert all(t < 10**6 for _, _, _, t in rounds_done(sd))
     # every lie is named
     kinds = {k for (k,) in ledger(sd, "SELECT kind FROM refusals WHERE worker_id = ?", (liar_id,))}

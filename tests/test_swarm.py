@@ -56,6 +56,9 @@ def test_two_workers_train_one_model(tmp_path):
     for w in (a, b):
         agreed = w.count(r"round \d+ done: theta \w+\.\.\. agrees with the coordinator")
         assert agreed >= 3, w.output()[-2000:]
+        # it trained while its rounds averaged, and the next rounds kept those steps
+        assert w.count(r"agrees with the coordinator \(\d+ bytes sent; [1-9]\d* tokens trained meanwhile"), \
+            w.output()[-2000:]
         # a worker that missed a round (it can, on a loaded machine) must have resynchronized at once
         lines = w.lines
         for i, line in enumerate(lines):
@@ -170,7 +173,7 @@ def test_coordinator_killed_and_restarted(tmp_path):
         assert ledger(sd, "SELECT COUNT(*) FROM contributions WHERE included = 1")[0][0] >= 4
         # what a worker sends is 5% of the values, 3 bytes each (plus headers)
         n = sum(t.numel() for t in checkpoint.model_tensors(model).values())
-        sent = [int(b) for w in ws for b in re.findall(r"\((\d+) bytes sent\)", w.output())]
+        sent = [int(b) for w in ws for b in re.findall(r"\((\d+) bytes sent;", w.output())]
         assert sent and all(0.8 * n * 0.05 * 3 < b < 1.3 * n * 0.05 * 3 + 4096 for b in sent), (n, sent)
     finally:
         for p in procs:

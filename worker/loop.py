@@ -9,6 +9,14 @@ latest checkpoint -> loop:
   different) -> report the shards the average included.
 A worker that joins while a round is under way waits for the next one.
 
+Overlap: the exchange (contribution, outer step, the coordinator's result) runs on a thread of its
+own while the worker trains ahead for the next round, on the shard it holds or a new one (the
+coordinator leases to the members of the averaging group). When the result is in, the progress
+made meanwhile is kept on top of the new theta_global (theta_local += theta_new - theta_local_sent:
+the outer update lands one exchange late, as in Streaming DiLoCo and the eager updates of Kale et
+al. 2025) and its tokens are the next round's first; if the round did not include us, it is
+dropped with its leases. theta_global itself is never touched by it: it stays bit-identical.
+
 The parts around it: session.py (join or resume), throughput.py (the speed benchmark), pause.py
 (when not to train), heartbeat.py (heartbeats and the progress line), download.py (shards and
 theta), state.py (what the threads share), utilization.py, control.py (the volunteer's control
@@ -47,6 +55,40 @@ log = logging.getLogger("gptswarm.worker")
 RESULT_POLL = 0.05  # seconds between asking whether our round committed (the coordinator's commit takes ~0.1 s)
 
 
+class Task:
+    """fn() on a thread of its own; get() returns its value, or raises its error on the caller's thread."""
+
+    def __init__(self, fn, name):
+        self.done = threading.Event()
+        self.value = self.error = None
+        self.thread = threading.Thread(target=self._run, args=(fn,), name=name, daemon=True)
+        self.thread.start()
+
+    def _run(self, fn):
+        try:
+            self.value = fn()
+        except BaseException as e:  # raised on the loop's thread, by get()
+            self.error = e
+        finally:
+            self.done.set()
+
+    def get(self):
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
+class Exchange(Task):
+    """Round `round`'s exchange with the swarm: fn returns (Outcome, RoundResult or None if we stop,
+    whether our theta_global agrees with the coordinator's). sent: theta_local when the
+    pseudo-gradient was taken (None: we are not in the group)."""
+
+    def __init__(self, round_, group, sent, fn):
+        self.round, self.group, self.sent = round_, group, sent
+        self.ahead_seconds = 0.0  # in training steps for the next round, meanwhile
+        super().__init__(fn, "exchange")
+
+
 class Worker:
     """One volunteer's worker; config: WorkerConfig. run() blocks until the run is finished, the
     volunteer stops it (request_stop, or `finish` on the control socket) or an error occurs.
@@ -83,6 +125,8 @@ class Worker:
         self.tokens_trained = 0  # the swarm's, at the last checkpoint we synchronized to
         self.node = self.contributor = self.heartbeats = self.control = None
         self.feedback = None  # a top-k run's error feedback (what we have not sent yet)
+        self.exchange = None  # the Exchange of the round whose average is in flight
+        self.prefetch = None  # the Task leasing our next shard while the last steps of this one run
 
     # --- public ---
 
@@ -155,6 +199,9 @@ class Worker:
         self.client.stop.set()
         if self.heartbeats is not None:
             self.heartbeats.shutdown()
+        for task in (self.exchange, self.prefetch):
+            if task is not None:
+                task.thread.join(timeout=5)  # it gives up when we stop
         if self.client.stub is not None and self.client.session:
             try:
                 self.client.call("ReleaseLeases", pb.ReleaseRequest(lease_ids=self.shared.lease_ids()), timeout=3,
@@ -175,6 +222,12 @@ class Worker:
     def _loop(self):
         s = self.shared
         while not self.stopping.is_set():
+            if self.exchange is not None:
+                if self.exchange.done.is_set():
+                    self._end_round()
+                else:
+                    self._train_ahead()
+                continue
             with s.lock:
                 v, round_, round_tokens = s.view, s.round, s.round_tokens
             if v is None:
@@ -185,8 +238,8 @@ class Worker:
                 return
             if v.round > round_:
                 self._missed_round()
-            elif v.phase == "averaging" and round_tokens > 0:
-                self._sync_round()
+            elif v.phase == "averaging" and v.round == round_ and round_tokens > 0:
+                self._start_round_end()
             elif self.pause.finishing.is_set() and round_tokens == 0:
                 log.info("finished: the last round's contribution is reported; leaving")
                 return
@@ -209,15 +262,41 @@ class Worker:
         if s.get() != (state, reason):
             log.info("%s: %s", state, reason)
         s.set(state, reason)
+        self._settle_prefetch()
         with s.lock:
-            shard, s.shard = s.shard, None
-        if shard is not None:
-            self.client.call("ReleaseLeases", pb.ReleaseRequest(lease_ids=[shard.lease_id]))
+            ids = [sh.lease_id for sh in (s.shard, s.next_shard) if sh is not None]
+            s.shard = s.next_shard = None
+        if ids:
+            self.client.call("ReleaseLeases", pb.ReleaseRequest(lease_ids=ids))
         self._sleep(min(1.0, self.cfg.heartbeat_interval))
 
-    def _lease(self):
+    def _lease(self, wait=None):
+        """Take the shard leased ahead, or lease and download one; on a refusal, wait(seconds)
+        (default: sleep) before returning."""
         s = self.shared
+        self._settle_prefetch()
+        with s.lock:
+            shard, s.next_shard = s.next_shard, None
+        if shard is not None and shard.lease_id not in s.lost:
+            with s.lock:
+                s.shard = shard
+            return
         s.set("waiting", "asking for a shard")
+        reason, retry_after = self._request_shard()
+        if not reason:
+            return
+        s.set("waiting", reason)
+        if wait is None:  # refused: the round may have begun averaging since our last heartbeat
+            self.heartbeats.beat()
+            with s.lock:
+                if s.view is not None and (s.view.phase != "training" or s.view.round != s.round):
+                    return  # it did: the loop takes it from here
+        (wait or self._sleep)(retry_after)
+
+    def _request_shard(self, ahead=False):
+        """Lease a shard and download it into the shared state (as the next one if ahead): ("", 0)
+        or (why not, seconds to wait before asking again)."""
+        s = self.shared
         with s.lock:
             req = pb.LeaseRequest(round=s.round, finished_lease_ids=s.unannounced)
         req.lease_tokens.extend(s.lease_tokens())
@@ -225,19 +304,47 @@ class Worker:
         with s.lock:
             s.unannounced = [i for i in s.unannounced if i not in req.finished_lease_ids]
         if not resp.granted:
-            s.set("waiting", resp.reason)
-            self._sleep(resp.retry_after or 1.0)
-            return
+            return resp.reason, resp.retry_after or 1.0
         try:
             shard = download.shard(self.client, resp, self.shard_info, block_size=self.model.config.block_size,
                                    batch_size=self.trainer.cfg.batch_size)
         except (UserError, grpc.RpcError) as e:
             log.warning("shard download failed (%s); giving the lease back", download.why(e))
             self.client.call("ReleaseLeases", pb.ReleaseRequest(lease_ids=[resp.lease_id]))
-            self._sleep(1.0)
+            return "shard download failed", 1.0
+        with s.lock:
+            if ahead:
+                s.next_shard = shard
+            else:
+                s.shard = shard
+        return "", 0.0
+
+    def _lease_room(self, held):
+        """May we ask for one more lease while holding `held` in training? The shards we finished
+        ahead of the next round still count against the coordinator's cap of active leases (we
+        cannot say they are finished before that round opens). Under the shared state's lock."""
+        return held + len(self.shared.ahead_completed) < (self.cfg.max_leases or 1)
+
+    def _prefetch(self, shard):
+        """Lease the next shard while the last step of this one runs (if the coordinator's cap
+        lets us hold it too)."""
+        s = self.shared
+        if self.prefetch is not None or shard.steps_needed - shard.steps_done > 1 or self.pause.reason():
             return
         with s.lock:
-            s.shard = shard
+            room = s.next_shard is None and self._lease_room(1)
+        if room:
+            self.prefetch = Task(lambda: self._request_shard(ahead=True), "prefetch")
+
+    def _settle_prefetch(self):
+        """Wait for a lease asked ahead (so that what we give back includes it)."""
+        task, self.prefetch = self.prefetch, None
+        if task is not None:
+            task.done.wait()
+            if isinstance(task.error, Stopped):
+                raise task.error
+            if task.error is not None:  # we ask again, now
+                log.warning("leasing the next shard ahead failed: %s", download.why(task.error))
 
     def _train_step(self):
         s = self.shared
@@ -248,6 +355,7 @@ class Worker:
             with s.lock:
                 s.shard = None
             return
+        self._prefetch(shard)
         x, y = shard.batches.next()
         t0 = time.perf_counter()
         try:
@@ -257,6 +365,8 @@ class Worker:
                             "use a bigger GPU, a larger --max-vram, or --device cpu") from None
         seconds = time.perf_counter() - t0
         self.utilization.step(seconds)
+        if self.exchange is not None:
+            self.exchange.ahead_seconds += seconds
         shard.steps_done += 1
         shard.loss = loss
         # a shard earns its own tokens, no more: the last batch may reach past them
@@ -264,15 +374,14 @@ class Worker:
         shard.counted += tokens
         s.trained(shard.lease_id, tokens, x.numel(), loss, seconds)
         if shard.steps_done >= shard.steps_needed:
-            with s.lock:
-                s.completed.append((shard.lease_id, shard.tokens, loss))
-                s.unannounced.append(shard.lease_id)
-                s.shard = None
+            s.finished_shard(shard.lease_id, shard.tokens, loss)
 
     # --- the end of a round ---
 
-    def _sync_round(self):
-        """The round is averaging: contribute our pseudo-gradient, take the outer step, check."""
+    def _start_round_end(self):
+        """The round is averaging: take our place in its group, then contribute our pseudo-gradient,
+        take the outer step and wait for the coordinator's result on the exchange's thread (the
+        loop trains ahead meanwhile)."""
         s = self.shared
         r = s.round
         s.set("averaging", f"averaging round {r} with the swarm")
@@ -281,28 +390,45 @@ class Worker:
             return  # stopping, or the round moved on without us (the loop resynchronizes)
         if group.state != "member":
             log.warning("round %d: %s", r, group.detail)
-            outcome = Outcome(False, error=group.detail)
-        else:
-            grad = pseudo_gradient(self.theta, theta_views(self.model))
-            if self.feedback is not None:  # top-k: the largest values of it and of what we left out before
-                grad = self.feedback.sparsify(grad)
-            grad, weight = self.contribution(grad, group.weight, r)
-            if not all(torch.isfinite(g).all() for g in grad.values()):
-                log.warning("round %d: our pseudo-gradient is not finite; the swarm will reject it", r)
+            self.exchange = Exchange(r, group, None, lambda: (Outcome(False, error=group.detail),
+                                                              *self._settle(r, None)))
+            return
+        sent = {k: v.detach().to("cpu", torch.float32, copy=True) for k, v in theta_views(self.model).items()}
+        grad = pseudo_gradient(self.theta, sent)
+        if self.feedback is not None:  # top-k: the largest values of it and of what we left out before
+            grad = self.feedback.sparsify(grad)
+        grad, weight = self.contribution(grad, group.weight, r)
+        if not all(torch.isfinite(g).all() for g in grad.values()):
+            log.warning("round %d: our pseudo-gradient is not finite; the swarm will reject it", r)
+        with s.lock:
+            s.ahead = True  # from now on, what we train is the next round's
+
+        def exchange():
             outcome = self.contributor.contribute(
                 grad, group_id=group.group_id, reducer=self.cfg.coordinator_peer_id,
                 reducer_maddrs=list(group.reducer_maddrs), weight=weight, timeout=self.cfg.averaging_timeout,
                 give_up=self.stopping.is_set)  # not when the round moves on: on a slow link our average may
             # still be arriving after the coordinator committed; a reducer that left us out closes our stream
-        if self.stopping.is_set():
-            return  # leaving: the teardown gives the leases back
-        before = None
-        if outcome.ok:  # kept until the coordinator says whether the round committed
-            before = ({k: v.clone() for k, v in self.theta.items()}, {k: v.clone() for k, v in self.momentum.items()})
-            outer_step(self.theta, self.momentum, outcome.averaged, self.cfg.outer_lr, self.cfg.outer_momentum)
-        else:
-            log.warning("round %d: %s", r, outcome.error)
+            if self.stopping.is_set():
+                return outcome, None, False
+            before = None
+            if outcome.ok:  # kept until the coordinator says whether the round committed
+                before = ({k: v.clone() for k, v in self.theta.items()},
+                          {k: v.clone() for k, v in self.momentum.items()})
+                outer_step(self.theta, self.momentum, outcome.averaged, self.cfg.outer_lr, self.cfg.outer_momentum)
+            return outcome, *self._settle(r, before)
+
+        self.exchange = Exchange(r, group, sent, exchange)
+
+    def _settle(self, r, before):
+        """On the exchange's thread, once our part is done: the coordinator's result of round r
+        (RoundResult, or None if we stop) and whether our theta_global agrees with it. A round that
+        did not commit puts theta_global back (before: theta and momentum before the outer step);
+        one that included us gets the shards we finished in it reported."""
+        s = self.shared
         result = self._round_result(r)
+        if self.stopping.is_set():
+            return None, False
         if self.feedback is not None and result.included and result.state == "done":
             self.feedback.commit()
         if before is not None and result.state != "done":  # failed, or its theta was rejected: nothing moved
@@ -313,17 +439,58 @@ class Worker:
                 completed = list(s.completed)
             for lease_id, _, loss in completed:
                 self.client.call("ReportShard", pb.ReportRequest(lease_id=lease_id, round=r, loss=loss or 0.0))
+            with s.lock:
+                s.completed = []
+        return result, theta_hash(self.theta) == result.theta_hash
+
+    def _train_ahead(self):
+        """While our round's average is in flight: train for the next round, if we are in this
+        round's group and not pausing or finishing; else wait for the exchange. Bounded: at most
+        half the tokens we brought this round (the next one must leave room for the others), and
+        no lease beyond the coordinator's cap (_lease_room)."""
+        ex = self.exchange
+        s = self.shared
+        with s.lock:
+            full = s.ahead_tokens >= ex.group.weight / 2 or (s.shard is None and s.next_shard is None
+                                                              and not self._lease_room(0))
+        if ex.sent is None or full or self.pause.reason():
+            self.shared.set("averaging", f"averaging round {ex.round} with the swarm")
+            ex.done.wait(0.05)
+        elif self.shared.shard is None:
+            self._lease(wait=ex.done.wait)
         else:
+            self._train_step()
+
+    def _end_round(self):
+        """Our round's exchange is over: keep or drop what it brought, and what we trained ahead."""
+        s = self.shared
+        ex, self.exchange = self.exchange, None
+        with s.lock:
+            s.ahead = False
+        outcome, result, agrees = ex.get()
+        if result is None:
+            return  # stopping: the teardown gives the leases back
+        r = ex.round
+        if not outcome.ok:
+            log.warning("round %d: %s", r, outcome.error)
+        keep = (outcome.ok and result.state == "done" and result.included and agrees
+                and not self.pause.finishing.is_set())
+        if not result.included:
             self._give_back(f"round {r} did not include our contribution ({result.detail or result.state})")
-        s.next_round(r + 1, contributed=group.weight if result.included else 0)
-        self.utilization.synced()
+        elif not keep and ex.ahead_seconds:
+            self._give_back(f"the steps trained ahead during round {r}'s averaging are dropped")
+        with s.lock:
+            ahead = s.ahead_tokens if keep else 0
+        s.next_round(r + 1, contributed=ex.group.weight if result.included else 0, keep_ahead=keep)
+        self.utilization.synced(ahead_seconds=ex.ahead_seconds if keep else 0.0)
         if self.pause.finishing.is_set():
             return
-        agrees = theta_hash(self.theta) == result.theta_hash
+        if keep and s.shard is None and s.next_shard is None and self.prefetch is None and not self.pause.reason():
+            self.prefetch = Task(lambda: self._request_shard(ahead=True), "prefetch")  # while we load theta
         if outcome.ok and result.state == "done" and agrees:
-            self._load_theta_into_model()
-            log.info("round %d done: theta %s... agrees with the coordinator (%d bytes sent)", r,
-                     result.theta_hash[:12], outcome.bytes_sent)
+            self._load_theta_into_model(carry_from=ex.sent if keep and ex.ahead_seconds else None)
+            log.info("round %d done: theta %s... agrees with the coordinator (%d bytes sent; %d tokens trained "
+                     "meanwhile carry over)", r, result.theta_hash[:12], outcome.bytes_sent, ahead)
             self.heartbeats.beat()  # learn that the next round is open now, not at the next heartbeat
         elif result.state != "done" and agrees:
             self._load_theta_into_model()  # nothing moved anywhere: carry on from the same theta
@@ -366,12 +533,13 @@ class Worker:
         self._sync_from_checkpoint()
 
     def _give_back(self, why):
+        self._settle_prefetch()
         ids = self.shared.lease_ids()
         if ids:
             self.client.call("ReleaseLeases", pb.ReleaseRequest(lease_ids=ids))
             log.info("%s: returned %d lease(s)", why, len(ids))
         with self.shared.lock:
-            self.shared.completed, self.shared.shard = [], None
+            self.shared.completed, self.shared.shard, self.shared.next_shard = [], None, None
 
     # --- theta ---
 
@@ -387,16 +555,20 @@ class Worker:
                 log.warning("%s; downloading again", download.why(e))
                 self._sleep(min(2 ** attempt, 30))
         self.tokens_trained = int(meta.get("tokens_trained", 0))
-        with self.shared.lock:
-            self.shared.round, self.shared.round_tokens, self.shared.round_leases = round_, 0, {}
+        self.shared.next_round(round_, keep_ahead=False)
         self._load_theta_into_model()
         log.info("synchronized to round %d (theta %s...)", round_, digest[:12])
 
-    def _load_theta_into_model(self):
+    def _load_theta_into_model(self, carry_from=None):
+        """theta_local = theta_global; or, with carry_from (theta_local when we sent our pseudo-
+        gradient), theta_local += theta_global - carry_from: the steps trained since are kept."""
         with torch.no_grad():
             params = self.model.state_dict()
             for k, v in self.theta.items():
-                params[k].copy_(v)
+                if carry_from is None:
+                    params[k].copy_(v)
+                else:
+                    params[k].add_((v - carry_from[k]).to(params[k].device, params[k].dtype))
         view = self.shared.view
         tokens = view.tokens_trained if view is not None else self.tokens_trained
         self.trainer.step = tokens // self.batch_tokens  # the LR schedule follows the swarm's progress

@@ -32,11 +32,15 @@ class SharedState:
         self.tokens_per_second = 0.0  # moving average over training steps
         self.losses = []  # the last training losses
         self.shard = None  # the LeasedShard in training
+        self.next_shard = None  # the one leased ahead, while the last steps of that one ran
         self.completed = []  # (lease_id, tokens, loss) trained in this round, reported after its average
         self.unannounced = []  # ids of completed leases the coordinator has not been told of yet
         self.view = None  # the coordinator's last HeartbeatResponse
         self.heard_at = 0.0  # when it came (time.monotonic())
         self.lost = set()  # lease ids the coordinator no longer holds for us
+        # training ahead: while our round's average is in flight we train for the next round
+        self.ahead = False
+        self.ahead_tokens, self.ahead_leases, self.ahead_completed = 0, {}, []
 
     def set(self, state, reason=""):
         with self.lock:
@@ -48,22 +52,37 @@ class SharedState:
 
     def lease_ids(self):
         with self.lock:
-            ids = [c[0] for c in self.completed]
-            if self.shard is not None:
-                ids.append(self.shard.lease_id)
+            ids = [c[0] for c in self.completed + self.ahead_completed]
+            ids += [sh.lease_id for sh in (self.shard, self.next_shard) if sh is not None]
             return ids
 
     def trained(self, lease_id, tokens, batch_tokens, loss, seconds):
         """One training step on lease_id of batch_tokens in `seconds`, of which `tokens` count."""
         with self.lock:
-            self.round_tokens += tokens
-            self.round_leases[lease_id] = self.round_leases.get(lease_id, 0) + tokens
+            if self.ahead:
+                self.ahead_tokens += tokens
+                self.ahead_leases[lease_id] = self.ahead_leases.get(lease_id, 0) + tokens
+            else:
+                self.round_tokens += tokens
+                self.round_leases[lease_id] = self.round_leases.get(lease_id, 0) + tokens
             self.losses = (self.losses + [loss])[-50:]
             tps = batch_tokens / seconds
             self.tokens_per_second = 0.9 * self.tokens_per_second + 0.1 * tps if self.tokens_per_second else tps
 
+    def finished_shard(self, lease_id, tokens, loss):
+        """The shard in training is done: reported after its round's average (the next round's, if
+        it was finished while training ahead)."""
+        with self.lock:
+            if self.ahead:
+                self.ahead_completed.append((lease_id, tokens, loss))
+            else:
+                self.completed.append((lease_id, tokens, loss))
+                self.unannounced.append(lease_id)
+            self.shard = None
+
     def lease_tokens(self):
-        """The round's claims, as the coordinator takes them: [LeaseTokens]."""
+        """The round's claims, as the coordinator takes them: [LeaseTokens] (not what was trained
+        ahead for the next round: that is claimed once the next round is open)."""
         with self.lock:
             return [pb.LeaseTokens(lease_id=k, tokens=v) for k, v in self.round_leases.items()]
 
@@ -77,9 +96,15 @@ class SharedState:
             self.view, self.heard_at = view, time.monotonic()
             self.lost.update(view.expired_lease_ids)
 
-    def next_round(self, round_, contributed=0):
-        """This round is over for us: the next one starts with nothing trained in it."""
+    def next_round(self, round_, contributed=0, keep_ahead=True):
+        """This round is over for us: the next one starts with what we trained ahead for it (or
+        nothing: keep_ahead False drops it)."""
         with self.lock:
-            self.round, self.round_tokens, self.round_leases = round_, 0, {}
             self.tokens_contributed += contributed
-            self.completed, self.unannounced = [], []
+            if keep_ahead:
+                self.round_tokens, self.round_leases, self.completed = (self.ahead_tokens, self.ahead_leases,
+                                                                        self.ahead_completed)
+            else:
+                self.round_tokens, self.round_leases, self.completed = 0, {}, []
+            self.round, self.unannounced = round_, [c[0] for c in self.completed]
+            self.ahead, self.ahead_tokens, self.ahead_leases, self.ahead_completed = False, 0, {}, []

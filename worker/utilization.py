@@ -28,10 +28,11 @@ class Utilization:
                      extra={"fields": {"event": "first_step", "seconds_since_start": round(since, 2)}})
         self.compute_seconds += seconds
 
-    def synced(self):
-        """A round just ended for this worker."""
+    def synced(self, ahead_seconds=0.0):
+        """A round just ended for this worker; ahead_seconds of its steps were trained for the next
+        round while this one averaged (they count when the next round ends)."""
         self.last_sync_at = self.clock()
-        self.compute_at_sync = self.compute_seconds
+        self.compute_at_sync = self.compute_seconds - ahead_seconds
 
     def share(self):
         """(compute seconds, wall seconds, their ratio) from the first step to the last round, or None."""

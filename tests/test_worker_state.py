@@ -1,0 +1,38 @@
+"""What the worker trains while its round averages belongs to the next round, or to nobody."""
+
+from gptswarm.worker.state import LeasedShard, SharedState
+
+
+def shard(lease_id):
+    return LeasedShard(lease_id, tokens=100, batches=None, steps_needed=1)
+
+
+def trained_ahead():
+    s = SharedState()
+    s.round, s.shard = 3, shard("l-a")
+    s.trained("l-a", 60, 64, 2.0, 0.1)  # round 3's
+    s.ahead = True  # round 3 averages: what follows is round 4's
+    s.trained("l-a", 40, 64, 2.0, 0.1)
+    s.finished_shard("l-a", 100, 2.0)
+    s.next_shard = shard("l-b")
+    return s
+
+
+def test_steps_trained_ahead_are_claimed_in_the_next_round():
+    s = trained_ahead()
+    assert [(t.lease_id, t.tokens) for t in s.lease_tokens()] == [("l-a", 60)]  # round 3's claims only
+    assert s.completed == [] and s.unannounced == []  # finished ahead: not said before round 4 opens
+    assert sorted(s.lease_ids()) == ["l-a", "l-b"]  # but its lease, and the next one, stay extended
+    s.next_round(4)
+    assert (s.round, s.round_tokens) == (4, 40)
+    assert [(t.lease_id, t.tokens) for t in s.lease_tokens()] == [("l-a", 40)]
+    assert s.unannounced == ["l-a"] and [c[0] for c in s.completed] == ["l-a"]
+    s.trained("l-b", 10, 64, 2.0, 0.1)
+    assert s.round_tokens == 50 and not s.ahead
+
+
+def test_steps_trained_ahead_are_dropped_when_the_round_did_not_include_us():
+    s = trained_ahead()
+    s.next_round(4, keep_ahead=False)
+    assert (s.round_tokens, s.lease_tokens(), s.completed, s.unannounced) == (0, [], [], [])
+    assert not s.ahead_leases and not s.ahead_completed
