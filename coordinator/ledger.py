@@ -382,6 +382,10 @@ class Ledger:
         after this time."""
         return self.clock() - (ONLINE_HEARTBEATS * self.heartbeat_interval + ONLINE_SLACK)
 
+    def online_count(self):
+        return self.query("SELECT COUNT(*) AS n FROM workers WHERE left_at IS NULL AND last_seen > ?",
+                          (self.online_after(),))[0]["n"]
+
     def swarm_tokens_per_second(self):
         """Sum of the online, training workers' throughput."""
         return self.query("SELECT COALESCE(SUM(tokens_per_second), 0) AS n FROM workers WHERE left_at IS NULL "

@@ -205,7 +205,8 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                                     tokens_trained=r["tokens_trained"], finished=r["finished"],
                                     swarm_round_tokens=tokens,
                                     swarm_tokens_per_second=c.ledger.swarm_tokens_per_second(),
-                                    tokens_per_round=c.settings.round_target(r["tokens_trained"]))
+                                    tokens_per_round=c.settings.round_target(r["tokens_trained"]),
+                                    fast_beat_seconds=c.fast_beat_seconds())
 
     def _stream(self, context, worker, chunks):
         """chunks, sent while this download holds one of the server's few stream slots."""

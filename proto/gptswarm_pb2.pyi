@@ -157,7 +157,7 @@ class HeartbeatRequest(_message.Message):
     def __init__(self, round: _Optional[int] = ..., tokens_per_second: _Optional[float] = ..., state: _Optional[str] = ..., reason: _Optional[str] = ..., lease_ids: _Optional[_Iterable[str]] = ..., bytes_sent: _Optional[int] = ..., loss: _Optional[float] = ..., lease_tokens: _Optional[_Iterable[_Union[LeaseTokens, _Mapping]]] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
-    __slots__ = ("round", "phase", "theta_hash", "may_train", "lease_deadline", "expired_lease_ids", "tokens_trained", "finished", "swarm_round_tokens", "swarm_tokens_per_second", "tokens_per_round")
+    __slots__ = ("round", "phase", "theta_hash", "may_train", "lease_deadline", "expired_lease_ids", "tokens_trained", "finished", "swarm_round_tokens", "swarm_tokens_per_second", "tokens_per_round", "fast_beat_seconds")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     PHASE_FIELD_NUMBER: _ClassVar[int]
     THETA_HASH_FIELD_NUMBER: _ClassVar[int]
@@ -169,6 +169,7 @@ class HeartbeatResponse(_message.Message):
     SWARM_ROUND_TOKENS_FIELD_NUMBER: _ClassVar[int]
     SWARM_TOKENS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
     TOKENS_PER_ROUND_FIELD_NUMBER: _ClassVar[int]
+    FAST_BEAT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     round: int
     phase: str
     theta_hash: str
@@ -180,7 +181,8 @@ class HeartbeatResponse(_message.Message):
     swarm_round_tokens: int
     swarm_tokens_per_second: float
     tokens_per_round: int
-    def __init__(self, round: _Optional[int] = ..., phase: _Optional[str] = ..., theta_hash: _Optional[str] = ..., may_train: _Optional[bool] = ..., lease_deadline: _Optional[float] = ..., expired_lease_ids: _Optional[_Iterable[str]] = ..., tokens_trained: _Optional[int] = ..., finished: _Optional[bool] = ..., swarm_round_tokens: _Optional[int] = ..., swarm_tokens_per_second: _Optional[float] = ..., tokens_per_round: _Optional[int] = ...) -> None: ...
+    fast_beat_seconds: float
+    def __init__(self, round: _Optional[int] = ..., phase: _Optional[str] = ..., theta_hash: _Optional[str] = ..., may_train: _Optional[bool] = ..., lease_deadline: _Optional[float] = ..., expired_lease_ids: _Optional[_Iterable[str]] = ..., tokens_trained: _Optional[int] = ..., finished: _Optional[bool] = ..., swarm_round_tokens: _Optional[int] = ..., swarm_tokens_per_second: _Optional[float] = ..., tokens_per_round: _Optional[int] = ..., fast_beat_seconds: _Optional[float] = ...) -> None: ...
 
 class ShardRequest(_message.Message):
     __slots__ = ("lease_id",)

@@ -61,3 +61,31 @@ def test_bench_quick_writes_every_figure(tmp_path, shakespeare_path):
     for png in ("loss.png", "comm.png", "frontier.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not (tmp_path / "tmp").exists()  # the work folder is cleaned up after a good run
+
+
+@pytest.mark.timeout(600)
+def test_scale_bench_measures_each_size(tmp_path, shakespeare_path):
+    """`python -m bench.scale` with small sizes: a real coordinator and simulated workers in two
+    processes; every figure of every size, the projection, and nothing left running."""
+    before = set(psutil.pids())
+    r = subprocess.run([sys.executable, "-m", "bench.scale", "--workers", "2,3", "--per-process", "2", "--rounds", "2",
+                        "--steps-per-round", "20", "--text", str(shakespeare_path), "--results", str(tmp_path),
+                        "--workdir", str(tmp_path / "work")], cwd=REPO, capture_output=True, text=True, timeout=580)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert bench_processes(before, tmp_path) == []
+    res = json.loads((tmp_path / "scale.json").read_text())
+    assert [s["workers"] for s in res["sizes"]] == [2, 3]
+    for s in res["sizes"]:
+        assert s["rounds_measured"] == 2 and s["every_round_included_every_worker"], s
+        assert set(s["parts_seconds"]) == {"group", "matchmaking", "all_reduce", "outer_step", "checkpoint", "commit"}
+        assert all(v >= 0 for v in s["parts_seconds"].values())
+        assert s["heartbeat_ms"]["calls"] > 0 and s["lease_ms"]["calls"] > 0 and s["heartbeat_ms"]["p99"] > 0
+        assert s["bytes_in_per_round"] > 0 and s["bytes_out_per_round"] > 0 and s["coordinator_rss_mb"] > 0
+    # three workers send half as much again as two, to the coordinator and back
+    assert res["sizes"][1]["bytes_out_per_round"] == pytest.approx(1.5 * res["sizes"][0]["bytes_out_per_round"], rel=0.1)
+    rows = res["projection"]["rows"]
+    assert {(row["model"].split()[0], row["link_gbit"]) for row in rows} == {("gpt2", 1), ("gpt2", 10),
+                                                                            ("gpt-mini", 1), ("gpt-mini", 10)}
+    for row in rows:
+        assert row["max_workers_with_overlap"] >= row["max_workers_without_overlap"] >= 0
+    assert (tmp_path / "scale.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -4,7 +4,7 @@ the shared state; every 10 s it logs the progress line. An unreachable coordinat
 per outage, and training goes on.
 
 When the swarm's pace says the round is about to reach its tokens, it beats every FAST_BEAT
-seconds instead: its tokens reach the coordinator's count when they end the round, and it learns
+seconds instead (or as often as the coordinator allows for the swarm's size): its tokens reach the coordinator's count when they end the round, and it learns
 that the round is averaging within FAST_BEAT of it, not a heartbeat interval later."""
 
 import logging
@@ -53,8 +53,9 @@ class Heartbeats:
             v, at, state = s.view, s.heard_at, s.state
         if v is None or state != "training" or v.phase != "training" or v.swarm_tokens_per_second <= 0:
             return self.interval
+        fast = max(FAST_BEAT, v.fast_beat_seconds)  # the coordinator paces them by the swarm's size
         left = (v.tokens_per_round - v.swarm_round_tokens) / v.swarm_tokens_per_second - (time.monotonic() - at)
-        return min(self.interval, max(FAST_BEAT, left + FAST_BEAT))
+        return min(self.interval, max(fast, left + fast))
 
     def beat(self):
         """One heartbeat now (also called by the round loop to learn of a new round at once)."""

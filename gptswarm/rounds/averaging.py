@@ -33,6 +33,7 @@ class Group:
     round: int
     members: dict  # peer id (base58) -> (worker_id, weight)
     group_id: bytes = field(default_factory=lambda: secrets.token_bytes(GROUP_ID_BYTES))
+    asked: dict = field(default_factory=dict)  # peer id -> when its member first asked for its place (time.time())
 
 
 @dataclass

@@ -1,0 +1,365 @@
+"""python -m bench.scale: how many volunteers one coordinator serves, measured.
+
+One real coordinator (its gRPC server, SQLite ledger and hivemind peer, the only reducer of every
+round) and N simulated workers: gptswarm's own Worker (join, heartbeats, leases and shard
+downloads, the averaging over hivemind with the run's compression, the outer step, the hash check)
+whose training step is a sleep of --step-seconds; up to --per-process of them share a process, each
+with its own hivemind peer (and p2pd). Their pseudo-gradients are zeros of the model's size: the
+codecs send the same bytes for any values. For each N, over the rounds in which all N workers
+were members:
+
+- the round time, and the parts of its end as the coordinator logs them: forming the group from the
+  ledger, its members asking for their places (matchmaking), the all-reduce, the outer step, the
+  checkpoint and the ledger's commit (the evaluation runs beside the rounds, on a thread);
+- heartbeat and lease latency (50th and 99th percentile), as the workers see them;
+- the coordinator's CPU share (its process and its p2pd) and memory, and the status API's latency;
+- bytes into and out of the coordinator per round.
+
+Writes bench/results/scale.json and scale.png; bench/README.md has the figures and the projection.
+
+  python -m bench.scale                          # N = 2, 8, 32, 64
+  python -m bench.scale --workers 2,8 --rounds 3
+"""
+
+import argparse
+import json
+import math
+import os
+import re
+import signal
+import sqlite3
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections import defaultdict
+from pathlib import Path
+
+from bench.procs import Children
+from bench.swarm import EXE, json_records
+
+HERE = Path(__file__).resolve().parent
+MODEL = ["--model", "gpt-micro", "--block-size", "64"]
+BATCH = 12  # sequences per step: 768 tokens
+JOIN = re.compile(r"--join (\S+) (--tls-fingerprint \S+|--plaintext)")
+
+
+# --- the simulated workers (one process runs several) ---
+
+def simulate(args):
+    """Run args.simulate workers in this process until SIGTERM; then write their RPC latencies."""
+    import torch
+
+    from gptswarm.logs import setup_logging
+    from gptswarm.worker import throughput
+    from gptswarm.worker.config import WorkerConfig
+    from gptswarm.worker.loop import Worker
+
+    setup_logging(json_logs=True)
+    torch.set_num_threads(1)
+    step = args.step_seconds
+    throughput.measure = lambda model_config, train, device, state_dir: (
+        train.batch_size * model_config.block_size / step, train.batch_size)
+    latencies = defaultdict(list)
+
+    class SimulatedWorker(Worker):
+        """A Worker whose training step is a sleep (its model does not move)."""
+
+        def __init__(self, config):
+            super().__init__(config)
+            call = self.client.call
+
+            def timed(method, request, **kw):
+                t0 = time.perf_counter()
+                try:
+                    return call(method, request, **kw)
+                finally:
+                    latencies[method].append(time.perf_counter() - t0)
+
+            self.client.call = timed
+
+        def _bootstrap(self):
+            super()._bootstrap()
+            loss = torch.tensor(2.0)
+            self.trainer.train_step = lambda x, y: time.sleep(step) or loss
+
+    workers = [SimulatedWorker(WorkerConfig(join=args.join, token="bench", tls_fingerprint=args.pin,
+                                            plaintext=not args.pin, device="cpu", name=f"{args.prefix}{i}",
+                                            state_dir=Path(args.state_root) / f"{args.prefix}{i}"))
+               for i in range(args.simulate)]
+    threads = [threading.Thread(target=w.run, name=w.name, daemon=True) for w in workers]
+    signal.signal(signal.SIGTERM, lambda *_: [w.request_stop() for w in workers])
+    for t in threads:
+        t.start()
+        time.sleep(0.2)  # joins spread a little, as volunteers' do
+    for t in threads:
+        t.join()
+    Path(args.out).write_text(json.dumps(latencies))
+
+
+# --- one measurement ---
+
+def percentile(values, q):
+    if not values:
+        return None
+    values = sorted(values)
+    return values[min(len(values) - 1, math.ceil(q * len(values)) - 1)]
+
+
+def process_tree(pid):
+    import psutil
+
+    try:
+        p = psutil.Process(pid)
+        return [p, *p.children(recursive=True)]
+    except psutil.Error:
+        return []
+
+
+def usage(pid):
+    """(CPU seconds, resident bytes) of a process and its children (the coordinator's p2pd)."""
+    import psutil
+
+    cpu = rss = 0.0
+    for p in process_tree(pid):
+        try:
+            t = p.cpu_times()
+            cpu += t.user + t.system
+            rss += p.memory_info().rss
+        except psutil.Error:
+            pass
+    return cpu, rss
+
+
+def measure(n, text, workdir, *, rounds, step_seconds, steps_per_round, per_process, compression, timeout):
+    """Start a coordinator and n simulated workers, wait for `rounds` rounds with all n members,
+    stop everything; the figures (a dict)."""
+    sd = workdir / "coordinator"
+    sd.mkdir(parents=True, exist_ok=True)
+    tokens_per_round = n * steps_per_round * BATCH * 64
+    # enough data for every round of the run within one epoch (an epoch's end makes a short round:
+    # its last shards wait for their credit, and the workers without a shard wait with them)
+    source = Path(text).read_text()
+    copies = math.ceil(2 * (rounds + 4) * tokens_per_round / (0.9 * len(source)))
+    text = workdir / "text.txt"
+    text.write_text(source * max(1, copies))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GPTSWARM_TOKEN": "bench"}
+    with Children() as children:
+        coord = children.start([*EXE, *map(str, [
+            "coordinator", "--text", text, *MODEL, "--state-dir", sd, "--listen", "127.0.0.1:0", "--p2p-listen",
+            "127.0.0.1:0", "--http", "127.0.0.1:0", "--batch-size", BATCH, "--tokens-per-round", tokens_per_round,
+            "--max-tokens", 10**12, "--compression", compression, "--shard-tokens", 4096, "--join-burst", 10_000,
+            "--joins-per-minute", 600_000, "--json-logs"])], stderr=subprocess.PIPE, text=True, env=env)
+        log = open(workdir / "coordinator.log", "w")
+        join = secure = http = None
+        for line in coord.stderr:
+            log.write(line)
+            if m := re.search(r"status page: (http://\S+?)/?$", line.strip()):
+                http = m.group(1)
+            if m := JOIN.search(line):
+                join, secure = m.group(1), m.group(2).split()
+                break
+        threading.Thread(target=lambda: [(log.write(line), log.flush()) for line in coord.stderr], daemon=True).start()
+        if join is None:
+            raise RuntimeError(f"the coordinator did not start; see {workdir / 'coordinator.log'}")
+        pin = secure[1] if secure[0] == "--tls-fingerprint" else ""
+        sims = []
+        for i in range(math.ceil(n / per_process)):
+            k = min(per_process, n - i * per_process)
+            out = open(workdir / f"sim{i}.log", "w")
+            sims.append(children.start([sys.executable, "-m", "bench.scale", "--simulate", str(k), "--join", join,
+                                        "--pin", pin, "--prefix", f"p{i}w", "--state-root", str(workdir / "workers"),
+                                        "--step-seconds", str(step_seconds), "--out", str(workdir / f"sim{i}.json")],
+                                       stdout=out, stderr=out, cwd=HERE.parent, env=env))
+        t0 = time.time()
+        full = []  # rounds since the first with all n members
+        window = None  # (time, coordinator CPU seconds, memory, workers' CPU seconds, round) at the first
+        status_ms = []
+        while len(full) < rounds + 1 and time.time() - t0 < timeout:
+            time.sleep(1)
+            records = [r for r in json_records(workdir / "coordinator.log") if r.get("event") == "round"]
+            first = next((i for i, r in enumerate(records) if r["members"] >= n), None)
+            full = records[first:] if first is not None else []
+            if full and window is None:
+                window = (time.time(), *usage(coord.pid), sum(usage(p.pid)[0] for p in sims), full[0]["round"])
+            if http and full:
+                t = time.perf_counter()
+                try:
+                    urllib.request.urlopen(f"{http}/api/v1/status", timeout=10).read()
+                    status_ms.append(1000 * (time.perf_counter() - t))
+                except OSError:
+                    pass
+        end = (time.time(), *usage(coord.pid), sum(usage(p.pid)[0] for p in sims),
+               records[-1]["round"] if records else 0)
+        for s in sims:
+            children.stop(s, grace=30)
+        children.stop(coord)
+    records = [r for r in json_records(workdir / "coordinator.log") if r.get("event") == "round"]
+    first = next((i for i, r in enumerate(records) if r["members"] >= n), None)
+    if first is None or window is None:
+        raise RuntimeError(f"N={n}: no round with all {n} workers in {timeout} s; see {workdir}")
+    full = records[first + 1:first + 1 + rounds]  # the first may have begun before all joined
+    rounds_of = {r["round"] for r in full}
+    db = sqlite3.connect(sd / "ledger.sqlite")
+    rows = {r: (t, b) for r, t, b in db.execute("SELECT round, ended_at - started_at, bytes_sent FROM rounds "
+                                                 "WHERE state = 'done'")}
+    incomplete = db.execute("SELECT COUNT(*) FROM rounds WHERE state IN ('failed', 'rejected') AND round "
+                            "BETWEEN ? AND ?", (min(rounds_of), max(rounds_of))).fetchone()[0]  # not the stop's
+    worker_bytes = db.execute("SELECT COALESCE(SUM(bytes_sent), 0) FROM workers").fetchone()[0]
+    contributions = db.execute("SELECT COALESCE(SUM(contributors), 0) FROM rounds WHERE state = 'done'").fetchone()[0]
+    db.close()
+    latencies = defaultdict(list)
+    for f in workdir.glob("sim*.json"):
+        for method, values in json.loads(f.read_text()).items():
+            latencies[method] += values
+    parts = {k: statistics.median(r["seconds"][k] for r in full) for k in full[0]["seconds"]}
+    evaluations = [r["seconds"] for r in json_records(workdir / "coordinator.log") if r.get("event") == "evaluation"]
+    wall = end[0] - window[0]
+    return {
+        "workers": n, "rounds_measured": len(full), "tokens_per_round": tokens_per_round,
+        "every_round_included_every_worker": all(r["included"] == r["members"] == n for r in full),
+        "rounds_failed_or_rejected": incomplete,
+        "round_seconds": statistics.median(rows[r][0] for r in rounds_of),
+        "training_seconds": steps_per_round * step_seconds,
+        "round_end_seconds": sum(parts.values()),
+        "parts_seconds": parts,
+        "evaluation_seconds": statistics.median(evaluations) if evaluations else None,
+        "heartbeat_ms": {"p50": 1000 * percentile(latencies["Heartbeat"], 0.5),
+                         "p99": 1000 * percentile(latencies["Heartbeat"], 0.99), "calls": len(latencies["Heartbeat"])},
+        "lease_ms": {"p50": 1000 * percentile(latencies["LeaseShard"], 0.5),
+                     "p99": 1000 * percentile(latencies["LeaseShard"], 0.99), "calls": len(latencies["LeaseShard"])},
+        "status_api_ms": statistics.median(status_ms) if status_ms else None,
+        # CPU seconds (of the process and its p2pd) per second, and per round, from the first full round on
+        "coordinator_cpu_share": round((end[1] - window[1]) / wall, 3),
+        "coordinator_cpu_seconds_per_round": round((end[1] - window[1]) / max(1, end[4] - window[4]), 3),
+        "workers_cpu_share": round((end[3] - window[3]) / wall, 3),
+        "coordinator_rss_mb": round(end[2] / 2**20, 1),
+        "bytes_out_per_round": statistics.median(rows[r][1] for r in rounds_of),
+        "bytes_in_per_round": round(n * worker_bytes / max(1, contributions)),  # n contributions
+    }
+
+
+def n_params(preset, vocab, block):
+    from gptswarm.mingpt_core.model import GPT, GPTConfig
+
+    return GPT(GPTConfig.from_preset(preset, vocab, block)).num_params(non_embedding=False)
+
+
+def project(results, measured_params, round_minutes=10.0):
+    """The largest swarm one coordinator serves, from the per-worker costs measured between the two
+    largest N: its link (bytes per value in, and out at the same time) and its CPU (the coordinator's
+    CPU seconds per round, per added worker, per value: decoding, the robust rule, encoding, p2pd,
+    heartbeats and leases), plus the fixed part of a round's end (what is not the all-reduce, at
+    the largest N). Averaging must stay under 5% of a round of round_minutes without the overlap;
+    with it, under half of the round (workers train ahead for at most half of a round's share)."""
+    small, big = results[-2] if len(results) > 1 else {"workers": 0, "coordinator_cpu_seconds_per_round": 0}, results[-1]
+    n = big["workers"]
+    per_value_bytes = big["bytes_in_per_round"] / (n * measured_params)
+    per_value_cpu = ((big["coordinator_cpu_seconds_per_round"] - small["coordinator_cpu_seconds_per_round"])
+                     / (n - small["workers"]) / measured_params)
+    per_value_cpu = max(per_value_cpu, 1e-12)
+    fixed = big["round_end_seconds"] - big["parts_seconds"]["all_reduce"]
+    rows = []
+    for model, params in (("gpt2 (124M)", n_params("gpt2", 50257, 1024)),
+                          ("gpt-mini (char-level)", n_params("gpt-mini", 65, 256))):
+        for gbit in (1, 10):
+            link = per_value_bytes * params / (gbit * 1e9 / 8)  # seconds per worker per round
+            cpu = per_value_cpu * params
+            per_worker = max(link, cpu)
+            row = {"model": model, "parameters": params, "link_gbit": gbit, "link_seconds_per_worker": round(link, 4),
+                   "cpu_seconds_per_worker": round(cpu, 4), "first_bottleneck": "link" if link >= cpu else "CPU",
+                   "round_minutes": round_minutes}
+            for label, share in (("without_overlap", 0.05), ("with_overlap", 0.5)):
+                budget = share * round_minutes * 60 - fixed
+                row[f"max_workers_{label}"] = max(0, int(budget / per_worker))
+            rows.append(row)
+    return {"per_value_bytes_in": round(per_value_bytes, 4), "per_value_cpu_ns": round(1e9 * per_value_cpu, 2),
+            "fixed_seconds": round(fixed, 3), "measured_between_workers": [small["workers"], n], "rows": rows}
+
+
+def plot(results, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ns = [r["workers"] for r in results]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    bottom = [0.0] * len(ns)
+    for part in results[0]["parts_seconds"]:
+        v = [r["parts_seconds"][part] for r in results]
+        a.bar([str(n) for n in ns], v, bottom=bottom, label=part)
+        bottom = [x + y for x, y in zip(bottom, v)]
+    a.set_xlabel("simulated workers")
+    a.set_ylabel("seconds per round")
+    a.set_title("the end of a round, by part (median)")
+    a.legend(fontsize=8)
+    b.plot(ns, [r["heartbeat_ms"]["p99"] for r in results], "o-", label="heartbeat p99 (ms)")
+    b.plot(ns, [r["lease_ms"]["p99"] for r in results], "s-", label="lease p99 (ms)")
+    b.plot(ns, [100 * r["coordinator_cpu_share"] for r in results], "^-", label="coordinator CPU (% of a core)")
+    b.set_xscale("log", base=2)
+    b.set_xlabel("simulated workers")
+    b.legend(fontsize=8)
+    b.set_title("the coordinator under load")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main():
+    p = argparse.ArgumentParser(prog="python -m bench.scale", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workers", default="2,8,32,64", help="the swarm sizes to measure, comma-separated")
+    p.add_argument("--rounds", type=int, default=5, help="rounds with every worker in them, per size")
+    p.add_argument("--step-seconds", type=float, default=0.05, help="a simulated training step (768 tokens)")
+    p.add_argument("--steps-per-round", type=int, default=40, help="steps each worker trains per round")
+    p.add_argument("--per-process", type=int, default=16, help="simulated workers per process")
+    p.add_argument("--compression", default="8bit", help="the run's pseudo-gradient codec")
+    p.add_argument("--timeout", type=float, default=600, help="seconds per size, at most")
+    p.add_argument("--text", default=str(HERE.parent.parent / "shared" / "data" / "tinyshakespeare.txt"),
+                   help="the training text (its shards are what the workers lease)")
+    p.add_argument("--results", default=str(HERE / "results"), help="where scale.json and scale.png go")
+    p.add_argument("--workdir", default="runs/bench-scale", help="state directories and logs")
+    # a process of simulated workers (started by the measurement)
+    p.add_argument("--simulate", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--join", help=argparse.SUPPRESS)
+    p.add_argument("--pin", default="", help=argparse.SUPPRESS)
+    p.add_argument("--prefix", default="w", help=argparse.SUPPRESS)
+    p.add_argument("--state-root", help=argparse.SUPPRESS)
+    p.add_argument("--out", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.simulate:
+        return simulate(args)
+    if not Path(args.text).is_file():
+        sys.exit(f"Error: no such text file: {args.text} (pass --text)")
+    try:
+        sizes = [int(n) for n in args.workers.split(",")]
+    except ValueError:
+        sys.exit(f"Error: --workers wants numbers separated by commas, not {args.workers!r}")
+    import shutil
+
+    results = []
+    for n in sizes:
+        workdir = Path(args.workdir).resolve() / f"n{n}"
+        shutil.rmtree(workdir, ignore_errors=True)
+        workdir.mkdir(parents=True)
+        print(f"[scale] {n} simulated workers ...", flush=True)
+        r = measure(n, str(Path(args.text).resolve()), workdir, rounds=args.rounds, step_seconds=args.step_seconds,
+                    steps_per_round=args.steps_per_round, per_process=args.per_process,
+                    compression=args.compression, timeout=args.timeout)
+        print(json.dumps(r), flush=True)
+        results.append(r)
+    out = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": f"{os.cpu_count()} cores",
+           "model": "gpt-micro (0.81M parameters)", "compression": args.compression,
+           "step_seconds": args.step_seconds, "steps_per_round": args.steps_per_round, "sizes": results,
+           "projection": project(results, n_params("gpt-micro", 65, 64))}
+    res = Path(args.results)
+    res.mkdir(parents=True, exist_ok=True)
+    (res / "scale.json").write_text(json.dumps(out, indent=1))
+    plot(results, res / "scale.png")
+    print(f"wrote {res / 'scale.json'} and {res / 'scale.png'}")
+
+
+if __name__ == "__main__":
+    main()
