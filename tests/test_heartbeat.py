@@ -40,3 +40,28 @@ def test_the_prediction_counts_the_time_since_the_coordinator_answered():
                                       swarm_tokens_per_second=1000))
     shared.heard_at = time.monotonic() - 0.95  # the answer is 0.95 s old: the round is due now
     assert Heartbeats(shared, client=None, interval=1.0, bytes_sent=lambda: 0).next_wait() < 0.2
+
+
+def test_a_large_swarm_beats_as_fast_as_the_coordinator_allows():
+    due = dict(phase="training", tokens_per_round=10_000, swarm_round_tokens=12_000, swarm_tokens_per_second=1000)
+    assert pace(pb.HeartbeatResponse(**due, fast_beat_seconds=0.64)) == 0.64  # 64 workers, 100 beats a second
+    assert pace(pb.HeartbeatResponse(**due, fast_beat_seconds=0.02)) == FAST_BEAT  # never below the worker's own
+    assert pace(pb.HeartbeatResponse(**due, fast_beat_seconds=5.0)) == 1.0  # never slower than the interval
+
+
+def test_the_coordinator_paces_fast_beats_by_the_swarm_size(tmp_path):
+    from gptswarm.coordinator.ledger import Ledger
+    from gptswarm.coordinator.server import FAST_BEAT_MIN, FAST_BEATS_PER_SECOND, Coordinator
+
+    class Swarm:  # the one method's state, on a real ledger
+        fast_beat_seconds = Coordinator.fast_beat_seconds
+        _online, _online_at = 0, float("-inf")
+        ledger = Ledger(tmp_path / "ledger.sqlite", lease_seconds=60, heartbeat_interval=1.0)
+
+    c = Swarm()
+    assert c.fast_beat_seconds() == FAST_BEAT_MIN
+    for i in range(2 * FAST_BEATS_PER_SECOND):
+        c.ledger.add_worker(name=f"w{i}", device="cpu", peer_id=f"p{i}", current_round=0, round_started=False)
+    assert c.fast_beat_seconds() == FAST_BEAT_MIN  # counted at most once a second
+    c._online_at = float("-inf")
+    assert c.fast_beat_seconds() == 2.0  # 200 workers online: each every 2 s, 100 beats a second in all
