@@ -373,7 +373,8 @@ class Coordinator:
         outcome = self.reducer.reduce(group, self.config.averaging_timeout)
         seconds = time.time() - t0
         # where the round's end went: forming the group, its members asking for their places, the all-reduce
-        asked = max(group.asked.values(), default=t0) if len(group.asked) == len(group.members) else t0 + seconds
+        asked = dict(group.asked)  # a copy: a late member's question may still come in
+        asked = max(asked.values(), default=t0) if len(asked) == len(group.members) else t0 + seconds
         parts = {"group": t0 - t_start, "matchmaking": min(asked - t0, seconds)}
         parts["all_reduce"] = seconds - parts["matchmaking"]
         for worker_id, lie in outcome.lies.items():

@@ -4,8 +4,9 @@ the shared state; every 10 s it logs the progress line. An unreachable coordinat
 per outage, and training goes on.
 
 When the swarm's pace says the round is about to reach its tokens, it beats every FAST_BEAT
-seconds instead (or as often as the coordinator allows for the swarm's size): its tokens reach the coordinator's count when they end the round, and it learns
-that the round is averaging within FAST_BEAT of it, not a heartbeat interval later."""
+seconds instead (or as often as the coordinator allows for the swarm's size): its tokens reach
+the coordinator's count when they end the round, and it learns that the round is averaging within
+FAST_BEAT of it, not a heartbeat interval later."""
 
 import logging
 import threading
