@@ -277,10 +277,9 @@ class Worker:
         self._settle_prefetch()
         with s.lock:
             shard, s.next_shard = s.next_shard, None
-        if shard is not None and shard.lease_id not in s.lost:
-            with s.lock:
+            if shard is not None and shard.lease_id not in s.lost:
                 s.shard = shard
-            return
+                return
         s.set("waiting", "asking for a shard")
         reason, retry_after = self._request_shard()
         if not reason:
@@ -325,14 +324,14 @@ class Worker:
         cannot say they are finished before that round opens). Under the shared state's lock."""
         return held + len(self.shared.ahead_completed) < (self.cfg.max_leases or 1)
 
-    def _prefetch(self, shard):
-        """Lease the next shard while the last step of this one runs (if the coordinator's cap
-        lets us hold it too)."""
+    def _prefetch(self):
+        """Lease our next shard on a thread, while we train or load theta (if the coordinator's
+        cap lets us hold it beside the shard in training)."""
         s = self.shared
-        if self.prefetch is not None or shard.steps_needed - shard.steps_done > 1 or self.pause.reason():
+        if self.prefetch is not None or self.pause.reason():
             return
         with s.lock:
-            room = s.next_shard is None and self._lease_room(1)
+            room = s.next_shard is None and self._lease_room(0 if s.shard is None else 1)
         if room:
             self.prefetch = Task(lambda: self._request_shard(ahead=True), "prefetch")
 
@@ -355,7 +354,8 @@ class Worker:
             with s.lock:
                 s.shard = None
             return
-        self._prefetch(shard)
+        if shard.steps_needed - shard.steps_done <= 1:
+            self._prefetch()  # the next shard arrives while the last step of this one runs
         x, y = shard.batches.next()
         t0 = time.perf_counter()
         try:
@@ -454,9 +454,9 @@ class Worker:
             full = s.ahead_tokens >= ex.group.weight / 2 or (s.shard is None and s.next_shard is None
                                                               and not self._lease_room(0))
         if ex.sent is None or full or self.pause.reason():
-            self.shared.set("averaging", f"averaging round {ex.round} with the swarm")
+            s.set("averaging", f"averaging round {ex.round} with the swarm")
             ex.done.wait(0.05)
-        elif self.shared.shard is None:
+        elif s.shard is None:
             self._lease(wait=ex.done.wait)
         else:
             self._train_step()
@@ -485,8 +485,8 @@ class Worker:
         self.utilization.synced(ahead_seconds=ex.ahead_seconds if keep else 0.0)
         if self.pause.finishing.is_set():
             return
-        if keep and s.shard is None and s.next_shard is None and self.prefetch is None and not self.pause.reason():
-            self.prefetch = Task(lambda: self._request_shard(ahead=True), "prefetch")  # while we load theta
+        if keep and s.shard is None:
+            self._prefetch()  # while we load theta
         if outcome.ok and result.state == "done" and agrees:
             self._load_theta_into_model(carry_from=ex.sent if keep and ex.ahead_seconds else None)
             log.info("round %d done: theta %s... agrees with the coordinator (%d bytes sent; %d tokens trained "
