@@ -38,7 +38,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from bench.procs import Children
-from bench.swarm import EXE, json_records
+from bench.swarm import EXE, json_records, usage
 
 HERE = Path(__file__).resolve().parent
 MODEL = ["--model", "gpt-micro", "--block-size", "64"]
@@ -108,31 +108,6 @@ def percentile(values, q):
     return values[min(len(values) - 1, math.ceil(q * len(values)) - 1)]
 
 
-def process_tree(pid):
-    import psutil
-
-    try:
-        p = psutil.Process(pid)
-        return [p, *p.children(recursive=True)]
-    except psutil.Error:
-        return []
-
-
-def usage(pid):
-    """(CPU seconds, resident bytes) of a process and its children (the coordinator's p2pd)."""
-    import psutil
-
-    cpu = rss = 0.0
-    for p in process_tree(pid):
-        try:
-            t = p.cpu_times()
-            cpu += t.user + t.system
-            rss += p.memory_info().rss
-        except psutil.Error:
-            pass
-    return cpu, rss
-
-
 def measure(n, text, workdir, *, rounds, step_seconds, steps_per_round, per_process, compression, timeout):
     """Start a coordinator and n simulated workers, wait for `rounds` rounds with all n members,
     stop everything; the figures (a dict)."""
@@ -143,12 +118,12 @@ def measure(n, text, workdir, *, rounds, step_seconds, steps_per_round, per_proc
     # its last shards wait for their credit, and the workers without a shard wait with them)
     source = Path(text).read_text()
     copies = math.ceil(2 * (rounds + 4) * tokens_per_round / (0.9 * len(source)))
-    text = workdir / "text.txt"
-    text.write_text(source * max(1, copies))
+    corpus = workdir / "text.txt"
+    corpus.write_text(source * max(1, copies))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GPTSWARM_TOKEN": "bench"}
     with Children() as children:
         coord = children.start([*EXE, *map(str, [
-            "coordinator", "--text", text, *MODEL, "--state-dir", sd, "--listen", "127.0.0.1:0", "--p2p-listen",
+            "coordinator", "--text", corpus, *MODEL, "--state-dir", sd, "--listen", "127.0.0.1:0", "--p2p-listen",
             "127.0.0.1:0", "--http", "127.0.0.1:0", "--batch-size", BATCH, "--tokens-per-round", tokens_per_round,
             "--max-tokens", 10**12, "--compression", compression, "--shard-tokens", 4096, "--join-burst", 10_000,
             "--joins-per-minute", 600_000, "--json-logs"])], stderr=subprocess.PIPE, text=True, env=env)
@@ -174,7 +149,7 @@ def measure(n, text, workdir, *, rounds, step_seconds, steps_per_round, per_proc
                                         "--step-seconds", str(step_seconds), "--out", str(workdir / f"sim{i}.json")],
                                        stdout=out, stderr=out, cwd=HERE.parent, env=env))
         t0 = time.time()
-        full = []  # rounds since the first with all n members
+        records, full = [], []  # the rounds so far; those since the first with all n members
         window = None  # (time, coordinator CPU seconds, memory, workers' CPU seconds, round) at the first
         status_ms = []
         while len(full) < rounds + 1 and time.time() - t0 < timeout:

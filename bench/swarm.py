@@ -50,15 +50,28 @@ def json_records(path):
                 pass
 
 
-def cpu_seconds(pid):
-    """CPU seconds a process and its children (its p2p daemon) have used so far."""
+def usage(pid):
+    """(CPU seconds used so far, resident bytes) of a process and its children (its p2p daemon);
+    (None, None) if it is gone. A child that ends meanwhile counts for nothing."""
     import psutil
 
     try:
-        p = psutil.Process(pid)
-        return round(sum(sum(q.cpu_times()[:2]) for q in [p, *p.children(recursive=True)]), 1)
+        procs = [psutil.Process(pid)]
+        procs += procs[0].children(recursive=True)
     except psutil.Error:
-        return None
+        return None, None
+    cpu = rss = 0.0
+    for q in procs:
+        with contextlib.suppress(psutil.Error):
+            cpu += sum(q.cpu_times()[:2])
+            rss += q.memory_info().rss
+    return cpu, rss
+
+
+def cpu_seconds(pid):
+    """CPU seconds a process and its children have used so far (usage), or None if it is gone."""
+    cpu = usage(pid)[0]
+    return None if cpu is None else round(cpu, 1)
 
 
 def done_rounds(sd):
