@@ -22,7 +22,7 @@ import traceback
 from datetime import datetime, timezone
 from pathlib import Path
 
-from bench import ddp, hivemind_opt
+from bench import ddp, hivemind_opt, honest
 from bench.netns import available
 from bench.report import KEYS, best, mean, plot, report
 from bench.swarm import MODEL, evaluate, gptswarm, run_swarm
@@ -39,11 +39,13 @@ SWARMS = {"fp16": {}, "fp16, plain mean": dict(aggregation="mean"), "8bit": dict
           "topk 10%": dict(compression="topk", topk_fraction=0.1), "topk 3%": dict(compression="topk")}
 FULL = dict(tokens=1_536_000, tokens_per_round=48_000, hm_tokens=1_536_000, hm_target=192, hm_lr=2e-3, rate="20mbit",
             wan_target=2.6, swarms=SWARMS,
-            robust=dict(tokens=768_000, tokens_per_round=48_000, honest=3, attacks=ATTACKS))
-PARTS = ("single", "ddp", "swarm", "robustness", "hivemind", "wan")
+            robust=dict(tokens=768_000, tokens_per_round=48_000, honest=3, attacks=ATTACKS),
+            honest=dict(rounds=honest.ROUNDS, quick=False))
+PARTS = ("single", "ddp", "swarm", "robustness", "honest", "hivemind", "wan")
 QUICK = dict(tokens=98_304, tokens_per_round=32_768, hm_tokens=49_152, hm_target=96, hm_lr=1.4e-3, rate="50mbit",
              wan_target=3.2, swarms={"fp16": {}, "topk 3%": dict(compression="topk")},
-             robust=dict(tokens=98_304, tokens_per_round=16_384, honest=2, attacks=("flip20",)))
+             robust=dict(tokens=98_304, tokens_per_round=16_384, honest=2, attacks=("flip20",)),
+             honest=dict(rounds=6, quick=True))
 
 
 def machine():
@@ -152,6 +154,12 @@ def main():
             runs[label] = {k: v for k, v in s.items() if k != "history"}
         r["robust"] = {"honest": plan_r["honest"], "tokens": plan_r["tokens"], "runs": runs}
 
+    def honest_sweep():  # honest-only swarms across configurations (bench/honest.py): all of it in honest.json
+        h = honest.sweep(Path(text).read_text(encoding="utf-8"), honest.configurations(plan["honest"]["quick"]),
+                         plan["honest"]["rounds"], jobs=min(2, os.cpu_count() or 1))
+        (results / "honest.json").write_text(json.dumps(h, indent=1))
+        r["honest"] = {"rounds": h["rounds"], **h["summary"]}
+
     def hivemind_run():
         h = hivemind_opt.run(text, plan["hm_tokens"], work / "hivemind-opt", plan["hm_target"], plan["hm_lr"])
         r.update(loss_hivemind_opt=h["loss"], bytes_per_mtok_hivemind_opt=h["bytes_per_mtok"], hivemind_opt=h)
@@ -173,7 +181,8 @@ def main():
         r.update(wan=w, wan_seconds_ddp=d["seconds_to_target"], wan_seconds_swarm=reached.get(w["configuration"]))
 
     for name, fn, needs_netns in (("single", single, False), ("ddp", ddp_run, True), ("swarm", swarm_runs, False),
-                                  ("robustness", robustness, False), ("hivemind", hivemind_run, True),
+                                  ("robustness", robustness, False), ("honest", honest_sweep, False),
+                                  ("hivemind", hivemind_run, True),
                                   ("wan", wan, True)):
         if name in only and (netns or not needs_netns):
             part(name, fn)

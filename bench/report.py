@@ -64,9 +64,21 @@ def goals(r):
     if j is not None:
         out.append(f"- **Join latency**: {j:.1f} s from `gptswarm worker --join` to the first trained batch "
                    f"(mean of the workers; a fresh state dir, so the throughput benchmark is included).")
-    out += robustness_goals(r)
+    out += robustness_goals(r) + honest_goals(r)
     out.append("- **GPU** (gpt2 124M tokens/s and MFU): not measured, no GPU on this machine (bench/gpu.py when one is lent).")
     return "\n".join(out)
+
+
+def honest_goals(r):
+    sweep = r.get("honest")
+    if not sweep:
+        return []
+    ok = not (sweep["flagged"] or sweep["failed_rounds"] or sweep["parts_lost"]) and abs(sweep["loss_gap_max"]) <= 0.01
+    return [f"- **Honest swarms** ({sweep['configurations']} configurations, {sweep['rounds']} rounds each, "
+            f"bench/honest.py: no honest contribution flagged, no failed round, no part lost, the robust rule's "
+            f"loss within 1% of the mean's): {'met' if ok else '**missed**'}: {sweep['flagged']} flagged, "
+            f"{sweep['failed_rounds']} failed, {sweep['parts_lost']} parts lost, {sweep['parts_rescued']} rescued, "
+            f"largest loss gap {sweep['loss_gap_max']:+.2%}."]
 
 
 def robustness_goals(r):
@@ -89,6 +101,7 @@ def robustness_goals(r):
                    f"mean ({cost:+.1%}); coordinator CPU {clean['coordinator_cpu_seconds']} s against "
                    f"{mean_['coordinator_cpu_seconds']} s.")
     honest = sum(v.get("honest_flagged") or 0 for v in runs.values())
+
     clean_honest = sum(v.get("honest_flagged") or 0 for k, v in runs.items() if k.startswith("clean"))
     out.append(f"- **No honest worker flagged** in the clean runs: {'met' if clean_honest == 0 else '**missed**'} "
                f"({clean_honest}; {honest} across all the robustness runs).")

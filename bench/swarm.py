@@ -107,7 +107,7 @@ def run_swarm(text, tokens, sd, tokens_per_round=48_000, compression="fp16", out
             "coordinator", "--text", text, *model, "--state-dir", sd, "--listen", f"{host}:0", "--p2p-listen",
             f"{host}:0", "--http", "127.0.0.1:0", "--batch-size", batch, "--lr", "1e-3",
             "--min-lr", "1e-4", "--warmup-iters", warmup_iters, "--tokens-per-round", tokens_per_round,
-            "--round-growth", round_growth, "--max-tokens", tokens,
+            "--inner-steps", 0, "--round-growth", round_growth, "--max-tokens", tokens,
             "--compression", compression, "--topk-fraction", topk_fraction, "--aggregation", aggregation,
             *(["--outer-lr", outer_lr] if outer_lr is not None else []),
             *(["--outer-momentum", outer_momentum] if outer_momentum is not None else []),

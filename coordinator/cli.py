@@ -75,7 +75,15 @@ def wait_for_signal():
               help="Seconds a worker's session may go unused before it expires (the worker then joins again with "
                    "its saved secret). Sessions also end when a worker leaves and when the token is rotated.")
 @click.option("--tokens-per-round", type=int, default=RUN["tokens_per_round"], show_default=True,
-              help="A round ends when the swarm has trained this many tokens in it.")
+              help="A round ends when the swarm has trained this many tokens in it (or --inner-steps' worth, if "
+                   "more). Each worker then takes about tokens-per-round / (workers x batch-size x block-size) "
+                   "inner steps per round: as the swarm grows, that share shrinks, which --inner-steps prevents.")
+@click.option("--inner-steps", type=int, default=RUN["inner_steps"], show_default=True,
+              help="A round lasts at least this many inner steps for each worker training in it: it ends at "
+                   "inner-steps x batch-size x block-size tokens per worker when that is more than "
+                   "--tokens-per-round. With only a step or two per round, AdamW's moments dominate what workers "
+                   "send and the rounds' bytes buy little; tens of steps is where DiLoCo works "
+                   "(bench/README.md, 'Honest swarms'). 0: rounds end on --tokens-per-round alone.")
 @click.option("--round-growth", type=float, default=RUN["round_growth"], show_default=True,
               help="Rounds grow linearly with the run's progress, to this many times --tokens-per-round at its end: "
                    "short rounds while the loss falls fast, fewer bytes later (1: fixed rounds).")
@@ -134,7 +142,7 @@ def wait_for_signal():
 @click.option("--json-logs", is_flag=True, help="Log one JSON object per line (for running as a service).")
 def coordinator(task, text, digits, tokenizer_kind, vocab_size, model, block_size, state_dir, listen, p2p_listen,
                 http_listen, announce_host, token_file, rotate_token, tls_cert, tls_key, plaintext, grpc_reflection,
-                session_ttl, tokens_per_round, round_growth, max_tokens, compression, topk_fraction, outer_lr,
+                session_ttl, tokens_per_round, inner_steps, round_growth, max_tokens, compression, topk_fraction, outer_lr,
                 outer_momentum, aggregation, batch_size, learning_rate, min_lr, warmup_iters, shard_tokens,
                 heartbeat_interval, sender_timeout, max_leases, averaging_timeout, round_timeout, quarantine_after,
                 quarantine_window, max_val_loss_rise, lease_seconds, join_burst, joins_per_minute, json_logs):
@@ -165,7 +173,8 @@ def coordinator(task, text, digits, tokenizer_kind, vocab_size, model, block_siz
                                     warmup_iters=warmup_iters)
         s = runs.new_run(state_dir, task=task, text=text, digits=digits, tokenizer_kind=tokenizer_kind,
                          vocab_size=vocab_size, model=model or DEFAULT_PRESET, block_size=block_size,
-                         train_config=train, tokens_per_round=tokens_per_round, round_growth=round_growth,
+                         train_config=train, tokens_per_round=tokens_per_round, inner_steps=inner_steps,
+                         round_growth=round_growth,
                          max_tokens=max_tokens,
                          compression=compression, topk_fraction=topk_fraction, aggregation=aggregation,
                          outer_lr=outer_lr, outer_momentum=outer_momentum, shard_tokens=shard_tokens)

@@ -32,7 +32,7 @@ import sqlite3
 import threading
 import time
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS workers (
@@ -61,7 +61,8 @@ CREATE TABLE IF NOT EXISTS rounds (
     round INTEGER PRIMARY KEY, started_at REAL, ended_at REAL,
     state TEXT NOT NULL,  -- training | averaging | done | failed | rejected
     tokens INTEGER DEFAULT 0, contributors INTEGER DEFAULT 0, theta_hash TEXT, loss REAL, val_loss REAL,
-    averaging_seconds REAL, bytes_sent INTEGER, detail TEXT, group_size INTEGER);
+    averaging_seconds REAL, bytes_sent INTEGER, detail TEXT, group_size INTEGER,
+    left_out REAL);  -- the fraction of the members' values the robust rule left out of the average
 CREATE TABLE IF NOT EXISTS contributions (
     round INTEGER NOT NULL, worker_id TEXT NOT NULL, tokens INTEGER NOT NULL DEFAULT 0,
     included INTEGER, reason TEXT, flagged INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (round, worker_id));
@@ -71,7 +72,7 @@ CREATE TABLE IF NOT EXISTS refusals (
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL, kind TEXT NOT NULL, worker_id TEXT, detail TEXT);
 """
-# ledgers made before SCHEMA_VERSION 3 lack these columns
+# ledgers made before SCHEMA_VERSION 4 lack these columns
 MIGRATIONS = ["ALTER TABLE workers ADD COLUMN active_since REAL",
               "ALTER TABLE leases ADD COLUMN credited INTEGER NOT NULL DEFAULT 0",
               "ALTER TABLE leases ADD COLUMN done_round INTEGER",
@@ -83,7 +84,8 @@ MIGRATIONS = ["ALTER TABLE workers ADD COLUMN active_since REAL",
               "ALTER TABLE workers ADD COLUMN quarantine_reason TEXT",
               "ALTER TABLE contributions ADD COLUMN flagged INTEGER NOT NULL DEFAULT 0",
               "ALTER TABLE workers ADD COLUMN secret_hash TEXT",
-              "UPDATE leases SET state = 'done', credited = tokens WHERE state = 'reported'"]
+              "UPDATE leases SET state = 'done', credited = tokens WHERE state = 'reported'",
+              "ALTER TABLE rounds ADD COLUMN left_out REAL"]
 
 ONLINE_HEARTBEATS = 3  # a worker is online while its last heartbeat is this many intervals old at most,
 ONLINE_SLACK = 5.0  # plus this many seconds
@@ -655,17 +657,18 @@ class Ledger:
                        (state, group_size, round_))
 
     def commit_round(self, round_, *, included, excluded, theta_hash, averaging_seconds, flagged=(), loss=None,
-                     val_loss=None, bytes_sent=None):
+                     val_loss=None, bytes_sent=None, left_out=None):
         """Round round_ is done, all at once: included {worker_id: tokens} is credited (the budget,
         each worker's total, and its leases in grant order: a lease whose tokens are all credited is
         done, and so is its shard); excluded {worker_id: reason} gets nothing, and its leases go back;
-        those of them in `flagged` count towards quarantine; round_ + 1 starts with theta_hash."""
+        those of them in `flagged` count towards quarantine; round_ + 1 starts with theta_hash; left_out:
+        the fraction of the members' values the robust rule left out."""
         tokens = sum(included.values())
         now = self.clock()
         with self.tx() as db:
             db.execute("UPDATE rounds SET ended_at = ?, state = 'done', tokens = ?, contributors = ?, "
-                       "averaging_seconds = ?, loss = ?, val_loss = ?, bytes_sent = ? WHERE round = ?",
-                       (now, tokens, len(included), averaging_seconds, loss, val_loss, bytes_sent, round_))
+                       "averaging_seconds = ?, loss = ?, val_loss = ?, bytes_sent = ?, left_out = ? WHERE round = ?",
+                       (now, tokens, len(included), averaging_seconds, loss, val_loss, bytes_sent, left_out, round_))
             for wid, t in included.items():
                 db.execute("INSERT INTO contributions (round, worker_id, tokens, included, reason) VALUES (?, ?, ?, 1, '') "
                            "ON CONFLICT (round, worker_id) DO UPDATE SET tokens = excluded.tokens, included = 1",
@@ -678,15 +681,15 @@ class Ledger:
             self.set_meta("tokens_trained", total + tokens, db)
             self.start_round(round_ + 1, theta_hash, db)
 
-    def fail_round(self, round_, *, excluded, detail, averaging_seconds=None, state="failed"):
+    def fail_round(self, round_, *, excluded, detail, averaging_seconds=None, state="failed", left_out=None):
         """Round round_ failed (or its result was rejected: state "rejected"): nothing is credited,
         every member's leases go back, round_ + 1 starts from the same theta. Flags count only in
         rounds that committed: when nobody's contribution stood, the judgement of it is no better."""
         with self.tx() as db:
             row = db.execute("SELECT theta_hash FROM rounds WHERE round = ?", (round_,)).fetchone()
             db.execute("UPDATE rounds SET ended_at = ?, state = ?, tokens = 0, contributors = 0, "
-                       "averaging_seconds = ?, detail = ? WHERE round = ?",
-                       (self.clock(), state, averaging_seconds, detail[:300], round_))
+                       "averaging_seconds = ?, detail = ?, left_out = ? WHERE round = ?",
+                       (self.clock(), state, averaging_seconds, detail[:300], left_out, round_))
             self._exclude(db, round_, excluded)  # its flags do not count: the round did not stand
             self.event(f"round_{state}", f"round {round_}: {detail}"[:300], None, db)
             self.start_round(round_ + 1, row[0] if row else "", db)
@@ -761,7 +764,7 @@ class Ledger:
         """The last `limit` finished rounds (done, failed or rejected) before round `before` (None:
         the last ones), oldest first."""
         return self.query("SELECT round, started_at, ended_at, state, tokens, contributors, loss, val_loss, "
-                          "averaging_seconds, bytes_sent, detail FROM rounds WHERE state IN ('done', 'failed', 'rejected') "
+                          "averaging_seconds, bytes_sent, detail, left_out FROM rounds WHERE state IN ('done', 'failed', 'rejected') "
                           "AND round < ? ORDER BY round DESC LIMIT ?", (1 << 62 if before is None else before, limit))[::-1]
 
     def recent_val_losses(self, limit):

@@ -4,10 +4,10 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from gptswarm.coordinator.service import WORKER_STATES
-from gptswarm.coordinator.status import snapshot
+from gptswarm.coordinator.status import NOT_LEARNING_ROUNDS, not_learning, snapshot
 
 WORKER_STATES = (*WORKER_STATES, "offline", "quarantined")
-HEALTH_STATES = ("healthy", "degraded", "stalled", "finished")
+HEALTH_STATES = ("healthy", "degraded", "warning", "stalled", "finished")
 
 
 class SwarmCollector:
@@ -16,7 +16,7 @@ class SwarmCollector:
 
     def collect(self):
         c = self.coord
-        snap = snapshot(c, history=1, events=0, workers=0)
+        snap = snapshot(c, history=NOT_LEARNING_ROUNDS, events=0, workers=0)  # enough rounds for the health
         run = snap["run"]
         ledger = c.ledger
 
@@ -35,6 +35,12 @@ class SwarmCollector:
             yield gauge("gptswarm_loss", "Mean training loss reported in the last finished round", last["loss"])
         if run["val_loss"] is not None:
             yield gauge("gptswarm_val_loss", "Validation loss of theta_global after the last round", run["val_loss"])
+        recent = ledger.finished_rounds(100)
+        yield gauge("gptswarm_rounds_not_learning", "Finished rounds in a row that failed or left most of the members' "
+                    "values out of the average (3 or more: health is a warning)", not_learning(recent)[0])
+        if recent and recent[-1]["left_out"] is not None:
+            yield gauge("gptswarm_round_left_out_fraction", "Fraction of the members' values the robust rule left out "
+                        "of the last finished round's average", recent[-1]["left_out"])
         rounds = CounterMetricFamily("gptswarm_rounds", "Finished rounds by outcome", labels=["outcome"])
         counts = ledger.round_counts()
         for outcome in ("done", "failed", "rejected"):

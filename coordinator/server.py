@@ -1,8 +1,8 @@
 """The Coordinator: one object that owns the ledger, the hivemind peer (the only reducer of every
 round's averaging), the gRPC server and the round loop. start() / shutdown().
 
-A round ends when the swarm's verified tokens reach tokens_per_round (or the round times out, or
-the epoch runs dry). Its averaging group is what the ledger says: every worker still in the swarm
+A round ends when the swarm's verified tokens reach its target (tokens_per_round, or inner_steps
+for each worker training in it if that is more; or the round times out, or the epoch runs dry). Its averaging group is what the ledger says: every worker still in the swarm
 that held a lease in the round, with the hivemind peer id it registered over its session, weighed
 by its verified tokens. The round then commits all or nothing: the new theta is computed on a
 copy, checked (finite) and written to its own checkpoint directory; one ledger transaction
@@ -28,6 +28,7 @@ from gptswarm.coordinator import run as runs
 from gptswarm.coordinator.http import StatusServer
 from gptswarm.coordinator.ledger import Ledger
 from gptswarm.coordinator.service import make_server
+from gptswarm.coordinator.status import NOT_LEARNING_ROUNDS, not_learning
 from gptswarm.mingpt_core.data import eval_batches
 from gptswarm.mingpt_core.trainer import evaluate_loss
 from gptswarm.private import private_dir
@@ -134,6 +135,8 @@ class Coordinator:
         self.n_params = self.model.num_params(non_embedding=False)
         self.ledger.max_tokens_per_second = MAX_WORKER_FLOPS / self.model.flops_per_token()
         self.averaging_prefix = f"gptswarm-{self.settings.run_id}"
+        seq = self.shard_set.example_len - 1 if self.shard_set.layout == "examples" else self.model.config.block_size
+        self.step_tokens = int(self.settings.train.get("batch_size", 1)) * seq  # tokens of one inner step
         # round state, under self.lock: the round loop writes it, gRPC and HTTP threads read it
         self.lock = threading.RLock()
         self.checkpoint_round = int(meta.get("round", 0))  # the round whose directory holds theta
@@ -145,6 +148,7 @@ class Coordinator:
         self.round = max(ledger_round, self.checkpoint_round) if same else self.checkpoint_round
         self.phase = "training"
         self.group = None  # the averaging Group of the current round, while it averages
+        self.round_workers = 0  # workers training in the current round (its target counts them)
         self.finished = self.tokens_trained >= self.settings.max_tokens
         self.val_loss = meta.get("val_loss")
         self.ledger.add_shards([(s.sha256, len(s)) for s in self.train_shards])
@@ -243,10 +247,18 @@ class Coordinator:
         member = group.members.get(worker["peer_id"] or "") if group is not None else None
         return member is not None and member[0] == worker["id"]
 
-    def round_reached(self, round_, tokens, tokens_trained):
+    def round_target(self):
+        """The tokens that end the current round (RunSettings.round_target, for the workers training in it)."""
+        with self.lock:
+            tokens_trained, workers = self.tokens_trained, self.round_workers
+        return self.settings.round_target(tokens_trained, workers=workers, step_tokens=self.step_tokens)
+
+    def round_reached(self, round_, tokens):
         """A heartbeat says round_ holds `tokens`: if that ends it, the round loop ends it now
         instead of at its next look."""
-        if round_ == self.round and self.phase == "training" and tokens >= self.settings.round_target(tokens_trained):
+        with self.lock:
+            open_ = round_ == self.round and self.phase == "training"
+        if open_ and tokens >= self.round_target():
             self._wake.set()
 
     def fast_beat_seconds(self):
@@ -319,15 +331,23 @@ class Coordinator:
                 self._apply_rollback()
                 if self.finished:
                     continue
-                tokens = self.ledger.round_tokens(self.round)
-                late = time.time() - self.round_started_at > self.config.round_timeout
-                if tokens >= self.settings.round_target(self.tokens_trained) or (tokens > 0 and (
-                        late or self._epoch_drained() or not self.ledger.anyone_may_train(self.round))):
+                if self._round_due():
                     self._finish_round()
             except Exception:  # the coordinator must outlive any one bad round
                 log.exception("round %d failed", self.round)
                 with self.lock:
                     self.phase, self.group = "training", None
+
+    def _round_due(self):
+        """Has the current round reached its target (counting the workers training in it now), or
+        must it end with the tokens it has (too late, the epoch ran dry, nobody may train)?"""
+        tokens = self.ledger.round_tokens(self.round)
+        workers = len(self.ledger.group_members(self.round, self.round_started_at))
+        with self.lock:
+            self.round_workers = workers
+        late = time.time() - self.round_started_at > self.config.round_timeout
+        return tokens >= self.round_target() or (tokens > 0 and (
+            late or self._epoch_drained() or not self.ledger.anyone_may_train(self.round)))
 
     def _apply_rollback(self):
         """If the operator asked for it (`gptswarm rollback`), go back to a kept round's theta."""
@@ -382,26 +402,45 @@ class Coordinator:
         flagged = outcome.flagged
         for worker_id in flagged:
             log.warning("round %d: %s flagged: %s", r, worker_id, outcome.rejected.get(worker_id, ""))
+        stats = outcome.stats
+        left_out = round(stats.left_out_fraction(), 4) if stats is not None else None
+        if stats is not None and stats.rescued:  # the rule's own signal, not the members'
+            self.ledger.event("rule_rescued", f"round {r}: {stats.rescue_summary()}")
+            log.warning("round %d: %s", r, stats.rescue_summary())
         detail, state = outcome.error, "failed"
         if outcome.ok:
             try:
-                return self._commit(r, outcome, seconds, flagged, parts, len(group.members))
+                self._commit(r, outcome, seconds, flagged, parts, len(group.members), left_out)
             except RoundRejected as e:
                 detail, state = str(e), "rejected"
             except Exception as e:  # nothing moved: the round fails as a whole
                 log.exception("round %d: commit failed", r)
                 detail = f"commit failed: {type(e).__name__}: {e}"
+            else:
+                return self._check_learning()
         excluded = {w: outcome.rejected.get(w, detail) for w, _ in group.members.values()}
-        self.ledger.fail_round(r, excluded=excluded, detail=detail, averaging_seconds=seconds, state=state)
+        self.ledger.fail_round(r, excluded=excluded, detail=detail, averaging_seconds=seconds, state=state,
+                               left_out=left_out)
         log.warning("round %d %s: %s", r, state, detail)
         with self.lock:
             self.round, self.phase, self.group = r + 1, "training", None
             self.round_started_at = time.time()
+        self._check_learning()
 
-    def _commit(self, r, outcome, seconds, flagged, parts=None, members=0):
+    def _check_learning(self):
+        """Rounds in a row that failed or left most values out: the swarm has stopped learning. Said
+        once per streak, as an event and in the log (the status page's health and /metrics say it
+        for as long as it lasts)."""
+        streak, why = not_learning(self.ledger.finished_rounds(NOT_LEARNING_ROUNDS + 1))
+        if streak == NOT_LEARNING_ROUNDS:
+            self.ledger.event("not_learning", why[:300])
+            log.warning("%s", why)
+
+    def _commit(self, r, outcome, seconds, flagged, parts=None, members=0, left_out=None):
         """Round r's average is in: the next theta, all or nothing (see the module's docstring).
         parts: seconds of the round's end so far, by part (the outer step, the checkpoint and the
-        ledger's commit are added, and logged with the round); members: the group's size."""
+        ledger's commit are added, and logged with the round); members: the group's size; left_out:
+        the fraction of the members' values the robust rule left out."""
         parts, t0 = dict(parts or {}), time.time()
         model = copy.deepcopy(self.model)
         theta = theta_views(model)
@@ -421,7 +460,7 @@ class Coordinator:
         try:
             self.ledger.commit_round(r, included=outcome.included, excluded=outcome.rejected, flagged=flagged,
                                      theta_hash=digest, averaging_seconds=seconds, loss=loss,
-                                     bytes_sent=outcome.bytes_sent)
+                                     bytes_sent=outcome.bytes_sent, left_out=left_out)
         except BaseException:
             shutil.rmtree(round_dir(self.state_dir, r + 1), ignore_errors=True)
             raise

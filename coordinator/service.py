@@ -199,13 +199,13 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             loss=self._real(context, w, request.loss, "loss", 1e6) or None)
         may, _ = c.may_train(w, r["round"])
         tokens = c.ledger.round_tokens(r["round"])
-        c.round_reached(r["round"], tokens, r["tokens_trained"])
+        c.round_reached(r["round"], tokens)
         return pb.HeartbeatResponse(round=r["round"], phase=r["phase"], theta_hash=r["theta_hash"], may_train=may,
                                     lease_deadline=deadline, expired_lease_ids=lost,
                                     tokens_trained=r["tokens_trained"], finished=r["finished"],
                                     swarm_round_tokens=tokens,
                                     swarm_tokens_per_second=c.ledger.swarm_tokens_per_second(),
-                                    tokens_per_round=c.settings.round_target(r["tokens_trained"]),
+                                    tokens_per_round=c.round_target(),
                                     fast_beat_seconds=c.fast_beat_seconds())
 
     def _stream(self, context, worker, chunks):

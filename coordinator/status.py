@@ -8,6 +8,8 @@ import time
 
 STALL_SECONDS = 120  # no token trained for this long while workers are online: stalled
 RECENT_SECONDS = 300  # failures this recent make the swarm "degraded"
+NOT_LEARNING_ROUNDS = 3  # this many rounds in a row that fail or leave out most values: a "warning", the swarm is not learning
+NOT_LEARNING_LEFT_OUT = 0.5  # ... "most values": this fraction of the members' values left out by the robust rule
 WORKERS_SHOWN = 500  # workers in a snapshot (online ones first); /api/v1/workers pages through all
 
 
@@ -33,6 +35,24 @@ def worker_rows(coord, now, limit=WORKERS_SHOWN, offset=0):
     return out
 
 
+def not_learning(rounds):
+    """(how many of the last finished rounds in a row failed or left out most values, why: "" when
+    fewer than NOT_LEARNING_ROUNDS did). rounds: the ledger's finished_rounds, oldest first."""
+    streak = []
+    for r in reversed(rounds):
+        if r["state"] not in ("failed", "rejected") and (r["left_out"] or 0) < NOT_LEARNING_LEFT_OUT:
+            break
+        streak.append(r)
+    if len(streak) < NOT_LEARNING_ROUNDS:
+        return len(streak), ""
+    failed = [r for r in streak if r["state"] != "done"]
+    last = streak[0]
+    why = (f"round {last['round']} {last['state']}: {last['detail'] or 'no averaging group'}" if last["state"] != "done"
+           else f"round {last['round']} left {last['left_out']:.0%} of the members' values out of the average")
+    return len(streak), (f"not learning: the last {len(streak)} rounds failed ({len(failed)}) or left most values out "
+                         f"of the average ({len(streak) - len(failed)}); {why}")
+
+
 def health(coord, counts, rounds, now):
     view = coord.round_view()
     if view["finished"]:
@@ -42,6 +62,9 @@ def health(coord, counts, rounds, now):
     last_progress = max([r["ended_at"] or 0 for r in rounds] + [coord.round_started_at])
     if coord.ledger.round_tokens(view["round"]) == 0 and now - last_progress > STALL_SECONDS:
         return "stalled", f"no tokens trained for {int(now - last_progress)} s"
+    streak, why = not_learning(rounds)
+    if why:
+        return "warning", why
     recent = now - RECENT_SECONDS
     failed = [r for r in rounds if r["state"] in ("failed", "rejected") and (r["ended_at"] or 0) > recent]
     if failed:
@@ -77,7 +100,7 @@ def snapshot(coord, history=200, events=30, workers=WORKERS_SHOWN):
             "id": s.run_id, "task": s.task.get("task"), "model": s.extra.get("preset"),
             "n_params": coord.n_params, "round": view["round"], "phase": view["phase"],
             "tokens_trained": view["tokens_trained"], "max_tokens": s.max_tokens,
-            "tokens_per_round": s.round_target(view["tokens_trained"]), "round_tokens": coord.ledger.round_tokens(view["round"]),
+            "tokens_per_round": coord.round_target(), "inner_steps": s.inner_steps, "round_tokens": coord.ledger.round_tokens(view["round"]),
             "tokens_per_second": round(tps, 1), "eta_seconds": round(left / tps) if tps > 0 else None,
             "compression": s.compression, "theta_hash": view["theta_hash"], "val_loss": coord.val_loss,
         },

@@ -16,7 +16,7 @@ from gptswarm import transport
 
 EXE = str(Path(sys.executable).with_name("gptswarm"))
 JOIN = re.compile(r"GPTSWARM_TOKEN=(\S+) gptswarm worker --join (\S+) (?:--tls-fingerprint (\S+)|--plaintext)")
-FAST = ["--http", "127.0.0.1:0", "--tokens-per-round", "6000", "--sender-timeout", "4", "--heartbeat-interval", "0.5",
+FAST = ["--http", "127.0.0.1:0", "--tokens-per-round", "6000", "--inner-steps", "4", "--sender-timeout", "4", "--heartbeat-interval", "0.5",
         "--lease-seconds", "4", "--shard-tokens", "2048", "--lr", "2e-3"]
 
 

@@ -58,6 +58,13 @@ def test_bench_quick_writes_every_figure(tmp_path, shakespeare_path):
         assert s["bytes_per_mtok"] > 0 and math.isfinite(s["loss_swarm"]) and s["compute_utilization_per_worker"]
     assert res["swarm"]["topk 3%"]["bytes_per_mtok"] < res["swarm"]["fp16"]["bytes_per_mtok"] / 3
     assert "gptswarm, topk 3%" in report and "(frontier)" in report
+    # honest-only swarms across configurations: the robust rule flags nobody and fails no round
+    honest = json.loads((tmp_path / "honest.json").read_text())
+    assert res["honest"]["configurations"] == len(honest["runs"]) == 3
+    assert res["honest"]["flagged"] == res["honest"]["failed_rounds"] == res["honest"]["parts_lost"] == 0
+    for row in honest["runs"]:
+        assert set(row["robust"]["val_loss"]) == {"6"} and math.isfinite(row["mean"]["val_loss"]["6"])
+    assert "Honest swarms" in report
     for png in ("loss.png", "comm.png", "frontier.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not (tmp_path / "tmp").exists()  # the work folder is cleaned up after a good run

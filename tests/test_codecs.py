@@ -16,11 +16,23 @@ from gptswarm.rounds.p2p import P2PNode
 def test_4bit_round_trip(n):
     t = torch.randn(n) * 0.01
     s = Blockwise4Bit().compress(t)
-    assert len(s.buffer) == -(-n // 64) * 34  # a float16 scale and 32 bytes of codes per 64 values
+    assert len(s.buffer) == -(-n // 64) * 34  # a bfloat16 scale and 32 bytes of codes per 64 values
     back = decode(s, n)
     assert back.shape == t.shape
     assert (back - t).norm() <= 0.15 * t.norm()  # 15 levels per block
     assert torch.equal(decode(Blockwise4Bit().compress(back), n), back)  # decoding is a fixed point
+
+
+@pytest.mark.parametrize("scale", [1e-9, 1e-6, 1e-3, 10.0])
+def test_small_pseudo_gradients_survive_both_codecs(scale):
+    """A round of one or two steps early in the warmup moves theta by 1e-5 or less: a float16 scale
+    decoded that as zeros (and honest members then looked like copies of each other)."""
+    t = torch.randn(10_000) * scale
+    back = decode(Blockwise4Bit().compress(t), t.numel())
+    assert (back - t).norm() <= 0.15 * t.norm()
+    sent, _ = sparsify(t, None, 0.03)
+    back = decode(Sparse8Bit().compress(sent), t.numel())
+    assert torch.equal(back != 0, sent != 0) and (back - sent).norm() <= 0.01 * sent.norm()
 
 
 @pytest.mark.parametrize("n", [5, 4096, 10_000])

@@ -17,8 +17,10 @@ from dataclasses import dataclass, field
 import torch
 
 from gptswarm.rounds import DEFAULT_TOPK
+from gptswarm.rounds.codecs import decode
 from gptswarm.rounds.hivemind_ext import CODECS, AveragingMode, RoundServicer, SwarmAllReduceRunner
-from gptswarm.rounds.robust import History
+from gptswarm.rounds.robust import History, RoundStats
+from hivemind.compression import CompressionInfo
 from hivemind.p2p import PeerID
 from hivemind.utils.asyncio import as_aiter, azip
 
@@ -45,6 +47,7 @@ class Outcome:
     lies: dict = field(default_factory=dict)  # worker_id -> what its messages claimed beyond its weight
     scores: dict = field(default_factory=dict)  # worker_id -> robust.PartScores (robust aggregation)
     flagged: set = field(default_factory=set)  # worker_ids whose contribution was invalid or an outlier
+    stats: RoundStats = None  # what the robust rule did to the round (None: the plain mean)
     bytes_sent: int = 0
     error: str = ""
 
@@ -74,12 +77,17 @@ class RoundReducer:
     def __init__(self, node, template, *, prefix, compression, aggregation, sender_timeout, on_refused,
                  topk_fraction=DEFAULT_TOPK):
         self.node, self.prefix, self.compression, self.topk_fraction = node, prefix, compression, topk_fraction
-        self.history = History() if aggregation == "robust" else None
+        self.reply_codec = CODECS[compression](topk_fraction)[1]
+        self.history = History(roundtrip=self._roundtrip) if aggregation == "robust" else None
         self.names = list(template)
         self.shapes = {k: template[k].shape for k in self.names}
         self.sender_timeout = sender_timeout
         self.servicer = RoundServicer(on_refused)
         node.run(self.servicer.add_p2p_handlers(node.p2p, namespace=prefix))
+
+    def _roundtrip(self, part):
+        """A part of the average as every member receives it (the reply codec's round trip)."""
+        return decode(self.reply_codec.compress(part, CompressionInfo.from_tensor(part)), part.numel())
 
     def set_weight(self, group, peer_id, weight):
         """A member's final weight (before it sends anything)."""
@@ -102,10 +110,12 @@ class RoundReducer:
         peers = list(group.members)
         tensors = [torch.zeros(self.shapes[k], dtype=torch.float32) for k in self.names]
         scores = {}
-        robust = None
+        robust = stats = None
         if self.history is not None:
             self.history.forget({w for w, _ in group.members.values()})
-            robust = dict(keys=[None] + [group.members[p][0] for p in peers], history=self.history, scores=scores)
+            stats = RoundStats()
+            robust = dict(keys=[None] + [group.members[p][0] for p in peers], history=self.history, scores=scores,
+                          stats=stats)
         runner = _runner(self.node, tensors, prefix=self.prefix, compression=self.compression,
                          topk_fraction=self.topk_fraction, group_id=group.group_id,
                          peer_ids=[str(self.node.peer_id), *peers], weight=0.0,
@@ -118,6 +128,8 @@ class RoundReducer:
             await runner.replies_sent(timeout=REPLY_GRACE)  # so that bytes_sent counts the last replies
         finally:
             self.servicer.runner = None
+        if self.history is not None:
+            self.history.end_round(scores)
         rejected, lies, flagged = {}, {}, set()
         for peer, reason in runner.rejections:  # not a pseudo-gradient at all: flagged
             rejected[group.members[peer][0]] = reason
@@ -139,8 +151,9 @@ class RoundReducer:
         included = {w: weight for w, weight in group.members.values() if w not in rejected}
         if not any(included.values()):
             return Outcome(False, included={}, rejected=rejected, lies=lies, scores=scores, flagged=flagged,
-                           bytes_sent=runner.bytes_sent, error="no contribution with tokens reached the average")
-        return Outcome(True, dict(zip(self.names, tensors)), included, rejected, lies, scores, flagged,
+                           stats=stats, bytes_sent=runner.bytes_sent,
+                           error="no contribution with tokens reached the average")
+        return Outcome(True, dict(zip(self.names, tensors)), included, rejected, lies, scores, flagged, stats,
                        runner.bytes_sent)
 
     def shutdown(self):

@@ -1,17 +1,19 @@
 """Pseudo-gradient codecs beyond hivemind's own (none, fp16, 8bit), in hivemind's CompressionBase
 form so that its all-reduce splits, streams and counts them like its own:
 
-- "4bit": blocks of BLOCK4 values, each a float16 scale (its largest magnitude / 7) and 4-bit codes
+- "4bit": blocks of BLOCK4 values, each a bfloat16 scale (its largest magnitude / 7) and 4-bit codes
   for -7..7, rounded to nearest (Streaming DiLoCo's 4-bit, without its error feedback): 0.53 bytes
   per value, 7.5x fewer than fp32.
 - "topk": the worker keeps the largest `fraction` of each CHUNK values of its pseudo-gradient plus
   what it left out before (error feedback, sparsify() below: SparseLoCo, DeMo), and the codec sends
-  only nonzeros, each CHUNK values as a count, a float16 scale and (uint16 index, int8 value) pairs:
+  only nonzeros, each CHUNK values as a count, a bfloat16 scale and (uint16 index, int8 value) pairs:
   3 bytes per kept value, so 3% kept is 0.09 bytes per value, 44x fewer than fp32. The reducer's
   reply, the average, has the union of the members' supports: it goes sparse while that is smaller
   than hivemind's 8-bit, else as 8-bit.
 
-A non-finite scale decodes to non-finite values, which the reducer's validation refuses like any
+Scales are bfloat16, float32's range in two bytes: a float16 scale cannot hold the scale of a
+pseudo-gradient whose values are all below about 1e-4 (a round of one or two steps early in the
+learning-rate warmup), which then decoded as zeros. A non-finite scale decodes to non-finite values, which the reducer's validation refuses like any
 other. hivemind knows these codecs' tags (CODEC_4BIT, CODEC_SPARSE, outside its CompressionType values)
 only through decode(), which every gptswarm receiver calls instead of hivemind's
 deserialize_torch_tensor; decode() sizes what it builds by what the receiver expects, never by the
@@ -27,10 +29,22 @@ from hivemind.proto import runtime_pb2
 
 from gptswarm.rounds import DEFAULT_TOPK
 
-BLOCK4 = 64  # values per 4-bit block (one float16 scale each)
+BLOCK4 = 64  # values per 4-bit block (one bfloat16 scale each)
 CHUNK = 4096  # values per top-k chunk (indices are uint16 within it)
-CODEC_4BIT, CODEC_SPARSE = 100, 101  # tags in runtime_pb2.Tensor.compression, beyond hivemind's enum
-FP16_MAX = 65504.0
+CODEC_4BIT, CODEC_SPARSE = 102, 103  # tags in runtime_pb2.Tensor.compression, beyond hivemind's enum (100 and
+#                                     101 were these formats with float16 scales)
+TINY = torch.finfo(torch.float32).tiny
+
+
+def _scales(amax, levels):
+    """Each block's scale (amax / levels) in bfloat16: (the bytes, the scale as it decodes, at least TINY)."""
+    scale = (amax / levels).to(torch.bfloat16)
+    return scale.view(torch.int16).numpy().tobytes(), scale.float().clamp(min=TINY)
+
+
+def _read_scales(buffer, count, offset=0):
+    bits = np.frombuffer(buffer, dtype="<u2", count=count, offset=offset).astype(np.uint32) << 16
+    return bits.view(np.float32)
 
 
 class DecodeError(ValueError):
@@ -51,11 +65,10 @@ class Blockwise4Bit(CompressionBase):
         flat = tensor.detach().reshape(-1).to(torch.float32)
         n = flat.numel()
         blocks = torch.nn.functional.pad(flat, (0, -n % BLOCK4)).view(-1, BLOCK4)
-        scale = (blocks.abs().amax(1) / 7).clamp(max=FP16_MAX).half()
-        s = scale.float().clamp(min=torch.finfo(torch.float16).tiny)[:, None]
-        codes = (torch.round(blocks / s).clamp(-7, 7) + 8).to(torch.uint8).view(-1)
+        scale, s = _scales(blocks.abs().amax(1), 7)
+        codes = (torch.round(blocks / s[:, None]).clamp(-7, 7) + 8).to(torch.uint8).view(-1)
         packed = codes[0::2] | (codes[1::2] << 4)
-        return runtime_pb2.Tensor(compression=CODEC_4BIT, buffer=scale.numpy().tobytes() + packed.numpy().tobytes(),
+        return runtime_pb2.Tensor(compression=CODEC_4BIT, buffer=scale + packed.numpy().tobytes(),
                                   size=tensor.shape, dtype="float32")
 
     def extract(self, serialized, max_numel=1 << 28):
@@ -63,7 +76,7 @@ class Blockwise4Bit(CompressionBase):
         nblocks = -(-n // BLOCK4)
         if len(serialized.buffer) != nblocks * (2 + BLOCK4 // 2):
             raise DecodeError(f"a 4-bit tensor of {n} values in {len(serialized.buffer)} bytes")
-        scale = torch.from_numpy(np.frombuffer(serialized.buffer, dtype="<f2", count=nblocks).astype(np.float32))
+        scale = torch.from_numpy(_read_scales(serialized.buffer, nblocks))
         packed = torch.from_numpy(np.frombuffer(serialized.buffer, dtype=np.uint8, offset=2 * nblocks).copy())
         codes = torch.stack([packed & 15, packed >> 4], 1).view(nblocks, BLOCK4).to(torch.float32) - 8
         return (codes * scale[:, None]).view(-1)[:n].reshape(tuple(serialized.size))
@@ -89,11 +102,10 @@ class Sparse8Bit(CompressionBase):
         nchunks = -(-n // CHUNK)
         blocks = torch.nn.functional.pad(flat, (0, nchunks * CHUNK - n)).view(nchunks, CHUNK)
         rows, cols = torch.nonzero(blocks, as_tuple=True)  # in row order: chunk by chunk
-        scale = (blocks.abs().amax(1) / 127).clamp(max=FP16_MAX).half()
-        s = scale.float().clamp(min=torch.finfo(torch.float16).tiny)
+        scale, s = _scales(blocks.abs().amax(1), 127)
         values = torch.round(blocks[rows, cols] / s[rows]).clamp(-127, 127).to(torch.int8)
         counts = torch.bincount(rows, minlength=nchunks)
-        buffer = b"".join((counts.numpy().astype("<u2").tobytes(), scale.numpy().tobytes(),
+        buffer = b"".join((counts.numpy().astype("<u2").tobytes(), scale,
                            cols.numpy().astype("<u2").tobytes(), values.numpy().tobytes()))
         return runtime_pb2.Tensor(compression=CODEC_SPARSE, buffer=buffer, size=tensor.shape, dtype="float32")
 
@@ -110,7 +122,7 @@ class Sparse8Bit(CompressionBase):
         total = int(counts.sum())
         if len(buf) != 4 * nchunks + 3 * total:
             raise DecodeError(f"a sparse tensor of {total} values in {len(buf)} bytes")
-        scales = np.frombuffer(buf, dtype="<f2", count=nchunks, offset=2 * nchunks).astype(np.float32)
+        scales = _read_scales(buf, nchunks, offset=2 * nchunks)
         idx = np.frombuffer(buf, dtype="<u2", count=total, offset=4 * nchunks).astype(np.int64)
         vals = np.frombuffer(buf, dtype=np.int8, count=total, offset=4 * nchunks + 2 * total).astype(np.float32)
         chunk_of = np.repeat(np.arange(nchunks), counts)

@@ -121,13 +121,13 @@ class RobustReducer(ValidatingReducer):
     """ValidatingReducer that holds every sender's copy of the current part and reduces them with
     gptswarm/rounds/robust.py's rule instead of a running weighted sum. keys: a name per sender
     (None: leave it out, as the coordinator's own zeros); weights: per sender (read when the part
-    is reduced); history and scores: robust.History and {key: robust.PartScores}."""
+    is reduced); history, scores and stats: robust.History, {key: robust.PartScores} and robust.RoundStats."""
 
     def __init__(self, part_shapes, num_senders, sender_peer_ids, report, max_density=None, *, keys, weights,
-                 history, scores):
+                 history, scores, stats=None):
         self.received = {}
         super().__init__(part_shapes, num_senders, sender_peer_ids, report, max_density)
-        self.keys, self.weights, self.history, self.scores = keys, weights, history, scores
+        self.keys, self.weights, self.history, self.scores, self.stats = keys, weights, history, scores, stats
 
     def reset_accumulators(self):
         # from hivemind/averaging/partition.py, TensorPartReducer.reset_accumulators; changed: the
@@ -171,11 +171,18 @@ class RobustReducer(ValidatingReducer):
             p = self.current_part_index
             members = [i for i in sorted(self.received) if self.keys[i] is not None and self.weights[i] > 0
                        and p < self.sender_failed_after[i]]
-            if members:
-                result = aggregate_part(p, [self.received[i] for i in members], [self.weights[i] for i in members],
-                                        [self.keys[i] for i in members], self.history, self.scores)
-            else:
-                result = torch.zeros(self.part_shapes[p])
+            try:
+                if members:
+                    result = aggregate_part(p, [self.received[i] for i in members],
+                                            [self.weights[i] for i in members], [self.keys[i] for i in members],
+                                            self.history, self.scores, self.stats)
+                else:
+                    result = torch.zeros(self.part_shapes[p])
+            except Exception as e:  # the round fails now, with the reason, instead of at its timeout
+                self.current_part_future.set_exception(AllreduceException(f"the robust rule failed on part {p}: "
+                                                                          f"{type(e).__name__}: {e}"))
+                self.finalize()
+                return
             self.current_part_future.set_result(result)
             self.reset_accumulators()
 
@@ -200,7 +207,7 @@ class SwarmAllReduceRunner(AllReduceRunner):
         if robust is None:
             self.tensor_part_reducer = ValidatingReducer(shapes, len(self.sender_peer_ids), self.sender_peer_ids,
                                                          self.rejections, max_density)
-        else:  # {keys, history, scores}: robust aggregation, weighed by sender_weights
+        else:  # {keys, history, scores, stats}: robust aggregation, weighed by sender_weights
             self.tensor_part_reducer = RobustReducer(shapes, len(self.sender_peer_ids), self.sender_peer_ids,
                                                      self.rejections, max_density, weights=sender_weights, **robust)
         self._codec = codecs[0].compression_type
