@@ -1,5 +1,7 @@
 """What the worker trains while its round averages belongs to the next round, or to nobody."""
 
+import threading
+
 from gptswarm.worker.state import LeasedShard, SharedState
 
 
@@ -36,3 +38,34 @@ def test_steps_trained_ahead_are_dropped_when_the_round_did_not_include_us():
     s.next_round(4, keep_ahead=False)
     assert (s.round_tokens, s.lease_tokens(), s.completed, s.unannounced) == (0, [], [], [])
     assert not s.ahead_leases and not s.ahead_completed
+
+
+def test_a_lease_request_holds_one_rounds_finished_shards_and_claims():
+    """A shard trained wholly during an averaging is announced finished in the next round, with its
+    claims: the request is read in one critical section, whatever the round loop does meanwhile (read
+    under two locks, a round that moved between them got an honest worker a finish_refused)."""
+    s = SharedState()
+    stop = threading.Event()
+
+    def rounds():  # the round loop: each round, a shard trained ahead, then the next round opens
+        r = 0
+        while not stop.is_set():
+            with s.lock:
+                s.ahead, s.shard = True, shard(f"l-{r}")
+            s.trained(f"l-{r}", 100, 64, 2.0, 0.1)
+            s.finished_shard(f"l-{r}", 100, 2.0)
+            r += 1
+            s.next_round(r)
+
+    loop = threading.Thread(target=rounds)
+    loop.start()
+    try:
+        inconsistent = 0
+        for _ in range(20_000):
+            req = s.lease_request()
+            claimed = {t.lease_id for t in req.lease_tokens}
+            inconsistent += not set(req.finished_lease_ids) <= claimed
+    finally:
+        stop.set()
+        loop.join()
+    assert inconsistent == 0

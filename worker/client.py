@@ -83,16 +83,25 @@ class CoordinatorClient:
                     delay = self._backoff(delay, "coordinator unreachable" if code != grpc.StatusCode.RESOURCE_EXHAUSTED
                                           else "coordinator busy")
                     continue
-                if (code == grpc.StatusCode.UNAUTHENTICATED and method != "Join" and self.worker_id and not rejoined
-                        and self.identity is not None):
-                    with self.joining:  # the heartbeat thread and the round loop may both find out
-                        if self.session == session:
-                            self.join(*self.identity)  # our session ended: come back as the same worker
+                if method != "Join" and not rejoined and self.rejoin_if_ended(e, session):
                     rejoined = True
                     continue
                 if code in REFUSED:
                     raise UserError(f"the coordinator at {self.address} refused: {e.details()}") from None
                 raise
+
+    def rejoin_if_ended(self, error, session):
+        """If `error` (from a call made with `session`, a stream's included) says that our session
+        ended (expired, revoked), join again as the same worker, once for all the threads that find
+        out, and return True: the call must be made again, never retried with the ended session."""
+        code = getattr(error, "code", None)
+        if not (isinstance(error, grpc.RpcError) and callable(code) and code() == grpc.StatusCode.UNAUTHENTICATED
+                and self.worker_id and self.identity is not None):
+            return False
+        with self.joining:  # the heartbeat thread and the round loop may both find out
+            if self.session == session:
+                self.join(*self.identity)  # come back as the same worker
+        return True
 
     def join(self, name, device, peer_id):
         """Join as a new worker, or (with a saved worker id and secret) as the same one again."""

@@ -61,12 +61,13 @@ class Heartbeats:
     def beat(self):
         """One heartbeat now (also called by the round loop to learn of a new round at once)."""
         s = self.shared
-        with s.lock:
+        bytes_sent = self.bytes_sent()
+        with s.lock:  # the round and its claims in one critical section (the round loop may move it on)
             req = pb.HeartbeatRequest(round=s.round, tokens_per_second=s.tokens_per_second, state=s.state,
-                                      reason=s.reason, bytes_sent=self.bytes_sent())
-        req.lease_ids.extend(s.lease_ids())
-        req.lease_tokens.extend(s.lease_tokens())
-        req.loss = s.mean_loss()
+                                      reason=s.reason, bytes_sent=bytes_sent)
+            req.lease_ids.extend(s.lease_ids_locked())
+            req.lease_tokens.extend(pb.LeaseTokens(lease_id=k, tokens=v) for k, v in s.round_leases.items())
+            req.loss = sum(s.losses) / len(s.losses) if s.losses else 0.0
         try:
             resp = self.client.call("Heartbeat", req, timeout=5, retry=False)
         except Exception as e:

@@ -296,19 +296,18 @@ class Worker:
         """Lease a shard and download it into the shared state (as the next one if ahead): ("", 0)
         or (why not, seconds to wait before asking again)."""
         s = self.shared
-        with s.lock:
-            req = pb.LeaseRequest(round=s.round, finished_lease_ids=s.unannounced)
-        req.lease_tokens.extend(s.lease_tokens())
+        req = s.lease_request()
         resp = self.client.call("LeaseShard", req)
-        with s.lock:
-            s.unannounced = [i for i in s.unannounced if i not in req.finished_lease_ids]
+        s.announced(req.finished_lease_ids)
         if not resp.granted:
             return resp.reason, resp.retry_after or 1.0
+        session = self.client.session
         try:
             shard = download.shard(self.client, resp, self.shard_info, block_size=self.model.config.block_size,
                                    batch_size=self.trainer.cfg.batch_size)
         except (UserError, grpc.RpcError) as e:
             log.warning("shard download failed (%s); giving the lease back", download.why(e))
+            self.client.rejoin_if_ended(e, session)  # before giving it back, with a session that still works
             self.client.call("ReleaseLeases", pb.ReleaseRequest(lease_ids=[resp.lease_id]))
             return "shard download failed", 1.0
         with s.lock:
@@ -545,15 +544,21 @@ class Worker:
 
     def _sync_from_checkpoint(self, tries=8):
         self.shared.set("syncing", "downloading theta_global from the coordinator")
-        for attempt in range(tries):
+        attempt = 0
+        while True:
+            session = self.client.session
             try:
                 self.theta, self.momentum, round_, meta, digest = download.theta(self.client, self.spec)
                 break
             except (UserError, grpc.RpcError) as e:  # a round committed mid-download, the coordinator busy
-                if attempt == tries - 1:
+                attempt += 1
+                if attempt == tries:
                     raise UserError(f"cannot download theta_global: {download.why(e)}") from None
+                if self.client.rejoin_if_ended(e, session):  # a new session, not another try of the old one
+                    log.warning("%s; joined again, downloading again", download.why(e))
+                    continue
                 log.warning("%s; downloading again", download.why(e))
-                self._sleep(min(2 ** attempt, 30))
+                self._sleep(min(2 ** (attempt - 1), 30))
         self.tokens_trained = int(meta.get("tokens_trained", 0))
         self.shared.next_round(round_, keep_ahead=False)
         self._load_theta_into_model()

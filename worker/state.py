@@ -52,9 +52,12 @@ class SharedState:
 
     def lease_ids(self):
         with self.lock:
-            ids = [c[0] for c in self.completed + self.ahead_completed]
-            ids += [sh.lease_id for sh in (self.shard, self.next_shard) if sh is not None]
-            return ids
+            return self.lease_ids_locked()
+
+    def lease_ids_locked(self):
+        """Every lease we hold (under the lock)."""
+        ids = [c[0] for c in self.completed + self.ahead_completed]
+        return ids + [sh.lease_id for sh in (self.shard, self.next_shard) if sh is not None]
 
     def trained(self, lease_id, tokens, batch_tokens, loss, seconds):
         """One training step on lease_id of batch_tokens in `seconds`, of which `tokens` count."""
@@ -80,15 +83,25 @@ class SharedState:
                 self.unannounced.append(lease_id)
             self.shard = None
 
+    def lease_request(self):
+        """A LeaseRequest for our round: the shards we finished in it and our claims on its leases,
+        read in one critical section (a round that changed between them made the coordinator refuse
+        a finished shard whose claims were not in the same request)."""
+        with self.lock:
+            req = pb.LeaseRequest(round=self.round, finished_lease_ids=self.unannounced)
+            req.lease_tokens.extend(pb.LeaseTokens(lease_id=k, tokens=v) for k, v in self.round_leases.items())
+            return req
+
+    def announced(self, lease_ids):
+        """The coordinator was told these leases are finished."""
+        with self.lock:
+            self.unannounced = [i for i in self.unannounced if i not in lease_ids]
+
     def lease_tokens(self):
         """The round's claims, as the coordinator takes them: [LeaseTokens] (not what was trained
         ahead for the next round: that is claimed once the next round is open)."""
         with self.lock:
             return [pb.LeaseTokens(lease_id=k, tokens=v) for k, v in self.round_leases.items()]
-
-    def mean_loss(self):
-        with self.lock:
-            return sum(self.losses) / len(self.losses) if self.losses else 0.0
 
     def heard(self, view):
         """The coordinator answered a heartbeat."""
