@@ -29,6 +29,7 @@ import os
 import sys
 import time
 from multiprocessing import get_context
+from types import SimpleNamespace
 from pathlib import Path
 
 import torch
@@ -129,6 +130,7 @@ def simulate(config, text, rounds, aggregation, shadow=True):
     from gptswarm.rounds import DEFAULT_TOPK, outer_defaults
     from gptswarm.rounds.codecs import ErrorFeedback, decode
     from gptswarm.rounds.hivemind_ext import CODECS as CODEC_PAIRS
+    from gptswarm.rounds.hivemind_ext import ValidatingReducer
     from gptswarm.rounds.outer import outer_step, pseudo_gradient
     from gptswarm.rounds.robust import History, PartScores, RoundStats, aggregate_part
     from gptswarm.rounds.theta import theta_views
@@ -186,12 +188,20 @@ def simulate(config, text, rounds, aggregation, shadow=True):
                 serialized = send.compress(part, CompressionInfo.from_tensor(part))
                 parts.append(decode(serialized, part.numel()))
             contributions.append((wk["key"], n_steps * batch * block, parts))
-        keys = [k for k, _, _ in contributions]
-        weights = [float(t) for _, t, _ in contributions]
         scores, stats = {}, RoundStats(observe=honest.observe)
-        averaged = []
+        averaged, invalid = [], set()
+        shapes = SimpleNamespace(num_parts=len(contributions[0][2]), part_shapes=[x.shape for x in contributions[0][2]],
+                                 max_density=DEFAULT_TOPK if codec_name == "topk" else None)
         for p in range(len(contributions[0][2])):
-            member_parts = [c[2][p] for c in contributions]
+            # the reducer's validation first (hivemind_ext.ValidatingReducer): a sender whose part cannot
+            # be a pseudo-gradient (not finite, too large an entry, denser than the run's top-k) is out
+            for k, t, parts in contributions:
+                if k not in invalid and ValidatingReducer.reason_to_reject(shapes, p, parts[p], float(t)):
+                    invalid.add(k)
+            members = [c for c in contributions if c[0] not in invalid]
+            keys = [k for k, _, _ in members]
+            weights = [float(t) for _, t, _ in members]
+            member_parts = [c[2][p] for c in members]
             mean = sum(wt / sum(weights) * x.float() for wt, x in zip(weights, member_parts))
             if aggregation == "robust":
                 result = aggregate_part(p, member_parts, weights, keys, history, scores, stats)
@@ -210,8 +220,9 @@ def simulate(config, text, rounds, aggregation, shadow=True):
             out["min_standing"] = round(min(standing + [out.get("min_standing", math.inf)]), 2)
         if "bad" in history.standing:
             out["bad_standing_max"] = round(max(history.standing["bad"], out.get("bad_standing_max", -math.inf)), 2)
-        flagged = [k for k, s in scores.items() if s.flagged()]
-        out_of_average = [k for k, s in scores.items() if s.flagged() or s.mostly_left_out()]
+        flagged = [k for k, s in scores.items() if s.flagged() or k in invalid] + [k for k in invalid if k not in scores]
+        out_of_average = [k for k, s in scores.items() if s.flagged() or s.mostly_left_out()] + sorted(invalid)
+        keys = [k for k, _, _ in contributions]
         out["bad_flagged"] = out.get("bad_flagged", 0) + ("bad" in flagged)
         flagged = [k for k in flagged if k != "bad"]
         out["flagged"] += len(flagged)

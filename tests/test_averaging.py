@@ -114,3 +114,21 @@ def test_only_members_reach_the_average(swarm):
         # the intruder's 1000s are nowhere
         assert (red.averaged[k] - sent[k]).norm() < max(0.02, TOLERANCE[codec]) * sent[k].norm()
 
+
+
+def test_agreement_is_not_an_attack(swarm):
+    """Through real peers: two honest members that point almost the same way (a step or two per round:
+    AdamW's moments dominate) are not copies, and two that point against each other are averaged, with
+    the round's stats saying so; the round commits with both either way."""
+    codec, reducer, contributors, _ = swarm
+    if reducer.history is None:
+        pytest.skip("the plain mean has no rule to test")
+    base = filled(1.0)
+    near = {k: v + 0.1 * v.norm() / v.numel() ** 0.5 * torch.randn_like(v) for k, v in base.items()}  # cosine 0.995
+    red, outs = run_round(reducer, contributors, [base, near], [2, 2], round_=10)
+    assert red.ok and all(o.ok for o in outs) and red.included == {"w0": 2, "w1": 2}, red.rejected
+    assert not red.stats.rescued and red.stats.left_out_fraction() == 0
+    opposed = {k: -0.5 * v for k, v in filled(1.0).items()}
+    red, outs = run_round(reducer, contributors, [filled(1.0), opposed], [2, 2], round_=11)
+    assert red.ok and red.included == {"w0": 2, "w1": 2}, red.rejected
+    assert red.stats.rescued and red.stats.parts_lost == 0 and "in conflict" in red.stats.rescue_summary()

@@ -20,9 +20,9 @@ of at most half a megabyte); for each part the coordinator holds every member's 
      where the typical member agrees by more than Z_SIGNAL deviations (there is a direction to
      agree with) from a member whose standing is poor or unknown: its parts so far this round,
      taken together, do not agree with its peers' by Z_STANDING deviations (before STANDING_PARTS
-     parts, its last round's standing counts). Where the typical member agrees by less (the part
-     says little), a member of poor standing is left out on that evidence alone. Its agreement is
-     its k-th best cosine
+     parts, its last round's standing counts); and a member whose standing is below -Z_AGAINST (its
+     parts point against the others') is left out of any part it does not clearly agree with. Its
+     agreement is its k-th best cosine
      with another member, k = ceil((m - 1) / 2) of the m members left: with an honest majority,
      every honest member has that many honest peers. A noise deviation is what the cosine of two
      unrelated vectors with these values scatters by, sqrt(sum a_i^2 b_i^2) / (|a| |b|), about
@@ -32,9 +32,9 @@ of at most half a megabyte); for each part the coordinator holds every member's 
    - in conflict (exactly two members): their cosine is below -COS_FLOOR and below -Z_AGAINST
      noise deviations.
    In a part of fewer than MIN_PART values (a bias, a LayerNorm's weights), cosines say little:
-   the norm rule applies there; a member left out of most of its values so far this round for what
-   it sent is left out there too, for the same reason, and (three members or more, once there is
-   evidence of it) so is a member whose standing is poor.
+   the norm rule applies there, a member left out of most of its values so far this round for
+   what it sent is left out there too, for the same reason, and (three members or more) so is a
+   member whose standing is below -Z_AGAINST.
 2. agreement is not an attack: when every member of a part would be left out and some of them
    only for their direction (pointing elsewhere, in conflict), the rule has lost its footing, not
    found an attack: those members are averaged as they are (clipped), nobody is charged for the
@@ -49,8 +49,8 @@ The thresholds come from honest swarms measured across the configurations operat
 blocks of 64 and 256, fp16, 8-bit and top-k. Measured there (every part of at least MIN_PART values,
 every round): the closest two honest members came is a relative distance of HONEST["peer_dist"],
 the closest an honest member came to its own previous contribution HONEST["own_dist"], and to the
-previous average HONEST["average_dist"]; the lowest honest agreement relative to its noise
-HONEST["agreement_z"]; the largest honest norm ratio to the reference HONEST["norm_ratio"].
+previous average HONEST["average_dist"]; the largest honest norm ratio to the reference
+HONEST["norm_ratio"]; the lowest honest standing HONEST["standing"] (in noise deviations).
 
 Breakdown point: the norm reference is a median and an honest member's agreement only needs
 ceil((m - 1) / 2) honest peers, so fewer than half of the members (by count) being hostile cannot
@@ -85,7 +85,7 @@ STANDING_PARTS = 3  # while it has sent fewer than this many parts of MIN_PART v
 COPY_DIST = 0.02  # parts closer than this (|a - b| / |b|) are copies of each other
 SKETCH = 1024  # count-sketch buckets kept per part and member between rounds (a distance estimate within ~5%)
 FLAG_FRACTION = 0.5  # a member left out of at least this fraction of its values is flagged for the round
-MIN_PART = 1024  # in a smaller part (a bias, a LayerNorm), cosines say little: only the norm rule applies
+MIN_PART = 1024  # in a smaller part (a bias, a LayerNorm), cosines say little: the norm rule and the member's larger parts decide
 # what honest work looked like over the whole sweep (bench/results/honest.json; the thresholds above
 # keep a margin from each)
 HONEST = {"peer_dist": None, "own_dist": None, "average_dist": None, "agreement_z": None, "norm_ratio": None}
@@ -294,14 +294,14 @@ def aggregate_part(part_index, parts, weights, keys, history, scores, stats=None
                 out[i] = "pointing elsewhere"  # against the others
             elif signal and weak and a < Z_AGREE * view.sigma and (standing is None or standing < Z_STANDING):
                 out[i] = "pointing elsewhere"  # nowhere in particular (noise, a constant), and no better before
-            elif not signal and standing is not None and standing < Z_STANDING:
-                out[i] = "pointing elsewhere"  # this part says little; the member's standing says enough
+            elif standing is not None and standing < -Z_AGAINST and a < Z_AGREE * view.sigma:
+                out[i] = "pointing elsewhere"  # its parts so far point against the others', and this one agrees no better
     elif len(sane) == 2 and cos[sane[0], sane[1]] < -max(COS_FLOOR, Z_AGAINST * view.sigma):
         out.update({i: "in conflict" for i in sane})  # one of two is wrong; which, nobody can tell
     if not telling:
         # a small part's direction says nothing; the member's larger parts so far do: one left out of
-        # most of them for what it sent is left out here too, and (three members or more) one whose
-        # standing is poor
+        # most of them for what it sent is left out here too, and so is one whose parts point against
+        # the others'
         for i in range(n):
             s = scores.get(keys[i])
             own = {r: c for r, c in s.reasons.items() if r != "in conflict"} if s is not None else {}
@@ -311,7 +311,7 @@ def aggregate_part(part_index, parts, weights, keys, history, scores, stats=None
                 out[i] = max(own, key=own.get)
             elif n >= 3:
                 z = history.standing_of(keys[i], scores, [keys[j] for j in range(n) if j != i], n // 2)
-                if z is not None and z < Z_STANDING:
+                if z is not None and z < -Z_AGAINST:
                     out[i] = "pointing elsewhere"
     kept = [i for i in range(n) if i not in out]
     if not kept and any(r in DIRECTION for r in out.values()):
