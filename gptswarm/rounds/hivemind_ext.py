@@ -219,6 +219,14 @@ class SwarmAllReduceRunner(AllReduceRunner):
                              + [1])
         self._replies_closed = set()  # sender indices whose reply stream has ended or holds every part
 
+    def finalize(self, *, cancel=False, exception=None):
+        # hivemind's AllReduceRunner.finalize, called with the CancelledError of a peer that stops
+        # mid-averaging (a worker's Ctrl+C), stores it in a future nobody reads, which asyncio then logs
+        # as a traceback: a cancellation cancels the future instead
+        if isinstance(exception, asyncio.CancelledError):
+            cancel, exception = True, None
+        super().finalize(cancel=cancel, exception=exception)
+
     async def replies_sent(self, timeout):
         """Wait (up to `timeout` s) until every other sender has its last reply counted, its stream
         has ended, or it has been excluded: only then does bytes_sent hold every reply sent."""
