@@ -97,5 +97,6 @@ def test_a_hostile_worker_is_left_out_flagged_and_quarantined(attack, tmp_path, 
     shown = workers["hostile"]  # on the status page, with the reason
     assert shown["quarantined"] and shown["state"] == "quarantined" and "flagged in 2" in shown["reason"]
     # the honest workers were never flagged, and the model trained as in the clean run
-    assert not ledger(sd, "SELECT 1 FROM contributions WHERE worker_id != ? AND flagged = 1", (hostile,))
+    assert not ledger(sd, "SELECT round, worker_id, reason FROM contributions WHERE worker_id != ? AND flagged = 1",
+                      (hostile,))
     assert val_loss <= clean + 0.15, (val_loss, clean)
