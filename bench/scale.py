@@ -27,7 +27,6 @@ import math
 import os
 import re
 import signal
-import sqlite3
 import statistics
 import subprocess
 import sys
@@ -39,6 +38,7 @@ from pathlib import Path
 
 from bench.procs import Children
 from bench.swarm import EXE, json_records, usage
+from gptswarm.coordinator.ledger import LedgerView
 
 HERE = Path(__file__).resolve().parent
 MODEL = ["--model", "gpt-micro", "--block-size", "64"]
@@ -53,41 +53,26 @@ def simulate(args):
     import torch
 
     from gptswarm.logs import setup_logging
-    from gptswarm.worker import throughput
     from gptswarm.worker.config import WorkerConfig
     from gptswarm.worker.loop import Worker
 
     setup_logging(json_logs=True)
     torch.set_num_threads(1)
-    step = args.step_seconds
-    throughput.measure = lambda model_config, train, device, state_dir: (
-        train.batch_size * model_config.block_size / step, train.batch_size)
-    latencies = defaultdict(list)
+    step, loss = args.step_seconds, torch.tensor(2.0)
+    latencies, lock = defaultdict(list), threading.Lock()  # every worker thread's RPCs, under the lock
 
-    class SimulatedWorker(Worker):
-        """A Worker whose training step is a sleep (its model does not move)."""
+    def timed(method, seconds):
+        with lock:
+            latencies[method].append(seconds)
 
-        def __init__(self, config):
-            super().__init__(config)
-            call = self.client.call
+    def speed(model_config, train, device, state_dir):  # no benchmark: the sleep's speed
+        return train.batch_size * model_config.block_size / step, train.batch_size
 
-            def timed(method, request, **kw):
-                t0 = time.perf_counter()
-                try:
-                    return call(method, request, **kw)
-                finally:
-                    latencies[method].append(time.perf_counter() - t0)
-
-            self.client.call = timed
-
-        def _bootstrap(self):
-            super()._bootstrap()
-            loss = torch.tensor(2.0)
-            self.trainer.train_step = lambda x, y: time.sleep(step) or loss
-
-    workers = [SimulatedWorker(WorkerConfig(join=args.join, token="bench", tls_fingerprint=args.pin,
-                                            plaintext=not args.pin, device="cpu", name=f"{args.prefix}{i}",
-                                            state_dir=Path(args.state_root) / f"{args.prefix}{i}"))
+    workers = [Worker(WorkerConfig(join=args.join, token="bench", tls_fingerprint=args.pin, plaintext=not args.pin,
+                                   device="cpu", name=f"{args.prefix}{i}",
+                                   state_dir=Path(args.state_root) / f"{args.prefix}{i}"),
+                      step=lambda x, y: time.sleep(step) or loss, speed=speed,  # a step is a sleep: the model stays
+                      on_rpc=timed)
                for i in range(args.simulate)]
     threads = [threading.Thread(target=w.run, name=w.name, daemon=True) for w in workers]
     signal.signal(signal.SIGTERM, lambda *_: [w.request_stop() for w in workers])
@@ -96,7 +81,8 @@ def simulate(args):
         time.sleep(0.2)  # joins spread a little, as volunteers' do
     for t in threads:
         t.join()
-    Path(args.out).write_text(json.dumps(latencies))
+    with lock:
+        Path(args.out).write_text(json.dumps(latencies))
 
 
 # --- one measurement ---
@@ -177,14 +163,11 @@ def measure(n, text, workdir, *, rounds, step_seconds, steps_per_round, per_proc
         raise RuntimeError(f"N={n}: no round with all {n} workers in {timeout} s; see {workdir}")
     full = records[first + 1:first + 1 + rounds]  # the first may have begun before all joined
     rounds_of = {r["round"] for r in full}
-    db = sqlite3.connect(sd / "ledger.sqlite")
-    rows = {r: (t, b) for r, t, b in db.execute("SELECT round, ended_at - started_at, bytes_sent FROM rounds "
-                                                 "WHERE state = 'done'")}
-    incomplete = db.execute("SELECT COUNT(*) FROM rounds WHERE state IN ('failed', 'rejected') AND round "
-                            "BETWEEN ? AND ?", (min(rounds_of), max(rounds_of))).fetchone()[0]  # not the stop's
-    worker_bytes = db.execute("SELECT COALESCE(SUM(bytes_sent), 0) FROM workers").fetchone()[0]
-    contributions = db.execute("SELECT COALESCE(SUM(contributors), 0) FROM rounds WHERE state = 'done'").fetchone()[0]
-    db.close()
+    with LedgerView(sd / "ledger.sqlite") as ledger:
+        rows = ledger.round_timings()
+        incomplete = ledger.incomplete_rounds(min(rounds_of), max(rounds_of))  # not the stop's
+        worker_bytes = ledger.averaging_totals()["worker_bytes"]
+        contributions = ledger.contributions_total()
     latencies = defaultdict(list)
     for f in workdir.glob("sim*.json"):
         for method, values in json.loads(f.read_text()).items():

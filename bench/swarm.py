@@ -17,7 +17,6 @@ import re
 import shlex
 import shutil
 import signal
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -26,7 +25,9 @@ from pathlib import Path
 
 from bench.netns import Net, available
 from bench.procs import Children
+from gptswarm.coordinator.ledger import LedgerView
 from gptswarm.rounds import COMPRESSIONS, DEFAULT_TOPK
+from gptswarm.states import RoundState
 
 SCRIPT = Path(sys.executable).with_name("gptswarm")
 EXE = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "gptswarm"]  # installed, or run in place
@@ -75,12 +76,9 @@ def cpu_seconds(pid):
 
 
 def done_rounds(sd):
-    db = sqlite3.connect(f"file:{Path(sd) / 'ledger.sqlite'}?mode=ro", uri=True, timeout=5)
-    try:
-        return db.execute("SELECT round, tokens, val_loss, ended_at FROM rounds WHERE state = 'done' "
-                          "ORDER BY round").fetchall()
-    finally:
-        db.close()
+    """The run's committed rounds so far, in order: [(round, tokens, val_loss, ended_at)]."""
+    with LedgerView(Path(sd) / "ledger.sqlite") as ledger:
+        return [(r["round"], r["tokens"], r["val_loss"], r["ended_at"]) for r in ledger.done_rounds()]
 
 
 def run_swarm(text, tokens, sd, tokens_per_round=48_000, compression="fp16", outer_lr=None, outer_momentum=None,
@@ -165,22 +163,19 @@ def run_swarm(text, tokens, sd, tokens_per_round=48_000, compression="fp16", out
            "coordinator_cpu_seconds": cpu}
     history = [list(r[:3]) for r in done_rounds(sd)]
     out["rounds"], out["tokens_swarm"], out["history"] = len(history), sum(r[1] for r in history), history
-    db = sqlite3.connect(sd / "ledger.sqlite")
-    # what each worker's averaging messages came to as they left the process, and (namespaces) at its interface
-    out["averaging_bytes_per_worker"] = [n for (n,) in db.execute("SELECT bytes_sent FROM workers WHERE name != "
-                                                                  "'hostile' ORDER BY name")]
-    (out["round_seconds"], out["averaging_seconds"]), = db.execute(
-        "SELECT AVG(ended_at - started_at), AVG(averaging_seconds) FROM rounds WHERE state = 'done'")
-    out["rejected_rounds"] = db.execute("SELECT COUNT(*) FROM rounds WHERE state = 'rejected'").fetchone()[0]
-    flags = dict(db.execute("SELECT w.name = 'hostile', SUM(c.flagged) FROM contributions c JOIN workers w ON "
-                            "w.id = c.worker_id GROUP BY 1").fetchall())
-    out["honest_flagged"], out["hostile_flagged"] = flags.get(0, 0), flags.get(1, 0) if hostile else None
-    if hostile:
-        out["hostile_rounds"] = db.execute("SELECT COUNT(*) FROM contributions c JOIN workers w ON w.id = c.worker_id "
-                                           "WHERE w.name = 'hostile' AND c.included IS NOT NULL").fetchone()[0]
-        out["hostile_quarantined"] = db.execute("SELECT quarantined_at IS NOT NULL FROM workers WHERE name = "
-                                                "'hostile'").fetchone()[0] == 1
-    db.close()
+    with LedgerView(sd / "ledger.sqlite") as ledger:
+        # what each worker's averaging messages came to as they left the process, and (namespaces) at its interface
+        out["averaging_bytes_per_worker"] = [r["bytes_sent"] for r in ledger.bytes_sent_by_workers()
+                                             if r["name"] != "hostile"]
+        out["round_seconds"], out["averaging_seconds"] = ledger.done_round_means()
+        out["rejected_rounds"] = ledger.round_counts().get(RoundState.REJECTED, 0)
+        by_name = ledger.contributions_by_name()
+        hostile_row = by_name.get("hostile", {"judged": 0, "flagged": 0})
+        out["honest_flagged"] = sum(c["flagged"] for name, c in by_name.items() if name != "hostile")
+        out["hostile_flagged"] = hostile_row["flagged"] if hostile else None
+        if hostile:
+            out["hostile_rounds"] = hostile_row["judged"]
+            out["hostile_quarantined"] = any(w["name"] == "hostile" for w in ledger.quarantined_workers())
     if sent:
         out["wire_bytes_per_worker"], out["wire_bytes_coordinator"] = sent[1:], sent[0]
     records = [list(json_records(sd / f"worker{i}.log")) for i in range(workers)]

@@ -32,11 +32,13 @@ def source_of(peer):
 
 class RateLimiter:
     """A token bucket per key: `burst` at once, then `per_second`. Remembers at most `max_keys`
-    keys (the least recently used are forgotten, as if full again)."""
+    keys (the least recently used are forgotten, as if full again). Threads: any; buckets and
+    refused (how many calls were refused) are under self.lock."""
 
     def __init__(self, *, burst, per_second, max_keys=10_000, clock=time.monotonic):
         self.burst, self.per_second, self.max_keys, self.clock = burst, per_second, max_keys, clock
         self.buckets = OrderedDict()  # key -> (tokens, at)
+        self.refused = 0
         self.lock = threading.Lock()
 
     def allow(self, key):
@@ -48,6 +50,8 @@ class RateLimiter:
             ok = tokens >= 1
             if ok:
                 tokens -= 1
+            else:
+                self.refused += 1
             self.buckets[key] = (tokens, now)
             while len(self.buckets) > self.max_keys:
                 self.buckets.popitem(last=False)

@@ -3,10 +3,9 @@
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from gptswarm.coordinator.service import WORKER_STATES
 from gptswarm.coordinator.status import NOT_LEARNING_ROUNDS, not_learning, snapshot
+from gptswarm.states import RoundState, ShardState, WorkerState
 
-WORKER_STATES = (*WORKER_STATES, "offline", "quarantined")
 HEALTH_STATES = ("healthy", "degraded", "warning", "stalled", "finished")
 
 
@@ -43,7 +42,7 @@ class SwarmCollector:
                         "of the last finished round's average", recent[-1]["left_out"])
         rounds = CounterMetricFamily("gptswarm_rounds", "Finished rounds by outcome", labels=["outcome"])
         counts = ledger.round_counts()
-        for outcome in ("done", "failed", "rejected"):
+        for outcome in (RoundState.DONE, RoundState.FAILED, RoundState.REJECTED):
             rounds.add_metric([outcome], counts.get(outcome, 0))
         yield rounds
         totals = ledger.averaging_totals()
@@ -64,19 +63,19 @@ class SwarmCollector:
         yield refused
         workers = GaugeMetricFamily("gptswarm_workers", "Workers by state", labels=["state"])
         by_state = snap["worker_counts"]["by_state"]
-        for state in WORKER_STATES:
+        for state in WorkerState:
             workers.add_metric([state], by_state.get(state, 0))
         yield workers
         service = c.service
         if service is not None:
             yield CounterMetricFamily("gptswarm_joins_rate_limited", "Joins refused by the per-network rate limit",
-                                      value=service.join_rate_limited)
+                                      value=service.joins.refused)
             yield gauge("gptswarm_downloads_open", "Shard and checkpoint downloads being served",
                         service.streams.count())
             yield CounterMetricFamily("gptswarm_downloads_stalled", "Downloads cancelled because their client "
                                       "stopped reading", value=service.streams.cancelled)
         shards = GaugeMetricFamily("gptswarm_shards", "Shards of the current epoch by state", labels=["state"])
-        for state in ("pending", "leased", "done"):
+        for state in ShardState:
             shards.add_metric([state], snap["shards"][state])
         yield shards
         yield gauge("gptswarm_epoch", "Current data epoch", snap["shards"]["epoch"])

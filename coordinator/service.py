@@ -25,6 +25,7 @@ from gptswarm.errors import UserError
 from gptswarm.proto import PROTOCOL_VERSION
 from gptswarm.proto import gptswarm_pb2 as pb
 from gptswarm.proto import gptswarm_pb2_grpc as pb_grpc
+from gptswarm.states import REPORTED_STATES
 
 log = logging.getLogger("gptswarm.coordinator")
 CHUNK = 1 << 20
@@ -34,17 +35,18 @@ MAX_COUNT = 1 << 53  # the largest count (tokens, bytes, rounds) a request may c
 MAX_IDS = 256  # lease ids in one request
 MAX_ID_LEN = 64
 MAX_PEER_ID_LEN = 128
-WORKER_STATES = ("joining", "syncing", "training", "averaging", "waiting", "paused", "finishing")
 
 
 class CoordinatorService(pb_grpc.CoordinatorServicer):
+    """Threads: gRPC's pool calls every RPC at once; the service keeps no state of its own beyond
+    its limiters (each under its own lock) and asks the Coordinator for everything else."""
+
     def __init__(self, coord):
-        self.coord = coord  # coordinator.server.Coordinator: ledger, settings, round state
+        self.coord = coord  # coordinator.server.Coordinator: what a worker may do is decided there
         cfg = coord.config
         self.joins = RateLimiter(burst=cfg.join_burst, per_second=cfg.joins_per_second)
         self.streams = StreamGuard(per_session=cfg.streams_per_session, total=cfg.streams_total,
                                    stall_seconds=cfg.stream_stall_seconds)
-        self.join_rate_limited = 0  # joins refused by the rate limit (counted here, not in the ledger)
 
     # --- authentication and checks ---
 
@@ -52,17 +54,15 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         md = dict(context.invocation_metadata())
         auth = md.get("authorization", "")
         session = auth[7:] if auth.startswith("Bearer ") else ""
-        worker = self.coord.ledger.worker_for_session(session, self.coord.config.session_ttl) if session else None
+        worker = self.coord.authenticate(session)
         if worker is None:
             context.abort(grpc.StatusCode.UNAUTHENTICATED,
                           "missing, expired or revoked session: join (again) with the swarm token")
-        if worker["left_at"] is not None:
-            worker = self.coord.come_back(worker)
         return worker
 
     def _invalid(self, context, worker, what):
         """Refuse a malformed request: counted against the worker, answered INVALID_ARGUMENT."""
-        self.coord.ledger.refuse("invalid_request", what, worker["id"] if worker else "")
+        self.coord.refuse("invalid_request", what, worker["id"] if worker else "")
         context.abort(grpc.StatusCode.INVALID_ARGUMENT, what)
 
     def _count(self, context, worker, value, what):
@@ -111,21 +111,19 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         source = source_of(context.peer())
         allowed, wait = self.joins.allow(source)
         if not allowed:
-            self.join_rate_limited += 1
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                           f"too many joins from your network: retry in {math.ceil(wait)} s")
         if not request.token or not hmac.compare_digest(request.token.encode(), self.coord.token.encode()):
-            self.coord.ledger.refuse_source("auth_failed", "a join with a wrong or missing swarm token", source)
+            self.coord.refuse_source("auth_failed", "a join with a wrong or missing swarm token", source)
             context.abort(grpc.StatusCode.UNAUTHENTICATED,
                           "wrong or missing swarm token: set GPTSWARM_TOKEN (or --token-file) to the token the "
                           "operator gave you")
         peer_id = self._peer_id(context, None, request.peer_id)
         if len(request.worker_id) > MAX_ID_LEN or len(request.worker_secret) > MAX_ID_LEN:
             self._invalid(context, None, "worker id or secret too long")
-        owner = self.coord.ledger.peer_owner(peer_id)
+        owner = self.coord.peer_owner(peer_id)
         if owner is not None and owner != request.worker_id:
-            self.coord.ledger.refuse("peer_id_taken", f"a join tried to register peer id {peer_id}, which another "
-                                     "worker holds")
+            self.coord.refuse("peer_id_taken", f"a join tried to register peer id {peer_id}, which another worker holds")
             context.abort(grpc.StatusCode.ALREADY_EXISTS, "that hivemind peer id is registered by another worker")
         cfg = self.coord.config
         if request.worker_id:
@@ -134,9 +132,8 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                 log.info("worker %s came back from %s", request.worker_id, source)
                 return pb.JoinResponse(worker_id=request.worker_id, session=session, session_ttl=cfg.session_ttl,
                                        run_id=self.coord.settings.run_id, protocol_version=PROTOCOL_VERSION)
-            if self.coord.ledger.worker(request.worker_id) is not None:
-                self.coord.ledger.refuse_source("resume_refused", "a join as a known worker without its secret",
-                                                source)
+            if self.coord.known_worker(request.worker_id):
+                self.coord.refuse_source("resume_refused", "a join as a known worker without its secret", source)
             if owner is not None:
                 context.abort(grpc.StatusCode.ALREADY_EXISTS, "that hivemind peer id is registered by another worker")
         name = (request.name or "anonymous").strip()[:64]
@@ -147,7 +144,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
 
     def RegisterPeer(self, request, context):
         w = self._worker(context)
-        ok, detail = self.coord.ledger.register_peer(w["id"], self._peer_id(context, w, request.peer_id))
+        ok, detail = self.coord.register_peer(w["id"], self._peer_id(context, w, request.peer_id))
         if not ok:
             context.abort(grpc.StatusCode.ALREADY_EXISTS, detail)
         return pb.RegisterPeerResponse()
@@ -172,13 +169,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         round_ = self._count(context, w, request.round, "round")
         finished = self._ids(context, w, request.finished_lease_ids, "finished lease ids")
         claims = self._lease_tokens(context, w, request.lease_tokens)
-        if finished or claims:
-            c.ledger.finish_leases(w["id"], finished, current_round=c.round_view()["round"], round_=round_,
-                                   lease_tokens=claims)
-        ok, reason = c.may_train(w, round_)
-        if not ok:
-            return pb.LeaseResponse(granted=False, reason=reason, retry_after=c.config.heartbeat_interval)
-        lease = c.ledger.lease(w["id"], round_)
+        lease = c.lease(w, round_, finished, claims)
         if isinstance(lease, str):
             return pb.LeaseResponse(granted=False, reason=lease, retry_after=c.config.heartbeat_interval)
         return pb.LeaseResponse(granted=True, **lease)
@@ -186,27 +177,16 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
     def Heartbeat(self, request, context):
         w = self._worker(context)
         c = self.coord
-        if request.state not in WORKER_STATES:
+        if request.state not in REPORTED_STATES:
             self._invalid(context, w, f"unknown worker state {request.state[:32]!r}")
-        r = c.round_view()
-        deadline, lost = c.ledger.heartbeat(
-            w["id"], current_round=r["round"], round_=self._count(context, w, request.round, "round"),
+        return pb.HeartbeatResponse(**c.heartbeat(
+            w, round_=self._count(context, w, request.round, "round"),
             lease_tokens=self._lease_tokens(context, w, request.lease_tokens),
             tps=self._real(context, w, request.tokens_per_second, "tokens per second", 1e12),
             state=request.state, reason=request.reason[:200],
             lease_ids=self._ids(context, w, request.lease_ids, "lease ids"),
             bytes_sent=self._count(context, w, request.bytes_sent, "bytes sent"),
-            loss=self._real(context, w, request.loss, "loss", 1e6) or None)
-        may, _ = c.may_train(w, r["round"])
-        tokens = c.ledger.round_tokens(r["round"])
-        c.round_reached(r["round"], tokens)
-        return pb.HeartbeatResponse(round=r["round"], phase=r["phase"], theta_hash=r["theta_hash"], may_train=may,
-                                    lease_deadline=deadline, expired_lease_ids=lost,
-                                    tokens_trained=r["tokens_trained"], finished=r["finished"],
-                                    swarm_round_tokens=tokens,
-                                    swarm_tokens_per_second=c.ledger.swarm_tokens_per_second(),
-                                    tokens_per_round=c.round_target(),
-                                    fast_beat_seconds=c.fast_beat_seconds())
+            loss=self._real(context, w, request.loss, "loss", 1e6) or None))
 
     def _stream(self, context, worker, chunks):
         """chunks, sent while this download holds one of the server's few stream slots."""
@@ -217,11 +197,9 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
 
     def GetShard(self, request, context):
         w = self._worker(context)
-        lease = self.coord.ledger.lease_row(request.lease_id[:MAX_ID_LEN]) if request.lease_id else None
-        if lease is None or lease["worker_id"] != w["id"] or lease["state"] != "active":
-            self.coord.ledger.refuse("shard_without_lease", "asked for a shard it holds no active lease on", w["id"])
+        raw = self.coord.shard_tokens(w, request.lease_id[:MAX_ID_LEN])
+        if raw is None:
             context.abort(grpc.StatusCode.PERMISSION_DENIED, "no active lease of yours with that id: lease a shard first")
-        raw = self.coord.train_shards[lease["shard_idx"]].tokens.tobytes()
         return self._stream(context, w, (pb.DataChunk(data=raw[i:i + CHUNK]) for i in range(0, len(raw), CHUNK)))
 
     def ReportShard(self, request, context):
@@ -230,13 +208,13 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             self._invalid(context, w, "lease id too long")
         round_ = self._count(context, w, request.round, "round")
         loss = self._real(context, w, request.loss, "loss", 1e6)
-        ok, detail = self.coord.ledger.report(w["id"], request.lease_id, round_, loss)
+        ok, detail = self.coord.report(w["id"], request.lease_id, round_, loss)
         return pb.ReportResponse(accepted=ok, detail=detail)
 
     def ReleaseLeases(self, request, context):
         w = self._worker(context)
         ids = set(self._ids(context, w, request.lease_ids, "lease ids"))
-        return pb.ReleaseResponse(released=self.coord.ledger.release(w["id"], ids))
+        return pb.ReleaseResponse(released=self.coord.release(w["id"], ids))
 
     def GetAveragingGroup(self, request, context):
         w = self._worker(context)
@@ -275,7 +253,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
 
     def Leave(self, request, context):
         w = self._worker(context)
-        self.coord.ledger.leave(w["id"])
+        self.coord.leave(w["id"])
         log.info("worker %s (%s) left", w["id"], w["name"])
         return pb.LeaveResponse()
 

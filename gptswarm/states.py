@@ -15,6 +15,14 @@ class Phase(StrEnum):
     AVERAGING = "averaging"
 
 
+class Place(StrEnum):
+    """A worker's place in a round's averaging (GetAveragingGroup's answer, AveragingGroup.state)."""
+    MEMBER = "member"  # send your contribution to the reducer, with this weight
+    WAIT = "wait"  # the round is not averaging yet: ask again in retry_after seconds
+    OVER = "over"  # the round has ended
+    NOT_MEMBER = "not_member"  # not in its group (detail says why)
+
+
 class RoundState(StrEnum):
     """A round in the ledger (and in GetRoundResult's answer)."""
     TRAINING = "training"

@@ -26,6 +26,8 @@ class Process:
     def __init__(self, args, env=None, exe=EXE, cwd=None):
         self.args = args
         self.lines = []
+        logs = os.environ.get("GPTSWARM_TEST_LOGS")  # a folder: each process's output is kept there too
+        self.log = open(Path(logs) / f"{time.time():.3f}-{Path(str(args[0])).name}.log", "w") if logs else None
         self.p = subprocess.Popen([*([exe] if exe else []), *map(str, args)], stdout=subprocess.PIPE,
                                   stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=True, cwd=cwd,
                                   env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
@@ -34,6 +36,9 @@ class Process:
     def _pump(self):
         for line in self.p.stdout:
             self.lines.append(line.rstrip("\n"))
+            if self.log is not None:
+                self.log.write(line)
+                self.log.flush()
 
     def output(self):
         return "\n".join(self.lines)

@@ -55,7 +55,7 @@ def test_the_coordinator_paces_fast_beats_by_the_swarm_size(tmp_path):
 
     class Swarm:  # the one method's state, on a real ledger
         fast_beat_seconds = Coordinator.fast_beat_seconds
-        _online, _online_at = 0, float("-inf")
+        _online = (0, float("-inf"))
         ledger = Ledger(tmp_path / "ledger.sqlite", lease_seconds=60, heartbeat_interval=1.0)
 
     c = Swarm()
@@ -63,5 +63,5 @@ def test_the_coordinator_paces_fast_beats_by_the_swarm_size(tmp_path):
     for i in range(2 * FAST_BEATS_PER_SECOND):
         c.ledger.add_worker(name=f"w{i}", device="cpu", peer_id=f"p{i}", current_round=0, round_started=False)
     assert c.fast_beat_seconds() == FAST_BEAT_MIN  # counted at most once a second
-    c._online_at = float("-inf")
+    c._online = (c._online[0], float("-inf"))
     assert c.fast_beat_seconds() == 2.0  # 200 workers online: each every 2 s, 100 beats a second in all

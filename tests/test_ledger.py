@@ -236,7 +236,7 @@ def test_sessions_expire_end_on_leave_and_rotation_and_the_secret_brings_the_wor
 
 
 def test_refused_strangers_are_counted_per_network_not_a_row_each(ledger, monkeypatch):
-    import gptswarm.coordinator.ledger as module
+    import gptswarm.coordinator.ledger.events as module
 
     monkeypatch.setattr(module, "MAX_SOURCES", 3)
     for i in range(50):

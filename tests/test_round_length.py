@@ -37,7 +37,7 @@ def coord(tmp_path):
     c.ledger.clock = lambda: now[0]
     c.tick = lambda seconds: now.__setitem__(0, now[0] + seconds)
     yield c
-    c.evaluations.close(timeout=60)
+    c.gate.close(timeout=60)
     c.ledger.close()
 
 
@@ -49,21 +49,21 @@ def join(c, name):
 
 def test_a_round_lasts_the_inner_steps_of_every_worker_training_in_it(coord):
     c = coord
-    assert c.step_tokens == 64 * 6  # 64 sequences of a 2-digit sum's 6 input tokens
+    assert c.rounds.step_tokens == 64 * 6  # 64 sequences of a 2-digit sum's 6 input tokens
     a, lease_a = join(c, "a")
     b, lease_b = join(c, "b")
     c.tick(2)  # the workers are still online, and any claim was possible in time
     c.ledger.claim(a, 0, {lease_a: 200})
     c.ledger.claim(b, 0, {lease_b: 200})
-    assert not c._round_due()  # 400 tokens are past --tokens-per-round, but not 8 steps for each of two workers
-    assert c.round_workers == 2 and c.round_target() == 8 * 64 * 6 * 2
+    assert not c.rounds.due()  # 400 tokens are past --tokens-per-round, but not 8 steps for each of two workers
+    assert c.round_view().workers == 2 and c.round_target() == 8 * 64 * 6 * 2
     c.ledger.claim(a, 0, {lease_a: 8 * 64 * 6})
-    assert not c._round_due()
+    assert not c.rounds.due()
     c.ledger.claim(b, 0, {lease_b: 8 * 64 * 6})
-    assert c._round_due()
+    assert c.rounds.due()
     # a worker that joins now waits for the next round: it does not lengthen this one
     c.ledger.add_worker(name="late", device="cpu", peer_id="Qmlate", current_round=0, round_started=True)
-    assert c._round_due() and c.round_workers == 2
+    assert c.rounds.due() and c.round_view().workers == 2
 
 
 def test_rounds_that_fail_or_leave_most_values_out_raise_a_warning(coord):
@@ -71,13 +71,13 @@ def test_rounds_that_fail_or_leave_most_values_out_raise_a_warning(coord):
     join(c, "a")
     assert snapshot(c)["health"]["state"] != "warning"
     c.ledger.fail_round(0, excluded={}, detail="no contribution with tokens reached the average", left_out=0.9)
-    c._check_learning()
+    c.rounds.check_learning()
     c.ledger.commit_round(1, included={}, excluded={}, theta_hash="h", averaging_seconds=1.0, left_out=0.6)
-    c._check_learning()
+    c.rounds.check_learning()
     assert snapshot(c)["health"]["state"] != "warning"  # two in a row are not yet a trend
     assert not c.ledger.count_events("not_learning")
     c.ledger.fail_round(2, excluded={}, detail="no contribution with tokens reached the average", left_out=1.0)
-    c._check_learning()
+    c.rounds.check_learning()
     health = snapshot(c)["health"]
     assert health["state"] == "warning"
     assert f"the last {NOT_LEARNING_ROUNDS} rounds failed (2) or left most values out of the average (1)" in \
@@ -89,7 +89,7 @@ def test_rounds_that_fail_or_leave_most_values_out_raise_a_warning(coord):
     assert 'gptswarm_health{state="warning"} 1.0' in metrics
     # once more: the event is said once per streak, the warning lasts
     c.ledger.fail_round(3, excluded={}, detail="averaging took longer than 60 s")
-    c._check_learning()
+    c.rounds.check_learning()
     assert c.ledger.count_events("not_learning") == 1 and snapshot(c)["health"]["state"] == "warning"
     # a round that learns ends it
     c.ledger.commit_round(4, included={}, excluded={}, theta_hash="h", averaging_seconds=1.0, left_out=0.01)

@@ -22,12 +22,12 @@ def trained_ahead():
 
 def test_steps_trained_ahead_are_claimed_in_the_next_round():
     s = trained_ahead()
-    assert [(t.lease_id, t.tokens) for t in s.lease_tokens()] == [("l-a", 60)]  # round 3's claims only
+    assert s.claims() == {"l-a": 60}  # round 3's claims only
     assert s.completed == [] and s.unannounced == []  # finished ahead: not said before round 4 opens
     assert sorted(s.lease_ids()) == ["l-a", "l-b"]  # but its lease, and the next one, stay extended
     s.next_round(4)
     assert (s.round, s.round_tokens) == (4, 40)
-    assert [(t.lease_id, t.tokens) for t in s.lease_tokens()] == [("l-a", 40)]
+    assert s.claims() == {"l-a": 40}
     assert s.unannounced == ["l-a"] and [c[0] for c in s.completed] == ["l-a"]
     s.trained("l-b", 10, 64, 2.0, 0.1)
     assert s.round_tokens == 50 and not s.ahead
@@ -36,7 +36,7 @@ def test_steps_trained_ahead_are_claimed_in_the_next_round():
 def test_steps_trained_ahead_are_dropped_when_the_round_did_not_include_us():
     s = trained_ahead()
     s.next_round(4, keep_ahead=False)
-    assert (s.round_tokens, s.lease_tokens(), s.completed, s.unannounced) == (0, [], [], [])
+    assert (s.round_tokens, s.claims(), s.completed, s.unannounced) == (0, {}, [], [])
     assert not s.ahead_leases and not s.ahead_completed
 
 
@@ -62,9 +62,8 @@ def test_a_lease_request_holds_one_rounds_finished_shards_and_claims():
     try:
         inconsistent = 0
         for _ in range(20_000):
-            req = s.lease_request()
-            claimed = {t.lease_id for t in req.lease_tokens}
-            inconsistent += not set(req.finished_lease_ids) <= claimed
+            claims = s.lease_claims()
+            inconsistent += not set(claims.finished_lease_ids) <= set(claims.tokens)
     finally:
         stop.set()
         loop.join()

@@ -6,20 +6,27 @@ import json
 import logging
 import signal
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
 from gptswarm.logs import setup_logging
+from gptswarm.states import WorkerState
 from gptswarm.worker.config import WorkerConfig
 from gptswarm.worker.control import send
 
+if TYPE_CHECKING:
+    from gptswarm.worker.loop import Worker
+
 DEFAULTS = {f.name: f.default for f in dataclasses.fields(WorkerConfig)}
 
+F = TypeVar("F", bound=Callable[..., Any])
 CONFIG = Path("~/.config/gptswarm/worker.toml").expanduser()
 
 
-def load_config(ctx, param, value):
+def load_config(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
     """Defaults from a TOML file whose keys are the option names (join = "...", idle-only = true)."""
     path = Path(value) if value else CONFIG
     if not path.is_file():
@@ -39,7 +46,7 @@ def load_config(ctx, param, value):
     return value
 
 
-def state_dir_option(f):
+def state_dir_option(f: F) -> F:
     return click.option("--state-dir", envvar="GPTSWARM_STATE_DIR", type=click.Path(file_okay=False),
                         default=str(DEFAULTS["state_dir"]), show_default=True,
                         help="The worker's own directory (control socket, saved pause, session, benchmark cache); "
@@ -76,8 +83,9 @@ def state_dir_option(f):
 @click.option("--threads", envvar="GPTSWARM_THREADS", type=int, help="CPU threads for training on the CPU (default: all).")
 @state_dir_option
 @click.pass_context
-def worker(ctx, join, token_file, tls_fingerprint, plaintext, device, name, schedule, idle_only, max_hours, max_vram,
-           json_logs, threads, state_dir):
+def worker(ctx: click.Context, join: str | None, token_file: str | None, tls_fingerprint: str | None, plaintext: bool,
+           device: str, name: str | None, schedule: str | None, idle_only: bool, max_hours: float | None,
+           max_vram: float | None, json_logs: bool, threads: int | None, state_dir: str) -> None:
     """Join a swarm and train with it: lease data shards from the coordinator, train the shared
     GPT on them, and average what was learned with the other workers every round.
 
@@ -108,12 +116,12 @@ def worker(ctx, join, token_file, tls_fingerprint, plaintext, device, name, sche
     run(Worker(config))
 
 
-def run(w):
+def run(w: "Worker") -> None:
     """Run a Worker in the foreground: the first Ctrl+C (or SIGTERM) returns its leases and leaves,
     a second one stops at once."""
-    pressed = []
+    pressed: list[int] = []
 
-    def on_signal(*_):
+    def on_signal(*_: object) -> None:
         if pressed:
             raise KeyboardInterrupt
         pressed.append(1)
@@ -125,10 +133,10 @@ def run(w):
     w.run()
 
 
-def control_command(cmd, doc):
+def control_command(cmd: str, doc: str) -> click.Command:
     @state_dir_option
     @click.option("--json", "as_json", is_flag=True, help="Print the worker's answer as JSON.")
-    def command(state_dir, as_json):
+    def command(state_dir: str, as_json: bool) -> None:
         reply = send(state_dir, cmd)
         if as_json:
             click.echo(json.dumps(reply))
@@ -138,7 +146,7 @@ def control_command(cmd, doc):
         click.echo(f"  round:   {reply['round']}, {reply['round_tokens']:,} tokens this round, "
                    f"{reply['tokens_per_second']:,.0f} tokens/s")
         click.echo(f"  contributed: {reply['tokens_contributed']:,} tokens")
-        flags = [k for k in ("paused", "finishing") if reply[k]]
+        flags = [str(k) for k in (WorkerState.PAUSED, WorkerState.FINISHING) if reply[k]]  # flags named as the states
         if reply["schedule"]:
             flags.append(f"schedule {reply['schedule']}")
         if reply["idle_only"]:

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
-def default_state_dir():
+def default_state_dir() -> Path:
     base = os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state"
     return Path(base) / "gptswarm" / "worker"
 
@@ -18,7 +18,8 @@ class WorkerConfig:
     plaintext: bool = False  # no TLS: only to a coordinator on loopback
     device: str = "auto"  # auto, cpu, cuda or cuda:N
     name: str = ""  # public name on the status page ("": the host name)
-    state_dir: Path = default_state_dir()  # control socket, saved pause, session, throughput cache
+    # control socket, saved pause, session, throughput cache (computed once, at import: the CLI shows it)
+    state_dir: Path = default_state_dir()  # noqa: RUF009
     schedule: str = ""  # local-time training windows (worker/schedule.py); "": always
     idle_only: bool = False  # pause while other processes use the GPU (or the CPU)
     max_hours: float = 0.0  # finish the round and leave after this many hours; 0: never

@@ -8,7 +8,9 @@ import os
 import socket
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from gptswarm.errors import UserError
 
@@ -16,7 +18,7 @@ COMMANDS = ("status", "pause", "resume", "finish")
 MAX_SOCKET_PATH = 100  # a Unix socket's path must fit in 108 bytes
 
 
-def socket_path(state_dir):
+def socket_path(state_dir: Path | str) -> Path:
     """STATE_DIR/control.sock, or, where that path is too long for a Unix socket, a short one in a
     private directory of this user's under the temporary directory, named after the state dir."""
     path = Path(state_dir).resolve() / "control.sock"
@@ -30,7 +32,12 @@ def socket_path(state_dir):
 
 
 class ControlServer:
-    def __init__(self, state_dir, handle):
+    """The control socket in state_dir; handle(command) -> the JSON answer (Worker.on_control).
+
+    Its thread serves one connection at a time and calls handle() on it: handle must touch only
+    what guards itself (the worker's PausePolicy and SharedState, each under its own lock)."""
+
+    def __init__(self, state_dir: Path | str, handle: Callable[[str], dict[str, Any]]) -> None:
         Path(state_dir).mkdir(parents=True, exist_ok=True)
         self.state_dir = Path(state_dir)
         self.path = socket_path(state_dir)
@@ -46,7 +53,7 @@ class ControlServer:
         self.thread = threading.Thread(target=self._serve, name="control", daemon=True)
         self.thread.start()
 
-    def _serve(self):
+    def _serve(self) -> None:
         while True:
             try:
                 conn, _ = self.sock.accept()
@@ -59,14 +66,14 @@ class ControlServer:
                         continue  # a ping: connected and hung up
                     cmd = json.loads(line).get("cmd")
                     reply = self.handle(cmd) if cmd in COMMANDS else {"error": f"unknown command {cmd!r}"}
-                except Exception as e:  # a bad request must not hurt the worker
+                except Exception as e:  # noqa: BLE001 (a bad request must not hurt the worker)
                     reply = {"error": f"{type(e).__name__}: {e}"}
                 try:
                     conn.sendall((json.dumps(reply) + "\n").encode())
                 except OSError:
                     pass  # the client went away
 
-    def close(self):
+    def close(self) -> None:
         self.sock.close()
         try:
             self.path.unlink()
@@ -74,7 +81,7 @@ class ControlServer:
             pass
 
 
-def ping(path):
+def ping(path: Path) -> bool:
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
             s.settimeout(2)
@@ -84,7 +91,7 @@ def ping(path):
         return False
 
 
-def send(state_dir, cmd, timeout=10.0):
+def send(state_dir: Path | str, cmd: str, timeout: float = 10.0) -> dict[str, Any]:
     """Send a command to the worker running with state_dir; its JSON answer."""
     path = socket_path(state_dir)
     try:

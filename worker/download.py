@@ -7,11 +7,16 @@ theta hash)."""
 import math
 import tempfile
 from pathlib import Path
+from typing import IO
+
+import torch
 
 from gptswarm.errors import UserError
-from gptswarm.mingpt_core.data import Batches, Shard, decode_shard
+from gptswarm.mingpt_core.data import Batches, Shard, ShardSet, decode_shard
 from gptswarm.proto import gptswarm_pb2 as pb
 from gptswarm.rounds.theta import load_theta, theta_hash, theta_views
+from gptswarm.worker.client import CoordinatorClient
+from gptswarm.worker.run_config import RunSpec
 from gptswarm.worker.state import LeasedShard
 
 SHARD_TIMEOUT = 120.0
@@ -19,11 +24,12 @@ CHECKPOINT_TIMEOUT = 600.0
 TOKEN_BYTES = 2  # shards hold uint16 tokens
 
 
-def shard(client, lease, shard_info, *, block_size, batch_size):
+def shard(client: CoordinatorClient, lease: pb.LeaseResponse, shard_info: ShardSet, *, block_size: int,
+          batch_size: int) -> LeasedShard:
     """The LeasedShard for a granted LeaseResponse; UserError if its bytes do not match."""
     limit = TOKEN_BYTES * (lease.tokens + 1)
     raw = bytearray()
-    for c in client.call("GetShard", pb.ShardRequest(lease_id=lease.lease_id), timeout=SHARD_TIMEOUT):
+    for c in client.shard(lease.lease_id, timeout=SHARD_TIMEOUT):
         raw += c.data
         if len(raw) > limit:
             raise UserError(f"shard {lease.shard_index} is larger than its lease's {lease.tokens} tokens")
@@ -34,13 +40,16 @@ def shard(client, lease, shard_info, *, block_size, batch_size):
                        steps_needed=max(1, math.ceil(lease.tokens / batches.tokens_per_batch)))
 
 
-def theta(client, spec):
+def theta(client: CoordinatorClient,
+          spec: RunSpec) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], int, dict, str]:
     """(theta, momentum, round, meta, theta hash) of the coordinator's latest checkpoint; UserError
     if a file is not the format's, is larger than spec (run_config.RunSpec) allows or than declared,
     or the whole does not hash to the coordinator's theta hash."""
-    chunks = client.call("GetCheckpoint", pb.CheckpointRequest(), timeout=CHECKPOINT_TIMEOUT)
+    chunks = client.checkpoint(timeout=CHECKPOINT_TIMEOUT)
     with tempfile.TemporaryDirectory() as tmp:
-        files, sizes, first = {}, {}, None
+        files: dict[str, IO[bytes]] = {}
+        sizes: dict[str, list[int]] = {}
+        first: pb.CheckpointChunk | None = None
         try:
             for c in chunks:
                 first = first or c
@@ -53,7 +62,7 @@ def theta(client, spec):
                                         f"more than the run's model allows ({limit:,})")
                     for f in files.values():
                         f.close()
-                    files = {c.file: open(Path(tmp) / c.file, "wb")}
+                    files = {c.file: open(Path(tmp) / c.file, "wb")}  # noqa: SIM115 (closed in the finally)
                     sizes[c.file] = [c.size, 0]
                 sizes[c.file][1] += len(c.data)
                 if sizes[c.file][1] > sizes[c.file][0]:
@@ -73,8 +82,9 @@ def theta(client, spec):
     return theta, momentum, first.round, meta, digest
 
 
-def why(error):
+def why(error: BaseException) -> str:
     """One line for a failed download."""
-    if hasattr(error, "code") and callable(error.code):
-        return f"{error.code().name}: {error.details()}"
+    code, details = getattr(error, "code", None), getattr(error, "details", None)
+    if callable(code) and callable(details):  # a grpc.RpcError
+        return f"{code().name}: {details()}"
     return str(error)

@@ -5,16 +5,27 @@ control socket changes it from another thread."""
 import json
 import threading
 import time
+from collections.abc import Callable
+from pathlib import Path
+
+from gptswarm.states import WorkerState
+from gptswarm.worker.idle import IdleDetector
+from gptswarm.worker.schedule import Schedule
 
 
 class PausePolicy:
     """state_dir: where the volunteer's pause is kept; schedule: a worker.schedule.Schedule or None;
-    idle: a worker.idle.IdleDetector or None; max_hours: finish after this many hours (0: never)."""
+    idle: a worker.idle.IdleDetector or None; max_hours: finish after this many hours (0: never).
+
+    The control thread calls pause() and finish(), the round loop reason(): the volunteer's pause
+    (and its file) changes under `_lock`, `finishing` is an Event, and the probes' last answer
+    (_polled, _polled_at) is the round loop's alone."""
 
     poll_seconds = 2.0  # the schedule and the idle probes are asked this often, not every step
 
-    def __init__(self, state_dir, *, schedule=None, idle=None, max_hours=0.0, clock=time.time):
-        self.flag = state_dir / "paused"
+    def __init__(self, state_dir: Path, *, schedule: Schedule | None = None, idle: IdleDetector | None = None,
+                 max_hours: float = 0.0, clock: Callable[[], float] = time.time) -> None:
+        self.flag = state_dir / WorkerState.PAUSED  # its file is named for the state it keeps
         self.schedule, self.idle, self.max_hours, self.clock = schedule, idle, max_hours, clock
         self.started_at = clock()
         self.finishing = threading.Event()
@@ -23,11 +34,11 @@ class PausePolicy:
         self._polled_at, self._polled = float("-inf"), ""
 
     @property
-    def paused(self):
+    def paused(self) -> bool:
         with self._lock:
             return self._paused
 
-    def pause(self, paused):
+    def pause(self, paused: bool) -> None:
         """The volunteer's pause (True) or resume (False); it survives a restart."""
         with self._lock:
             self._paused = paused
@@ -36,10 +47,10 @@ class PausePolicy:
             elif self.flag.exists():
                 self.flag.unlink()
 
-    def finish(self):
+    def finish(self) -> None:
         self.finishing.set()
 
-    def reason(self):
+    def reason(self) -> str:
         """Why not to train now, or "" to train."""
         if self.finishing.is_set():
             return "finishing: waiting for the round to end, then leaving"

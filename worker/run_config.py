@@ -14,6 +14,7 @@ from gptswarm.errors import UserError
 from gptswarm.mingpt_core.data import ShardSet
 from gptswarm.mingpt_core.model import GPT, GPTConfig
 from gptswarm.mingpt_core.trainer import TrainConfig
+from gptswarm.proto import gptswarm_pb2 as pb
 from gptswarm.rounds import COMPRESSIONS
 
 # far above any model a volunteer could train, far below what would hang or exhaust the worker
@@ -37,14 +38,14 @@ class RunSpec:
     shard_info: ShardSet  # the run's shard layout (no shards)
     n_params: int
 
-    def file_limit(self, name):
+    def file_limit(self, name: str) -> int | None:
         """The most bytes the run's checkpoint file `name` may have (None: not a file of the format)."""
         tensors = 4 * self.n_params + HEADER_SLACK
         return {"model.safetensors": tensors, "optimizer.safetensors": tensors, "config.json": TEXT_FILE_LIMIT,
                 "tokenizer.json": TEXT_FILE_LIMIT}.get(name)
 
 
-def _json(text, what):
+def _json(text: str, what: str) -> dict:
     try:
         value = json.loads(text)
     except ValueError:
@@ -54,7 +55,7 @@ def _json(text, what):
     return value
 
 
-def _bounded(values, limits, what):
+def _bounded(values: dict, limits: dict[str, int], what: str) -> None:
     for key, high in limits.items():
         v = values.get(key)
         if v is None:
@@ -66,7 +67,7 @@ def _bounded(values, limits, what):
             raise UserError(f"the coordinator's {what} has {key} = {v}")
 
 
-def _typed(values, cls, what):
+def _typed(values: dict, cls: type, what: str) -> None:
     """Each known field of the dataclass cls has the JSON type of its declared type."""
     for f in fields(cls):
         if f.name not in values:
@@ -79,13 +80,13 @@ def _typed(values, cls, what):
             raise UserError(f"the coordinator's {what} has {f.name} = {str(v)[:40]!r}, not a {kind.__name__}")
 
 
-def count_params(config):
+def count_params(config: GPTConfig) -> int:
     """The model's parameter count, without allocating it (on the meta device)."""
     with torch.device("meta"):
         return GPT(config).num_params(non_embedding=False)
 
 
-def memory_available(device):
+def memory_available(device: torch.device) -> tuple[int, int | None]:
     """(bytes of host memory available, bytes free on the training device or None for the CPU)."""
     host = psutil.virtual_memory().available
     if device.type == "cuda":
@@ -93,7 +94,7 @@ def memory_available(device):
     return host, None
 
 
-def parse(cfg, device):
+def parse(cfg: pb.RunConfig, device: torch.device) -> RunSpec:
     """The RunSpec of a RunConfig; UserError if it is out of bounds or does not fit this machine."""
     model_dict, train_dict = _json(cfg.model_config_json, "model config"), _json(cfg.train_config_json,
                                                                                    "training config")

@@ -9,6 +9,7 @@ Friday 22:00 to Saturday 07:00.
 """
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -18,15 +19,15 @@ DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 WINDOW = re.compile(r"^(?:(?P<days>[a-z,\-]+)\s+)?(?P<start>\d{1,2}:\d{2})\s*-\s*(?P<end>\d{1,2}:\d{2})$")
 
 
-def parse_minutes(hhmm, text):
+def parse_minutes(hhmm: str, text: str) -> int:
     h, m = map(int, hhmm.split(":"))
     if not (0 <= h <= 24 and 0 <= m < 60) or (h == 24 and m):
         raise UserError(f"bad time {hhmm!r} in schedule {text!r} (use HH:MM, 00:00 to 24:00)")
     return h * 60 + m
 
 
-def parse_days(spec, text):
-    days = set()
+def parse_days(spec: str, text: str) -> frozenset[int]:
+    days: set[int] = set()
     for part in spec.split(","):
         ends = part.split("-")
         if len(ends) > 2 or any(d not in DAYS for d in ends):
@@ -38,11 +39,11 @@ def parse_days(spec, text):
 
 @dataclass(frozen=True)
 class Window:
-    days: frozenset  # weekday numbers (Monday = 0) on which the window starts
+    days: frozenset[int]  # weekday numbers (Monday = 0) on which the window starts
     start: int  # minutes after midnight
     end: int
 
-    def active(self, dt):
+    def active(self, dt: datetime) -> bool:
         m = dt.hour * 60 + dt.minute
         if self.start < self.end:
             return dt.weekday() in self.days and self.start <= m < self.end
@@ -52,11 +53,11 @@ class Window:
 
 
 class Schedule:
-    def __init__(self, windows, text=""):
+    def __init__(self, windows: Iterable[Window], text: str = "") -> None:
         self.windows, self.text = tuple(windows), text
 
     @classmethod
-    def parse(cls, text):
+    def parse(cls, text: str) -> "Schedule":
         """A Schedule from '22:00-07:00; sat,sun 00:00-24:00' (windows separated by ';')."""
         windows = []
         for part in filter(None, (p.strip().lower() for p in text.split(";"))):
@@ -69,11 +70,11 @@ class Schedule:
             raise UserError("empty schedule: give at least one window such as 22:00-07:00")
         return cls(windows, text)
 
-    def active(self, dt=None):
+    def active(self, dt: datetime | None = None) -> bool:
         dt = dt or datetime.now()
         return any(w.active(dt) for w in self.windows)
 
-    def next_change(self, dt=None):
+    def next_change(self, dt: datetime | None = None) -> datetime | None:
         """The next minute at which active() flips (within a week), or None if it never does."""
         dt = (dt or datetime.now()).replace(second=0, microsecond=0)
         now = self.active(dt)
@@ -83,7 +84,7 @@ class Schedule:
                 return t
         return None
 
-    def reason(self, dt=None):
+    def reason(self, dt: datetime | None = None) -> str:
         """Why the worker is not training now, or '' when inside a window."""
         if self.active(dt):
             return ""

@@ -7,24 +7,25 @@ import json
 import logging
 import platform
 import time
+from pathlib import Path
 
 import torch
 
-from gptswarm.mingpt_core.model import GPT
-from gptswarm.mingpt_core.trainer import Trainer, TrainConfig, resolve_dtype
+from gptswarm.mingpt_core.model import GPT, GPTConfig
+from gptswarm.mingpt_core.trainer import TrainConfig, Trainer, resolve_dtype
 
 log = logging.getLogger("gptswarm.worker")
 CACHE = "benchmarks.json"
 STEPS = 3  # timed steps, after one warm-up step
 
 
-def describe_device(device):
+def describe_device(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{device} {torch.cuda.get_device_name(device)}"
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-def measure(model_config, train, device, state_dir):
+def measure(model_config: GPTConfig, train: TrainConfig, device: torch.device, state_dir: Path) -> tuple[float, int]:
     """(tokens per second, micro-batch size) of a training step of `train.batch_size` sequences."""
     dtype = str(resolve_dtype(device, train.dtype)).replace("torch.", "")
     key = hashlib.sha256(json.dumps([model_config.to_dict(), train.batch_size, describe_device(device), dtype],

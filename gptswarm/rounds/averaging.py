@@ -11,31 +11,70 @@ hivemind's, adapted in hivemind_ext.py.
 
 import asyncio
 import secrets
+import threading
 import time
 from dataclasses import dataclass, field
 
 import torch
-
-from gptswarm.rounds import DEFAULT_TOPK
-from gptswarm.rounds.codecs import decode
-from gptswarm.rounds.hivemind_ext import CODECS, AveragingMode, RoundServicer, SwarmAllReduceRunner
-from gptswarm.rounds.robust import History, RoundStats
 from hivemind.compression import CompressionInfo
 from hivemind.p2p import PeerID
 from hivemind.utils.asyncio import as_aiter, azip
+
+from gptswarm.rounds import DEFAULT_TOPK
+from gptswarm.rounds.codecs import decode
+from gptswarm.rounds.hivemind_ext import (
+    CODECS,
+    AveragingMode,
+    RoundServicer,
+    SwarmAllReduceRunner,
+)
+from gptswarm.rounds.robust import History, PartScores, RoundStats
 
 GROUP_ID_BYTES = 32
 REPLY_GRACE = 2.0  # seconds the reducer waits for its last replies to be counted after its own average
 
 
-@dataclass
 class Group:
     """A round's averaging group, as the coordinator decided it. A member's weight may still change
-    until it asks for the group (RoundReducer.set_weight), never after it started sending."""
-    round: int
-    members: dict  # peer id (base58) -> (worker_id, weight)
-    group_id: bytes = field(default_factory=lambda: secrets.token_bytes(GROUP_ID_BYTES))
-    asked: dict = field(default_factory=dict)  # peer id -> when its member first asked for its place (time.time())
+    until it asks for the group (RoundReducer.set_weight), never after it started sending.
+
+    Threads: gRPC threads (a member asking for its place: weigh, ask) and the round loop (snapshot,
+    asked_times) share members and asked, under self.lock; round and group_id never change."""
+
+    def __init__(self, round_: int, members: dict[str, tuple[str, int]], group_id: bytes | None = None):
+        self.round = round_
+        self.group_id = group_id or secrets.token_bytes(GROUP_ID_BYTES)
+        self.lock = threading.Lock()
+        self._members = dict(members)  # peer id (base58) -> (worker_id, weight)
+        self._asked: dict[str, float] = {}  # peer id -> when its member first asked for its place (time.time())
+
+    def member(self, peer_id: str) -> tuple[str, int] | None:
+        """(worker_id, weight) of the member with this hivemind peer id, or None."""
+        with self.lock:
+            return self._members.get(peer_id)
+
+    def snapshot(self) -> dict[str, tuple[str, int]]:
+        """{peer id: (worker_id, weight)}, a copy."""
+        with self.lock:
+            return dict(self._members)
+
+    def weigh(self, peer_id: str, weight: int) -> int:
+        """Set a member's weight; returns its index among the members."""
+        with self.lock:
+            self._members[peer_id] = (self._members[peer_id][0], weight)
+            return list(self._members).index(peer_id)
+
+    def ask(self, peer_id: str) -> None:
+        with self.lock:
+            self._asked.setdefault(peer_id, time.time())
+
+    def asked_times(self) -> dict[str, float]:
+        with self.lock:
+            return dict(self._asked)
+
+    def __len__(self) -> int:
+        with self.lock:
+            return len(self._members)
 
 
 @dataclass
@@ -47,7 +86,7 @@ class Outcome:
     lies: dict = field(default_factory=dict)  # worker_id -> what its messages claimed beyond its weight
     scores: dict = field(default_factory=dict)  # worker_id -> robust.PartScores (robust aggregation)
     flagged: set = field(default_factory=set)  # worker_ids whose contribution was invalid or an outlier
-    stats: RoundStats = None  # what the robust rule did to the round (None: the plain mean)
+    stats: RoundStats | None = None  # what the robust rule did to the round (None: the plain mean)
     bytes_sent: int = 0
     error: str = ""
 
@@ -90,12 +129,15 @@ class RoundReducer:
         return decode(self.reply_codec.compress(part, CompressionInfo.from_tensor(part)), part.numel())
 
     def set_weight(self, group, peer_id, weight):
-        """A member's final weight (before it sends anything)."""
-        worker_id = group.members[peer_id][0]
-        group.members[peer_id] = (worker_id, weight)
-        runner = self.servicer.runner
-        if runner is not None and runner.group_id == group.group_id:
-            runner.sender_weights[1 + list(group.members).index(peer_id)] = float(weight)
+        """A member's final weight (before it sends anything); called on a gRPC thread. The running
+        all-reduce's copy of the weights is changed on the hivemind loop, which alone reads it."""
+        index = group.weigh(peer_id, weight)
+
+        def update():
+            runner = self.servicer.runner
+            if runner is not None and runner.group_id == group.group_id:
+                runner.sender_weights[1 + index] = float(weight)
+        self.node.loop.call_soon_threadsafe(update)
 
     def reduce(self, group, timeout):
         """Average the group's contributions; never raises for network trouble."""
@@ -107,19 +149,20 @@ class RoundReducer:
             return Outcome(False, error=f"averaging failed: {type(e).__name__}: {e}"[:300])
 
     async def _reduce(self, group):
-        peers = list(group.members)
+        members = group.snapshot()  # the weights as they are when the all-reduce starts; set_weight updates the runner's
+        peers = list(members)
         tensors = [torch.zeros(self.shapes[k], dtype=torch.float32) for k in self.names]
-        scores = {}
+        scores: dict[str, PartScores] = {}
         robust = stats = None
         if self.history is not None:
-            self.history.forget({w for w, _ in group.members.values()})
+            self.history.forget({w for w, _ in members.values()})
             stats = RoundStats()
-            robust = dict(keys=[None] + [group.members[p][0] for p in peers], history=self.history, scores=scores,
+            robust = dict(keys=[None] + [members[p][0] for p in peers], history=self.history, scores=scores,
                           stats=stats)
         runner = _runner(self.node, tensors, prefix=self.prefix, compression=self.compression,
                          topk_fraction=self.topk_fraction, group_id=group.group_id,
                          peer_ids=[str(self.node.peer_id), *peers], weight=0.0,
-                         sender_weights=[0.0] + [float(group.members[p][1]) for p in peers],
+                         sender_weights=[0.0] + [float(members[p][1]) for p in peers],
                          sender_timeout=self.sender_timeout, robust=robust)
         self.servicer.runner = runner
         try:
@@ -130,16 +173,17 @@ class RoundReducer:
             self.servicer.runner = None
         if self.history is not None:
             self.history.end_round(scores)
+        members = group.snapshot()  # with the final weights of those who asked meanwhile
         rejected, lies, flagged = {}, {}, set()
         for peer, reason in runner.rejections:  # not a pseudo-gradient at all: flagged
-            rejected[group.members[peer][0]] = reason
-            flagged.add(group.members[peer][0])
+            rejected[members[peer][0]] = reason
+            flagged.add(members[peer][0])
         for peer, claimed in runner.claimed_weights.items():
-            worker_id, weight = group.members[str(peer)]
+            worker_id, weight = members[str(peer)]
             if claimed > weight:
                 lies[worker_id] = f"claimed weight {claimed:g} in round {group.round}'s averaging; the ledger credits {weight}"
         for p in peers:
-            worker_id = group.members[p][0]
+            worker_id = members[p][0]
             if worker_id not in rejected and not runner.sent_every_part(PeerID.from_base58(p)):
                 rejected[worker_id] = "did not send its whole contribution in time"
         for worker_id, s in scores.items():
@@ -148,7 +192,7 @@ class RoundReducer:
                 flagged.add(worker_id)
             elif s.mostly_left_out():
                 rejected.setdefault(worker_id, f"not in the average: {s.summary()}")
-        included = {w: weight for w, weight in group.members.values() if w not in rejected}
+        included = {w: weight for w, weight in members.values() if w not in rejected}
         if not any(included.values()):
             return Outcome(False, included={}, rejected=rejected, lies=lies, scores=scores, flagged=flagged,
                            stats=stats, bytes_sent=runner.bytes_sent,
@@ -179,7 +223,7 @@ class RoundContributor:
             self.node.connect(reducer, reducer_maddrs)
         except Exception as e:
             return Outcome(False, error=f"cannot reach the coordinator's hivemind peer: {type(e).__name__}: {e}"[:300])
-        runners = []  # the runner is made on the node's event loop, where its asyncio parts live
+        runners: list[SwarmAllReduceRunner] = []  # the runner is made on the node's event loop, where its asyncio parts live
         future = asyncio.run_coroutine_threadsafe(
             self._contribute(runners, local, prefix=self.prefix, compression=self.compression,
                              topk_fraction=self.topk_fraction, codecs=self.codecs, group_id=group_id,

@@ -1,0 +1,173 @@
+"""Rounds and contributions: a round starts, averages, and commits, fails or is rejected.
+
+A round's commit is one transaction: it credits each included lease with what was claimed on it
+(a lease whose tokens are all credited is done, and so is its shard), each included worker's
+total and the run's budget, counts the flags of the excluded, and starts the next round. The
+helpers it calls take its `db` handle and never open a transaction of their own.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sqlite3
+from collections.abc import Collection, Mapping
+
+from gptswarm.states import OPEN_LEASES, LeaseState, RoundState, ShardState
+
+from .workers import WorkerBook
+
+
+class RoundBook(WorkerBook):
+    def round_tokens(self, round_: int) -> int:
+        return self.query("SELECT COALESCE(SUM(tokens), 0) AS n FROM contributions WHERE round = ?",
+                          (round_,))[0]["n"]
+
+    def included(self, round_: int, worker_id: str) -> bool:
+        rows = self.query("SELECT included FROM contributions WHERE round = ? AND worker_id = ?", (round_, worker_id))
+        return bool(rows and rows[0]["included"])
+
+    def group_members(self, round_: int, since: float) -> list[tuple[str, str, int]]:
+        """The round's averaging group: every worker still in the swarm and not quarantined, with a
+        registered peer id, that held a lease since `since` (the round's start) or has verified
+        tokens in it, and its weight, the verified tokens. [(worker_id, peer_id, tokens)]"""
+        return [(r["id"], r["peer_id"], r["tokens"]) for r in self.query(
+            "SELECT w.id, w.peer_id, COALESCE(c.tokens, 0) AS tokens FROM workers w "
+            "LEFT JOIN contributions c ON c.worker_id = w.id AND c.round = ? "
+            "WHERE w.left_at IS NULL AND w.quarantined_at IS NULL AND w.peer_id IS NOT NULL AND w.peer_id != '' "
+            "AND (c.tokens > 0 OR EXISTS ("
+            "SELECT 1 FROM leases l WHERE l.worker_id = w.id AND (l.state IN (?, ?) "
+            "OR l.closed_at >= ? OR l.granted_at >= ?))) ORDER BY w.id", (round_, *OPEN_LEASES, since, since))]
+
+    def start_round(self, round_: int, theta_hash: str, db: sqlite3.Connection | None = None) -> None:
+        if db is None:
+            with self.tx() as tx:
+                self.start_round(round_, theta_hash, tx)
+            return
+        db.execute("INSERT OR REPLACE INTO rounds (round, started_at, state, theta_hash) VALUES (?, ?, ?, ?)",
+                   (round_, self.clock(), RoundState.TRAINING, theta_hash))
+        self.set_meta("round", round_, db)
+
+    def recover(self, round_: int, theta_hash: str) -> None:
+        """After a restart from the checkpoint of round_: rounds before it are closed, round_ is
+        (again) in training, later rounds never happened."""
+        with self.tx() as db:
+            db.execute("UPDATE rounds SET state = ?, detail = 'closed by a coordinator restart' "
+                       "WHERE round < ? AND state NOT IN (?, ?)", (RoundState.DONE, round_, RoundState.DONE,
+                                                                   RoundState.FAILED))
+            db.execute("DELETE FROM rounds WHERE round > ?", (round_,))
+            row = db.execute("SELECT state FROM rounds WHERE round = ?", (round_,)).fetchone()
+            if row is None:
+                db.execute("INSERT INTO rounds (round, started_at, state, theta_hash) VALUES (?, ?, ?, ?)",
+                           (round_, self.clock(), RoundState.TRAINING, theta_hash))
+            else:
+                db.execute("UPDATE rounds SET state = ?, theta_hash = ? WHERE round = ?",
+                           (RoundState.TRAINING, theta_hash, round_))
+            self.set_meta("round", round_, db)
+
+    def set_round_state(self, round_: int, state: RoundState, group_size: int | None = None) -> None:
+        with self.tx() as db:
+            db.execute("UPDATE rounds SET state = ?, group_size = COALESCE(?, group_size) WHERE round = ?",
+                       (state, group_size, round_))
+
+    def commit_round(self, round_: int, *, included: Mapping[str, int], excluded: Mapping[str, str], theta_hash: str,
+                     averaging_seconds: float, flagged: Collection[str] = (), loss: float | None = None,
+                     val_loss: float | None = None, bytes_sent: int | None = None,
+                     left_out: float | None = None) -> None:
+        """Round round_ is done, all at once: included {worker_id: tokens} is credited (the budget,
+        each worker's total, and its leases in grant order: a lease whose tokens are all credited is
+        done, and so is its shard); excluded {worker_id: reason} gets nothing, and its leases go back;
+        those of them in `flagged` count towards quarantine; round_ + 1 starts with theta_hash; left_out:
+        the fraction of the members' values the robust rule left out."""
+        tokens = sum(included.values())
+        now = self.clock()
+        with self.tx() as db:
+            db.execute("UPDATE rounds SET ended_at = ?, state = ?, tokens = ?, contributors = ?, "
+                       "averaging_seconds = ?, loss = ?, val_loss = ?, bytes_sent = ?, left_out = ? WHERE round = ?",
+                       (now, RoundState.DONE, tokens, len(included), averaging_seconds, loss, val_loss, bytes_sent,
+                        left_out, round_))
+            for wid, t in included.items():
+                db.execute("INSERT INTO contributions (round, worker_id, tokens, included, reason) VALUES (?, ?, ?, 1, '') "
+                           "ON CONFLICT (round, worker_id) DO UPDATE SET tokens = excluded.tokens, included = 1",
+                           (round_, wid, t))
+                db.execute("UPDATE workers SET tokens_contributed = tokens_contributed + ? WHERE id = ?", (t, wid))
+                self._credit(db, wid, t, round_, now)
+            self._exclude(db, round_, excluded, flagged)
+            total = json.loads((db.execute("SELECT value FROM meta WHERE key = 'tokens_trained'").fetchone()
+                                or ["0"])[0])
+            self.set_meta("tokens_trained", total + tokens, db)
+            self.start_round(round_ + 1, theta_hash, db)
+
+    def fail_round(self, round_: int, *, excluded: Mapping[str, str], detail: str,
+                   averaging_seconds: float | None = None, state: RoundState = RoundState.FAILED,
+                   left_out: float | None = None) -> None:
+        """Round round_ failed (or its result was rejected: state REJECTED): nothing is credited,
+        every member's leases go back, round_ + 1 starts from the same theta. Flags count only in
+        rounds that committed: when nobody's contribution stood, the judgement of it is no better."""
+        with self.tx() as db:
+            row = db.execute("SELECT theta_hash FROM rounds WHERE round = ?", (round_,)).fetchone()
+            db.execute("UPDATE rounds SET ended_at = ?, state = ?, tokens = 0, contributors = 0, "
+                       "averaging_seconds = ?, detail = ?, left_out = ? WHERE round = ?",
+                       (self.clock(), state, averaging_seconds, detail[:300], left_out, round_))
+            self._exclude(db, round_, excluded)  # its flags do not count: the round did not stand
+            self.event(f"round_{state}", f"round {round_}: {detail}"[:300], None, db)
+            self.start_round(round_ + 1, row[0] if row else "", db)
+
+    def set_val_loss(self, round_: int, val_loss: float) -> None:
+        """The validation loss of round round_'s new theta, evaluated after its commit."""
+        with self.tx() as db:
+            db.execute("UPDATE rounds SET val_loss = ? WHERE round = ?", (val_loss, round_))
+
+    def reject_late(self, round_: int, detail: str, val_loss: float) -> None:
+        """A committed round whose evaluation failed the safety gate: rejected after the fact (the
+        coordinator rolls back to the theta it started from)."""
+        with self.tx() as db:
+            db.execute("UPDATE rounds SET state = ?, detail = ?, val_loss = ? WHERE round = ?",
+                       (RoundState.REJECTED, detail[:300], val_loss if math.isfinite(val_loss) else None, round_))
+            self.event("round_rejected", f"round {round_}: {detail}", None, db)
+
+    def request_rollback(self, to_round: int) -> None:
+        """The operator asks for theta_global to go back to round to_round's (applied by the
+        coordinator between rounds, or at its next start)."""
+        self.set_meta("rollback_to", to_round)
+
+    def rollback(self, round_: int, *, to_round: int, theta_hash: str, tokens_trained: int) -> None:
+        """Apply a requested rollback: round round_ ends without a result, round round_ + 1 starts
+        from round to_round's theta (theta_hash), and the budget counts what that theta had trained."""
+        detail = f"rolled back to round {to_round}'s theta by the operator"
+        with self.tx() as db:
+            db.execute("UPDATE rounds SET ended_at = ?, state = ?, tokens = 0, contributors = 0, detail = ? "
+                       "WHERE round = ?", (self.clock(), RoundState.FAILED, detail, round_))
+            db.execute("DELETE FROM meta WHERE key = 'rollback_to'")
+            self.set_meta("tokens_trained", tokens_trained, db)
+            self.event("rollback", detail, None, db)
+            self.start_round(round_ + 1, theta_hash, db)
+
+    def _credit(self, db: sqlite3.Connection, worker_id: str, tokens: int, round_: int, now: float) -> None:
+        """Credit each of the worker's leases with what it claimed on it in round_ (up to `tokens`
+        in all, the leases it finished first)."""
+        rows = db.execute("SELECT id, shard_idx, tokens, credited, claimed, state FROM leases WHERE worker_id = ? AND "
+                          "claim_round = ? AND claimed > 0 ORDER BY state = ? DESC, granted_at, rowid",
+                          (worker_id, round_, LeaseState.TRAINED)).fetchall()
+        for r in rows:
+            add = min(tokens, r["claimed"])
+            tokens -= add
+            if r["credited"] + add >= r["tokens"] and r["state"] in OPEN_LEASES:
+                db.execute("UPDATE leases SET credited = tokens, claimed = 0, state = ?, done_round = ?, "
+                           "closed_at = ? WHERE id = ?", (LeaseState.DONE, round_, now, r["id"]))
+                db.execute("UPDATE shards SET state = ?, done_round = ?, done_by = ?, times_done = times_done + 1 "
+                           "WHERE idx = ? AND state = ?", (ShardState.DONE, round_, worker_id, r["shard_idx"],
+                                                          ShardState.LEASED))
+            else:
+                db.execute("UPDATE leases SET credited = credited + ?, claimed = 0 WHERE id = ?", (add, r["id"]))
+
+    def _exclude(self, db: sqlite3.Connection, round_: int, excluded: Mapping[str, str],
+                 flagged: Collection[str] = ()) -> None:
+        for wid, reason in excluded.items():
+            db.execute("INSERT INTO contributions (round, worker_id, tokens, included, reason, flagged) "
+                       "VALUES (?, ?, 0, 0, ?, ?) ON CONFLICT (round, worker_id) DO UPDATE SET included = 0, "
+                       "reason = excluded.reason, flagged = excluded.flagged", (round_, wid, reason, int(wid in flagged)))
+            self.event("contribution_rejected", f"round {round_}: {reason}", wid, db)
+            self._release(db, wid, None)
+            if wid in flagged:
+                self._quarantine_if_repeated(db, wid)
