@@ -20,9 +20,10 @@ import logging
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
@@ -46,6 +47,7 @@ if TYPE_CHECKING:
     from gptswarm.coordinator.run import RunSettings
 
 log = logging.getLogger("gptswarm.coordinator")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -112,7 +114,7 @@ class RoundKeeper:
             tokens_trained, workers = self.tokens_trained, self.workers
         return self.settings.round_target(tokens_trained, workers=workers, step_tokens=self.step_tokens)
 
-    def join_round(self, admit):
+    def join_round(self, admit: Callable[[int, bool], T]) -> T:
         """admit(current_round, round_started) under the lock: a worker arriving once the round has
         tokens (or averages) waits for the next one."""
         with self.lock:

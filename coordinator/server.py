@@ -168,9 +168,10 @@ class Coordinator:
         """The worker whose live session this is (one that had left comes back), or None."""
         worker = self.ledger.worker_for_session(session, self.config.session_ttl) if session else None
         if worker is not None and worker["left_at"] is not None:
+            worker_id = worker["id"]
             self.rounds.join_round(lambda current, started: self.ledger.come_back(
-                worker["id"], current_round=current, round_started=started))
-            worker = self.ledger.worker(worker["id"])
+                worker_id, current_round=current, round_started=started))
+            worker = self.ledger.worker(worker_id)
         return worker
 
     def add_worker(self, name: str, device: str, peer_id: str) -> tuple[str, str, str]:

@@ -139,6 +139,20 @@ def test_finishing_a_lease_needs_the_tokens_and_frees_the_cap(ledger):
     assert isinstance(ledger.lease(a, 0), dict)  # one active again: one more lease
 
 
+def test_a_finish_sent_in_a_round_that_ended_on_its_way_is_not_refused(ledger):
+    """A round can commit, fail or be rolled back between a worker building its lease request and the
+    coordinator reading it (short rounds, a rollback): its claims cannot count any more, and its
+    finished leases stay active, unrefused; a lie in the current round is still refused."""
+    a = join(ledger)
+    lease = ledger.lease(a, 0)
+    ledger.clock_.t += 1
+    ledger.finish_leases(a, [lease["lease_id"]], current_round=1, round_=0, lease_tokens={lease["lease_id"]: 10**6})
+    assert ledger.lease_row(lease["lease_id"])["state"] == "active" and ledger.round_tokens(0) == 0
+    assert refusals(ledger, a) == {}
+    ledger.finish_leases(a, [lease["lease_id"]], current_round=1, round_=1, lease_tokens={})
+    assert refusals(ledger, a) == {"finish_refused": 1}
+
+
 def test_excluded_members_lose_their_leases_and_failed_rounds_credit_nothing(ledger):
     a, b = join(ledger, "a"), join(ledger, "b")
     la, lb = ledger.lease(a, 0), ledger.lease(b, 0)

@@ -168,9 +168,13 @@ class LeaseBook(EventLog):
                       lease_tokens: Mapping[str, int]) -> None:
         """The worker says it finished training these leases (and claims lease_tokens in round_, as
         in heartbeat). A lease counts as trained only if it is the worker's, active, and what the
-        ledger credited and verified on it covers all of its tokens."""
+        ledger credited and verified on it covers all of its tokens. A request of a round that is
+        over (the round committed, failed or was rolled back while it was on its way) can claim
+        nothing: a lease it names that is not covered yet stays active, unrefused (an honest worker
+        sends such a request; the round's result tells it to report the lease or give it back)."""
         with self.tx() as db:
-            if round_ == current_round and lease_tokens:
+            stale = round_ != current_round
+            if not stale and lease_tokens:
                 self._claim(db, worker_id, round_, lease_tokens, self.clock())
             for lid in lease_ids:
                 row = db.execute("SELECT tokens, credited, claimed, claim_round, state FROM leases "
@@ -179,6 +183,8 @@ class LeaseBook(EventLog):
                     continue  # not its lease, or no longer held: nothing to finish
                 claimed = row["claimed"] if row["claim_round"] == current_round else 0
                 if row["credited"] + claimed < row["tokens"]:
+                    if stale:
+                        continue
                     self.refuse("finish_refused", f"said it finished lease {lid[:40]} but claimed only "
                                 f"{row['credited'] + claimed} of its {row['tokens']} tokens", worker_id, db)
                     continue

@@ -13,7 +13,9 @@ import asyncio
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from hivemind.compression import CompressionInfo
@@ -28,9 +30,11 @@ from gptswarm.rounds.hivemind_ext import (
     RoundServicer,
     SwarmAllReduceRunner,
 )
+from gptswarm.rounds.p2p import P2PNode
 from gptswarm.rounds.robust import History, PartScores, RoundStats
 
 GROUP_ID_BYTES = 32
+Tensors = dict[str, torch.Tensor]  # {name: tensor} of the averaged schema
 REPLY_GRACE = 2.0  # seconds the reducer waits for its last replies to be counted after its own average
 
 
@@ -91,8 +95,10 @@ class Outcome:
     error: str = ""
 
 
-def _runner(node, tensors, *, prefix, compression, topk_fraction, group_id, peer_ids, weight, sender_weights=None,
-            sender_timeout=None, robust=None, codecs=None):
+def _runner(node: P2PNode, tensors: list[torch.Tensor], *, prefix: str, compression: str, topk_fraction: float,
+            group_id: bytes, peer_ids: list[str], weight: float, sender_weights: list[float] | None = None,
+            sender_timeout: float | None = None, robust: dict | None = None,
+            codecs: tuple | None = None) -> SwarmAllReduceRunner:
     """A SwarmAllReduceRunner in which peer_ids[0] (the coordinator) reduces everything; codecs:
     the codec pair (default: the run's, CODECS)."""
     n = len(peer_ids)
@@ -113,8 +119,9 @@ class RoundReducer:
     or between parts) before it is excluded; on_refused(peer_id, reason): hears of every peer
     turned away."""
 
-    def __init__(self, node, template, *, prefix, compression, aggregation, sender_timeout, on_refused,
-                 topk_fraction=DEFAULT_TOPK):
+    def __init__(self, node: P2PNode, template: Tensors, *, prefix: str, compression: str, aggregation: str,
+                 sender_timeout: float, on_refused: Callable[[str, str], None],
+                 topk_fraction: float = DEFAULT_TOPK) -> None:
         self.node, self.prefix, self.compression, self.topk_fraction = node, prefix, compression, topk_fraction
         self.reply_codec = CODECS[compression](topk_fraction)[1]
         self.history = History(roundtrip=self._roundtrip) if aggregation == "robust" else None
@@ -124,22 +131,22 @@ class RoundReducer:
         self.servicer = RoundServicer(on_refused)
         node.run(self.servicer.add_p2p_handlers(node.p2p, namespace=prefix))
 
-    def _roundtrip(self, part):
+    def _roundtrip(self, part: torch.Tensor) -> torch.Tensor:
         """A part of the average as every member receives it (the reply codec's round trip)."""
         return decode(self.reply_codec.compress(part, CompressionInfo.from_tensor(part)), part.numel())
 
-    def set_weight(self, group, peer_id, weight):
+    def set_weight(self, group: Group, peer_id: str, weight: int) -> None:
         """A member's final weight (before it sends anything); called on a gRPC thread. The running
         all-reduce's copy of the weights is changed on the hivemind loop, which alone reads it."""
         index = group.weigh(peer_id, weight)
 
-        def update():
+        def update() -> None:
             runner = self.servicer.runner
             if runner is not None and runner.group_id == group.group_id:
                 runner.sender_weights[1 + index] = float(weight)
         self.node.loop.call_soon_threadsafe(update)
 
-    def reduce(self, group, timeout):
+    def reduce(self, group: Group, timeout: float) -> Outcome:
         """Average the group's contributions; never raises for network trouble."""
         try:
             return self.node.run(asyncio.wait_for(self._reduce(group), timeout))
@@ -148,7 +155,7 @@ class RoundReducer:
         except Exception as e:
             return Outcome(False, error=f"averaging failed: {type(e).__name__}: {e}"[:300])
 
-    async def _reduce(self, group):
+    async def _reduce(self, group: Group) -> Outcome:
         members = group.snapshot()  # the weights as they are when the all-reduce starts; set_weight updates the runner's
         peers = list(members)
         tensors = [torch.zeros(self.shapes[k], dtype=torch.float32) for k in self.names]
@@ -200,7 +207,7 @@ class RoundReducer:
         return Outcome(True, dict(zip(self.names, tensors)), included, rejected, lies, scores, flagged, stats,
                        runner.bytes_sent)
 
-    def shutdown(self):
+    def shutdown(self) -> None:
         self.node.run(self.servicer.remove_p2p_handlers(self.node.p2p, namespace=self.prefix))
 
 
@@ -208,13 +215,15 @@ class RoundContributor:
     """A worker's side. node: its (outgoing-only) P2PNode; template, prefix, compression,
     topk_fraction: as the coordinator's RunConfig says."""
 
-    def __init__(self, node, template, *, prefix, compression, topk_fraction=DEFAULT_TOPK):
+    def __init__(self, node: P2PNode, template: Tensors, *, prefix: str, compression: str,
+                 topk_fraction: float = DEFAULT_TOPK) -> None:
         self.node, self.prefix, self.compression, self.topk_fraction = node, prefix, compression, topk_fraction
         self.codecs = CODECS[compression](topk_fraction)  # (what we send in, what the coordinator replies in)
         self.names = list(template)
         self.bytes_sent_total = 0
 
-    def contribute(self, tensors, *, group_id, reducer, reducer_maddrs, weight, timeout, give_up=None):
+    def contribute(self, tensors: Tensors, *, group_id: bytes, reducer: str, reducer_maddrs: list[str], weight: float,
+                   timeout: float, give_up: Callable[[], bool] | None = None) -> Outcome:
         """Send `tensors` to the round's reducer (the coordinator's peer id, as gRPC said) and
         return the average it sends back. Gives up early once `give_up()` is true; never raises for
         network trouble: the Outcome says what happened."""
@@ -244,12 +253,12 @@ class RoundContributor:
             return Outcome(False, bytes_sent=sent, error=f"averaging failed: {type(e).__name__}: {e}"[:300])
         return Outcome(True, dict(zip(self.names, local)), bytes_sent=sent)
 
-    def _sent(self, runners):
+    def _sent(self, runners: list[SwarmAllReduceRunner]) -> int:
         sent = runners[0].bytes_sent if runners else 0
         self.bytes_sent_total += sent
         return sent
 
-    async def _contribute(self, runners, local, **kwargs):
+    async def _contribute(self, runners: list[SwarmAllReduceRunner], local: list[torch.Tensor], **kwargs: Any) -> None:
         runner = _runner(self.node, local, **kwargs)
         runners.append(runner)
         async for tensor, averaged in azip(as_aiter(*local), runner):
