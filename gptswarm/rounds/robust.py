@@ -5,10 +5,11 @@ of at most half a megabyte); for each part the coordinator holds every member's 
 (memory: members x part, never members x model) and decides, before averaging it:
 
 1. who is left out of this part, and why:
-   - too large: its norm per square root of its weight (a pseudo-gradient grows with the tokens
-     trained for it) is more than NORM_RATIO times the median of the members' (with three members
-     or more), or than the other's (with two), or HISTORY_RATIO times the previous round's median
-     (alone);
+   - too large: its norm, per square root of its weight and per its weight alike (a pseudo-gradient
+     grows with the tokens trained for it, linearly while its steps agree and as a random walk
+     later), is more than NORM_RATIO times the median of the members' (with three members or more),
+     or than the smaller of two; alone, per square root of its weight, more than HISTORY_RATIO times
+     the previous round's median;
    - a copy: what only a copy has, never a direction that honest work produces. Two members whose
      parts are within COPY_DIST of each other (relative distance), or a member whose part is within
      COPY_DIST of its own previous contribution or of the previous round's average (estimated from
@@ -41,8 +42,8 @@ of at most half a megabyte); for each part the coordinator holds every member's 
    part, and the round's RoundStats says so (an event on the coordinator). A part stays out only
    when each member is out for what it is on its own: too large, or a copy.
 3. the part's aggregate: the weighted mean (weights: the ledger's tokens) of the members kept,
-   each first clipped to CLIP_RATIO times the reference (per square root of its weight: an honest
-   member that moved unusually far weighs as one that moved CLIP_RATIO times as far).
+   each first clipped to CLIP_RATIO times the reference where it is beyond it by both measures (an
+   honest member that moved unusually far weighs as one that moved CLIP_RATIO times as far).
 
 The thresholds come from honest swarms measured across the configurations operators pick
 (bench/honest.py, bench/README.md "Honest swarms"): 2 and 4 workers, 2 to 100 inner steps per round,
@@ -232,19 +233,24 @@ def aggregate_part(part_index, parts, weights, keys, history, scores, stats=None
     gram = flat @ flat.T  # (n, n): every norm and every pair's cosine at once
     norms = gram.diagonal().clamp_min(0).sqrt()
     cos = gram / (norms[:, None] * norms[None, :]).clamp_min(1e-30)
-    # a pseudo-gradient grows with the tokens trained for it (linearly at first, as a random walk
-    # later): norms are compared per square root of the member's weight
-    scaled = norms / torch.tensor(weights, dtype=torch.float32).clamp_min(1e-30).sqrt()
+    # a pseudo-gradient grows with the tokens trained for it, linearly while its steps agree (early
+    # training) and as a random walk later; an honest member can be either, and members of one round
+    # differ in tokens by 40x and more (a slow worker's one step beside a fast one's 40). So norms are
+    # compared per square root of the member's weight and per its weight, and a member is too large
+    # (or clipped) only when it is beyond the reference by both
+    w_all = torch.tensor(weights, dtype=torch.float32).clamp_min(1e-30)
+    scaled, linear = norms / w_all.sqrt(), norms / w_all
+    ref_linear = None
     if n >= 3:
-        ref, ratio = float(scaled.median()), NORM_RATIO
+        ref, ratio, ref_linear = float(scaled.median()), NORM_RATIO, float(linear.median())
     elif n == 2:
-        ref, ratio = float(scaled.min()), NORM_RATIO
+        ref, ratio, ref_linear = float(scaled.min()), NORM_RATIO, float(linear.min())
     else:
         ref, ratio = history.norms.get(part_index), HISTORY_RATIO
     out = {}  # index -> reason it is left out of this part
     if ref:
         for i in range(n):
-            if scaled[i] > ratio * ref:
+            if scaled[i] > ratio * ref and (ref_linear is None or linear[i] > ratio * ref_linear):
                 out[i] = "too large"
     sketches = History.sketch(part_index, flat)
     view = PartView(part_index, d, list(keys), scaled.tolist(), ref, [], {}, {}, {})
@@ -328,7 +334,8 @@ def aggregate_part(part_index, parts, weights, keys, history, scores, stats=None
         w = torch.tensor([weights[i] for i in kept], dtype=torch.float32)
         clip = torch.ones(len(kept))
         if ref and n >= 2:  # clipped against this round's members, never against history alone
-            clip = (CLIP_RATIO * ref / scaled[kept].clamp_min(1e-30)).clamp(max=1.0)
+            clip = torch.maximum(CLIP_RATIO * ref / scaled[kept].clamp_min(1e-30),
+                                 CLIP_RATIO * ref_linear / linear[kept].clamp_min(1e-30)).clamp(max=1.0)
         result = ((clip * w / w.sum())[:, None] * flat[kept]).sum(0)
     else:
         result = torch.zeros_like(flat[0])
