@@ -30,7 +30,8 @@ CSP = "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' d
 
 
 class Cached:
-    """A value computed at most once per `seconds`, shared by every thread that asks."""
+    """A value computed at most once per `seconds`, shared by every thread that asks (value and at
+    under self.lock; the value itself is an immutable bytes)."""
 
     def __init__(self, compute, seconds):
         self.compute, self.seconds = compute, seconds
@@ -68,6 +69,9 @@ class BoundedServer(ThreadingHTTPServer):
 
 
 class StatusServer:
+    """The HTTP server on its own thread, a thread per connection; handlers read the coordinator's
+    snapshots (RoundView, the ledger's views) through Cached, and nothing here changes after start."""
+
     def __init__(self, coord, listen):
         self.coord = coord
         self.registry = metrics.registry(coord)

@@ -63,7 +63,9 @@ class Busy(Exception):
 
 
 class StreamGuard:
-    """Counts open streams per session and in all; a watchdog cancels stalled ones."""
+    """Counts open streams per session and in all; a watchdog cancels stalled ones. Threads: gRPC's
+    (stream, count), the watchdog's and the metrics' (cancelled_count) share open, next_id and
+    cancelled, all under self.lock."""
 
     def __init__(self, *, per_session, total, stall_seconds, clock=time.monotonic):
         self.per_session, self.total, self.stall_seconds, self.clock = per_session, total, stall_seconds, clock
@@ -102,13 +104,17 @@ class StreamGuard:
         with self.lock:
             return len(self.open)
 
+    def cancelled_count(self):
+        with self.lock:
+            return self.cancelled
+
     def _watch(self):
         while not self._stop.wait(min(1.0, self.stall_seconds / 4)):
             now = self.clock()
             with self.lock:
                 stalled = [ctx for _, ctx, last in self.open.values() if now - last > self.stall_seconds]
+                self.cancelled += len(stalled)
             for ctx in stalled:
-                self.cancelled += 1
                 ctx.cancel()
 
     def close(self):

@@ -73,7 +73,7 @@ class SwarmCollector:
             yield gauge("gptswarm_downloads_open", "Shard and checkpoint downloads being served",
                         service.streams.count())
             yield CounterMetricFamily("gptswarm_downloads_stalled", "Downloads cancelled because their client "
-                                      "stopped reading", value=service.streams.cancelled)
+                                      "stopped reading", value=service.streams.cancelled_count())
         shards = GaugeMetricFamily("gptswarm_shards", "Shards of the current epoch by state", labels=["state"])
         for state in ShardState:
             shards.add_metric([state], snap["shards"][state])

@@ -39,6 +39,12 @@ def test_two_workers_train_one_model(tmp_path):
         wait_until(lambda: len([r for r in rounds_done(sd) if r[1] >= 2]) >= 3, 150, "3 rounds with 2+ workers")
         wait_until(lambda: ledger(sd, "SELECT 1 FROM contributions c JOIN workers w ON w.id = c.worker_id "
                                       "WHERE w.name = 'latecomer' AND c.included = 1"), 90, "the latecomer to contribute")
+        # a worker can miss a round (its averaging cut short on a loaded machine: it resynchronizes), and
+        # a short round can cost some loss (docs/operators.md): wait for what is asserted below, bounded
+        agreed = r"round \d+ done: theta \w+\.\.\. agrees with the coordinator"
+        wait_until(lambda: min(a.count(agreed), b.count(agreed)) >= 3, 120, "both workers to agree in 3 rounds")
+        wait_until(lambda: (lambda d: d[-1][2] is not None and d[-1][2] < d[0][2] - 0.1)(rounds_done(sd)), 150,
+                   "the loss to fall by 0.1")
         for w in (a, b, late):
             w.stop()
         coord.stop()
@@ -47,15 +53,14 @@ def test_two_workers_train_one_model(tmp_path):
         for p in procs:
             p.kill()
 
-    losses = [r[2] for r in rounds_done(sd)]
-    assert losses[-1] < losses[0] - 0.1, losses  # the loss falls round after round
+    losses = [r[2] for r in rounds_done(sd) if r[2] is not None]
+    assert min(losses[-3:]) < losses[0] - 0.1, losses  # the loss falls round after round
     # every round's theta hash is the hash of what the coordinator saved, and both workers agreed with it
     hashes = ledger(sd, "SELECT round, theta_hash FROM rounds ORDER BY round")
     model, _, meta, _ = load_theta(sd / "checkpoints" / "latest")
     assert dict(hashes)[meta["round"]] == theta_hash(checkpoint.model_tensors(model))
     for w in (a, b):
-        agreed = w.count(r"round \d+ done: theta \w+\.\.\. agrees with the coordinator")
-        assert agreed >= 3, w.output()[-2000:]
+        assert w.count(agreed) >= 3, w.output()[-2000:]
         # it trained while its rounds averaged, and the next rounds kept those steps
         assert w.count(r"agrees with the coordinator \(\d+ bytes sent; [1-9]\d* tokens trained meanwhile"), \
             w.output()[-2000:]

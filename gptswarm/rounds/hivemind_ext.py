@@ -357,7 +357,9 @@ class SwarmAllReduceRunner(AllReduceRunner):
 class RoundServicer(ServicerBase):
     """The coordinator's only hivemind endpoint: the all-reduce's rpc_aggregate_part, routed to the
     round being averaged, and only for the peers admitted to its group, one stream each.
-    on_refused(peer_id, reason) hears of every other caller. Workers use this class's stub."""
+    on_refused(peer_id, reason) hears of every other caller. Workers use this class's stub.
+    Threads: `runner` is set and read on the node's event loop only (RoundReducer._reduce, this
+    handler, RoundReducer.set_weight's update)."""
 
     def __init__(self, on_refused=lambda peer_id, reason: None):
         self.runner = None  # the SwarmAllReduceRunner of the round being averaged, if any

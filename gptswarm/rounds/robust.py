@@ -178,7 +178,9 @@ class PartView:
 class History:
     """What the coordinator remembers between rounds, per part index: the median member norm, the
     average's count sketch, each worker's last count sketch. roundtrip(part): the average as the
-    members receive it (the reply codec's round trip), which is what a replay of it would send."""
+    members receive it (the reply codec's round trip), which is what a replay of it would send.
+    Threads: the node's event loop alone reads and writes it (the rule runs there, part by part;
+    RoundReducer._reduce calls forget and end_round there too)."""
 
     def __init__(self, roundtrip=None):
         self.norms, self.average, self.own = {}, {}, {}
