@@ -29,6 +29,21 @@ class Stopped(Exception):
     """The worker was asked to stop while waiting for the coordinator."""
 
 
+class Guarded:
+    """A str attribute of a CoordinatorClient read and written under its `_lock` (kept in `_<name>`)."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.field = "_" + name
+
+    def __get__(self, obj: "CoordinatorClient", objtype: type | None = None) -> str:
+        with obj._lock:
+            return getattr(obj, self.field)
+
+    def __set__(self, obj: "CoordinatorClient", value: str) -> None:
+        with obj._lock:
+            setattr(obj, self.field, value)
+
+
 class CoordinatorClient:
     """address: the coordinator's HOST:PORT; token: the swarm token; pin: its certificate's
     fingerprint ("" to trust this machine's CA roots); plaintext: no TLS (loopback only); on_wait:
@@ -39,6 +54,8 @@ class CoordinatorClient:
     (read them through their properties), a rejoin runs once under `joining`; identity, on_session
     and the channel are set (join_or_resume, connect) before the other threads start, and the
     channel closes (close) after they stop."""
+
+    worker_id, session, secret = Guarded(), Guarded(), Guarded()
 
     def __init__(self, address: str, token: str, *, pin: str = "", plaintext: bool = False,
                  on_wait: Callable[[str], None] | None = None,
@@ -54,36 +71,6 @@ class CoordinatorClient:
         self.joining = threading.Lock()
         self.channel: grpc.Channel | None = None
         self.stub: pb_grpc.CoordinatorStub | None = None
-
-    @property
-    def worker_id(self) -> str:
-        with self._lock:
-            return self._worker_id
-
-    @worker_id.setter
-    def worker_id(self, value: str) -> None:
-        with self._lock:
-            self._worker_id = value
-
-    @property
-    def session(self) -> str:
-        with self._lock:
-            return self._session
-
-    @session.setter
-    def session(self, value: str) -> None:
-        with self._lock:
-            self._session = value
-
-    @property
-    def secret(self) -> str:
-        with self._lock:
-            return self._secret
-
-    @secret.setter
-    def secret(self, value: str) -> None:
-        with self._lock:
-            self._secret = value
 
     def restore(self, worker_id: str, secret: str, session: str) -> None:
         """Come back as a saved worker (session.py)."""
