@@ -5,17 +5,16 @@ import threading
 from gptswarm.worker.state import LeasedShard, SharedState
 
 
-def shard(lease_id):
-    return LeasedShard(lease_id, tokens=100, batches=None, steps_needed=1)
+def shard(lease_id, steps_needed=1):
+    return LeasedShard(lease_id, tokens=100, batches=None, steps_needed=steps_needed)
 
 
 def trained_ahead():
     s = SharedState()
-    s.round, s.shard = 3, shard("l-a")
-    s.trained("l-a", 60, 64, 2.0, 0.1)  # round 3's
+    s.round, s.shard = 3, shard("l-a", steps_needed=2)
+    s.stepped(s.shard, 60, 2.0, 0.1)  # round 3's
     s.ahead = True  # round 3 averages: what follows is round 4's
-    s.trained("l-a", 40, 64, 2.0, 0.1)
-    s.finished_shard("l-a", 100, 2.0)
+    s.stepped(s.shard, 64, 2.0, 0.1)  # its last 40 tokens, and the shard is finished
     s.next_shard = shard("l-b")
     return s
 
@@ -29,7 +28,7 @@ def test_steps_trained_ahead_are_claimed_in_the_next_round():
     assert (s.round, s.round_tokens) == (4, 40)
     assert s.claims() == {"l-a": 40}
     assert s.unannounced == ["l-a"] and [c[0] for c in s.completed] == ["l-a"]
-    s.trained("l-b", 10, 64, 2.0, 0.1)
+    s.stepped(shard("l-b", steps_needed=2), 10, 2.0, 0.1)
     assert s.round_tokens == 50 and not s.ahead
 
 
@@ -50,10 +49,10 @@ def test_a_lease_request_holds_one_rounds_finished_shards_and_claims():
     def rounds():  # the round loop: each round, a shard trained ahead, then the next round opens
         r = 0
         while not stop.is_set():
+            sh = shard(f"l-{r}")
             with s.lock:
-                s.ahead, s.shard = True, shard(f"l-{r}")
-            s.trained(f"l-{r}", 100, 64, 2.0, 0.1)
-            s.finished_shard(f"l-{r}", 100, 2.0)
+                s.ahead, s.shard = True, sh
+            s.stepped(sh, 100, 2.0, 0.1)  # trained wholly ahead, and finished
             r += 1
             s.next_round(r)
 

@@ -82,17 +82,6 @@ class SharedState:
         ids = [c[0] for c in self.completed + self.ahead_completed]
         return ids + [sh.lease_id for sh in (self.shard, self.next_shard) if sh is not None]
 
-    def trained(self, lease_id: str, tokens: int, batch_tokens: int, loss: float, seconds: float) -> None:
-        """One training step on lease_id of batch_tokens in `seconds`, of which `tokens` count."""
-        with self.lock:
-            self._trained(lease_id, tokens, batch_tokens, loss, seconds)
-
-    def finished_shard(self, lease_id: str, tokens: int, loss: float | None) -> None:
-        """The shard in training is done: reported after its round's average (the next round's, if
-        it was finished while training ahead)."""
-        with self.lock:
-            self._finished(lease_id, tokens, loss)
-
     def stepped(self, shard: LeasedShard, batch_tokens: int, loss: float, seconds: float) -> None:
         """One training step on `shard` (the one in training), counted and, if it was its last,
         the shard finished, in one critical section."""
