@@ -121,10 +121,11 @@ class RoundKeeper:
             started = self.phase == Phase.AVERAGING or self.ledger.round_tokens(self.round) > 0
             return admit(self.round, started)
 
-    def reached(self, round_: int, tokens: int) -> None:
-        """A heartbeat says round_ holds `tokens`: if that ends it, the loop ends it now instead of at its next look."""
-        v = self.view()
-        if round_ == v.round and v.phase == Phase.TRAINING and tokens >= self.target():
+    def reached(self, view: RoundView, tokens: int, target: int) -> None:
+        """A heartbeat saw view's round hold `tokens` of its `target`: if that ends it, the loop ends it
+        now instead of at its next look (a view the round has left behind wakes it for nothing more
+        than a look)."""
+        if view.phase == Phase.TRAINING and tokens >= target:
             self.wake.set()
 
     def checkpoint_files(self) -> tuple[list, int, str]:

@@ -225,12 +225,12 @@ class Coordinator:
         deadline, lost = self.ledger.heartbeat(
             worker["id"], current_round=view.round, round_=round_, lease_tokens=lease_tokens, tps=tps, state=state,
             reason=reason, lease_ids=lease_ids, bytes_sent=bytes_sent, loss=loss)
-        tokens = self.ledger.round_tokens(view.round)
-        self.rounds.reached(view.round, tokens)
+        tokens, target = self.ledger.round_tokens(view.round), self.rounds.target()
+        self.rounds.reached(view, tokens, target)
         return dict(round=view.round, phase=view.phase, theta_hash=view.theta_hash,
                     may_train=may_train(worker, view, view.round)[0], lease_deadline=deadline, expired_lease_ids=lost,
                     tokens_trained=view.tokens_trained, finished=view.finished, swarm_round_tokens=tokens,
-                    swarm_tokens_per_second=self.ledger.swarm_tokens_per_second(), tokens_per_round=self.rounds.target(),
+                    swarm_tokens_per_second=self.ledger.swarm_tokens_per_second(), tokens_per_round=target,
                     fast_beat_seconds=self.fast_beat_seconds())
 
     def shard_tokens(self, worker: dict, lease_id: str) -> bytes | None:
