@@ -158,7 +158,7 @@ def simulate(config, text, rounds, aggregation, shadow=True):
         workers.append(dict(key=f"w{i}" if i < w else "bad", model=m, trainer=t, gen=torch.Generator().manual_seed(1000 + i),
                             feedback=ErrorFeedback(DEFAULT_TOPK) if codec_name == "topk" else None))
     send, reply = CODEC_PAIRS[codec_name](DEFAULT_TOPK)
-    history = History(roundtrip=lambda part: decode(reply.compress(part, CompressionInfo.from_tensor(part)),
+    history = History(seed=0, roundtrip=lambda part: decode(reply.compress(part, CompressionInfo.from_tensor(part)),
                                                     part.numel()))
     honest = Honest()
     val_gen = torch.Generator().manual_seed(7)

@@ -6,6 +6,114 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class ReducerNode(_message.Message):
+    __slots__ = ("peer_id", "maddrs", "name")
+    PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    MADDRS_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    peer_id: str
+    maddrs: _containers.RepeatedScalarFieldContainer[str]
+    name: str
+    def __init__(self, peer_id: _Optional[str] = ..., maddrs: _Optional[_Iterable[str]] = ..., name: _Optional[str] = ...) -> None: ...
+
+class RegisterReducerRequest(_message.Message):
+    __slots__ = ("protocol_version", "name", "credential", "peer_id", "maddrs", "software_version")
+    PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    CREDENTIAL_FIELD_NUMBER: _ClassVar[int]
+    PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    MADDRS_FIELD_NUMBER: _ClassVar[int]
+    SOFTWARE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    protocol_version: int
+    name: str
+    credential: str
+    peer_id: str
+    maddrs: _containers.RepeatedScalarFieldContainer[str]
+    software_version: str
+    def __init__(self, protocol_version: _Optional[int] = ..., name: _Optional[str] = ..., credential: _Optional[str] = ..., peer_id: _Optional[str] = ..., maddrs: _Optional[_Iterable[str]] = ..., software_version: _Optional[str] = ...) -> None: ...
+
+class RegisterReducerResponse(_message.Message):
+    __slots__ = ("session", "run_id", "averaging_prefix", "compression", "aggregation", "topk_fraction", "model_config_json", "sender_timeout", "averaging_timeout", "coordinator_peer_id")
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    AVERAGING_PREFIX_FIELD_NUMBER: _ClassVar[int]
+    COMPRESSION_FIELD_NUMBER: _ClassVar[int]
+    AGGREGATION_FIELD_NUMBER: _ClassVar[int]
+    TOPK_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    MODEL_CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
+    SENDER_TIMEOUT_FIELD_NUMBER: _ClassVar[int]
+    AVERAGING_TIMEOUT_FIELD_NUMBER: _ClassVar[int]
+    COORDINATOR_PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    session: str
+    run_id: str
+    averaging_prefix: str
+    compression: str
+    aggregation: str
+    topk_fraction: float
+    model_config_json: str
+    sender_timeout: float
+    averaging_timeout: float
+    coordinator_peer_id: str
+    def __init__(self, session: _Optional[str] = ..., run_id: _Optional[str] = ..., averaging_prefix: _Optional[str] = ..., compression: _Optional[str] = ..., aggregation: _Optional[str] = ..., topk_fraction: _Optional[float] = ..., model_config_json: _Optional[str] = ..., sender_timeout: _Optional[float] = ..., averaging_timeout: _Optional[float] = ..., coordinator_peer_id: _Optional[str] = ...) -> None: ...
+
+class ReductionRequest(_message.Message):
+    __slots__ = ("after_round", "first", "round", "weights_of", "wait")
+    AFTER_ROUND_FIELD_NUMBER: _ClassVar[int]
+    FIRST_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_OF_FIELD_NUMBER: _ClassVar[int]
+    WAIT_FIELD_NUMBER: _ClassVar[int]
+    after_round: int
+    first: bool
+    round: int
+    weights_of: bool
+    wait: float
+    def __init__(self, after_round: _Optional[int] = ..., first: _Optional[bool] = ..., round: _Optional[int] = ..., weights_of: _Optional[bool] = ..., wait: _Optional[float] = ...) -> None: ...
+
+class ReductionMember(_message.Message):
+    __slots__ = ("peer_id", "worker_id", "weight", "final")
+    PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    FINAL_FIELD_NUMBER: _ClassVar[int]
+    peer_id: str
+    worker_id: str
+    weight: int
+    final: bool
+    def __init__(self, peer_id: _Optional[str] = ..., worker_id: _Optional[str] = ..., weight: _Optional[int] = ..., final: _Optional[bool] = ...) -> None: ...
+
+class Reduction(_message.Message):
+    __slots__ = ("found", "round", "group_id", "reducers", "index", "members")
+    FOUND_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    GROUP_ID_FIELD_NUMBER: _ClassVar[int]
+    REDUCERS_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    found: bool
+    round: int
+    group_id: bytes
+    reducers: _containers.RepeatedCompositeFieldContainer[ReducerNode]
+    index: int
+    members: _containers.RepeatedCompositeFieldContainer[ReductionMember]
+    def __init__(self, found: _Optional[bool] = ..., round: _Optional[int] = ..., group_id: _Optional[bytes] = ..., reducers: _Optional[_Iterable[_Union[ReducerNode, _Mapping]]] = ..., index: _Optional[int] = ..., members: _Optional[_Iterable[_Union[ReductionMember, _Mapping]]] = ...) -> None: ...
+
+class ReductionReport(_message.Message):
+    __slots__ = ("round", "ok", "error", "outcome_json")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    OK_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    OUTCOME_JSON_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    ok: bool
+    error: str
+    outcome_json: str
+    def __init__(self, round: _Optional[int] = ..., ok: _Optional[bool] = ..., error: _Optional[str] = ..., outcome_json: _Optional[str] = ...) -> None: ...
+
+class ReductionReportResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
 class JoinRequest(_message.Message):
     __slots__ = ("protocol_version", "token", "name", "device", "peer_id", "software_version", "worker_id", "worker_secret")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -235,7 +343,7 @@ class AveragingGroupRequest(_message.Message):
     def __init__(self, round: _Optional[int] = ..., lease_tokens: _Optional[_Iterable[_Union[LeaseTokens, _Mapping]]] = ...) -> None: ...
 
 class AveragingGroup(_message.Message):
-    __slots__ = ("state", "group_id", "reducer_peer_id", "reducer_maddrs", "weight", "detail", "retry_after")
+    __slots__ = ("state", "group_id", "reducer_peer_id", "reducer_maddrs", "weight", "detail", "retry_after", "reducers")
     STATE_FIELD_NUMBER: _ClassVar[int]
     GROUP_ID_FIELD_NUMBER: _ClassVar[int]
     REDUCER_PEER_ID_FIELD_NUMBER: _ClassVar[int]
@@ -243,6 +351,7 @@ class AveragingGroup(_message.Message):
     WEIGHT_FIELD_NUMBER: _ClassVar[int]
     DETAIL_FIELD_NUMBER: _ClassVar[int]
     RETRY_AFTER_FIELD_NUMBER: _ClassVar[int]
+    REDUCERS_FIELD_NUMBER: _ClassVar[int]
     state: str
     group_id: bytes
     reducer_peer_id: str
@@ -250,7 +359,8 @@ class AveragingGroup(_message.Message):
     weight: int
     detail: str
     retry_after: float
-    def __init__(self, state: _Optional[str] = ..., group_id: _Optional[bytes] = ..., reducer_peer_id: _Optional[str] = ..., reducer_maddrs: _Optional[_Iterable[str]] = ..., weight: _Optional[int] = ..., detail: _Optional[str] = ..., retry_after: _Optional[float] = ...) -> None: ...
+    reducers: _containers.RepeatedCompositeFieldContainer[ReducerNode]
+    def __init__(self, state: _Optional[str] = ..., group_id: _Optional[bytes] = ..., reducer_peer_id: _Optional[str] = ..., reducer_maddrs: _Optional[_Iterable[str]] = ..., weight: _Optional[int] = ..., detail: _Optional[str] = ..., retry_after: _Optional[float] = ..., reducers: _Optional[_Iterable[_Union[ReducerNode, _Mapping]]] = ...) -> None: ...
 
 class RoundResultRequest(_message.Message):
     __slots__ = ("round",)

@@ -5,7 +5,7 @@ import warnings
 
 from gptswarm.proto import gptswarm_pb2 as gptswarm_dot_proto_dot_gptswarm__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.85.4'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -93,6 +93,21 @@ class CoordinatorStub:
                 '/gptswarm.v1.Coordinator/Leave',
                 request_serializer=gptswarm_dot_proto_dot_gptswarm__pb2.LeaveRequest.SerializeToString,
                 response_deserializer=gptswarm_dot_proto_dot_gptswarm__pb2.LeaveResponse.FromString,
+                _registered_method=True)
+        self.RegisterReducer = channel.unary_unary(
+                '/gptswarm.v1.Coordinator/RegisterReducer',
+                request_serializer=gptswarm_dot_proto_dot_gptswarm__pb2.RegisterReducerRequest.SerializeToString,
+                response_deserializer=gptswarm_dot_proto_dot_gptswarm__pb2.RegisterReducerResponse.FromString,
+                _registered_method=True)
+        self.GetReduction = channel.unary_unary(
+                '/gptswarm.v1.Coordinator/GetReduction',
+                request_serializer=gptswarm_dot_proto_dot_gptswarm__pb2.ReductionRequest.SerializeToString,
+                response_deserializer=gptswarm_dot_proto_dot_gptswarm__pb2.Reduction.FromString,
+                _registered_method=True)
+        self.ReportReduction = channel.unary_unary(
+                '/gptswarm.v1.Coordinator/ReportReduction',
+                request_serializer=gptswarm_dot_proto_dot_gptswarm__pb2.ReductionReport.SerializeToString,
+                response_deserializer=gptswarm_dot_proto_dot_gptswarm__pb2.ReductionReportResponse.FromString,
                 _registered_method=True)
 
 
@@ -183,6 +198,30 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RegisterReducer(self, request, context):
+        """The operator's reducer nodes (`gptswarm reducer`), never a worker: each proves a credential of
+        its own (made with `gptswarm reducer-credential` on the coordinator's machine; neither the swarm
+        token nor a worker's session is one) and gets a reducer session, sent as the workers' is.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetReduction(self, request, context):
+        """The next round this reducer is named in (waits up to `wait` seconds), with its members and their
+        weights (final once a member has asked for its place); asked again for final weights.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReportReduction(self, request, context):
+        """How the reducer's parts of a round went: who it left out and why, each member's scores.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -245,6 +284,21 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.Leave,
                     request_deserializer=gptswarm_dot_proto_dot_gptswarm__pb2.LeaveRequest.FromString,
                     response_serializer=gptswarm_dot_proto_dot_gptswarm__pb2.LeaveResponse.SerializeToString,
+            ),
+            'RegisterReducer': grpc.unary_unary_rpc_method_handler(
+                    servicer.RegisterReducer,
+                    request_deserializer=gptswarm_dot_proto_dot_gptswarm__pb2.RegisterReducerRequest.FromString,
+                    response_serializer=gptswarm_dot_proto_dot_gptswarm__pb2.RegisterReducerResponse.SerializeToString,
+            ),
+            'GetReduction': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetReduction,
+                    request_deserializer=gptswarm_dot_proto_dot_gptswarm__pb2.ReductionRequest.FromString,
+                    response_serializer=gptswarm_dot_proto_dot_gptswarm__pb2.Reduction.SerializeToString,
+            ),
+            'ReportReduction': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportReduction,
+                    request_deserializer=gptswarm_dot_proto_dot_gptswarm__pb2.ReductionReport.FromString,
+                    response_serializer=gptswarm_dot_proto_dot_gptswarm__pb2.ReductionReportResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -571,6 +625,87 @@ class Coordinator:
             '/gptswarm.v1.Coordinator/Leave',
             gptswarm_dot_proto_dot_gptswarm__pb2.LeaveRequest.SerializeToString,
             gptswarm_dot_proto_dot_gptswarm__pb2.LeaveResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RegisterReducer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gptswarm.v1.Coordinator/RegisterReducer',
+            gptswarm_dot_proto_dot_gptswarm__pb2.RegisterReducerRequest.SerializeToString,
+            gptswarm_dot_proto_dot_gptswarm__pb2.RegisterReducerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetReduction(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gptswarm.v1.Coordinator/GetReduction',
+            gptswarm_dot_proto_dot_gptswarm__pb2.ReductionRequest.SerializeToString,
+            gptswarm_dot_proto_dot_gptswarm__pb2.Reduction.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportReduction(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gptswarm.v1.Coordinator/ReportReduction',
+            gptswarm_dot_proto_dot_gptswarm__pb2.ReductionReport.SerializeToString,
+            gptswarm_dot_proto_dot_gptswarm__pb2.ReductionReportResponse.FromString,
             options,
             channel_credentials,
             insecure,

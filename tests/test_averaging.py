@@ -40,8 +40,8 @@ def run_round(reducer, contributors, tensors, weights, claimed=None, round_=0):
     claimed = claimed or weights
     with ThreadPoolExecutor(len(contributors) + 1) as ex:
         red = ex.submit(reducer.reduce, group, 30)
-        outs = [ex.submit(c.contribute, t, group_id=group.group_id, reducer=str(node.peer_id),
-                          reducer_maddrs=node.maddrs(), weight=w, timeout=30)
+        outs = [ex.submit(c.contribute, t, group_id=group.group_id, reducers=[(str(node.peer_id), node.maddrs())],
+                          reducer_nodes=False, weight=w, timeout=30)
                 for c, t, w in zip(contributors, tensors, claimed)]
         return red.result(), [f.result() for f in outs]
 
@@ -100,9 +100,9 @@ def test_only_members_reach_the_average(swarm):
         with ThreadPoolExecutor(3) as ex:
             red = ex.submit(reducer.reduce, group, 30)
             member = ex.submit(contributors[0].contribute, sent, group_id=group.group_id,
-                               reducer=str(node.peer_id), reducer_maddrs=node.maddrs(), weight=2, timeout=30)
+                               reducers=[(str(node.peer_id), node.maddrs())], reducer_nodes=False, weight=2, timeout=30)
             intruder = ex.submit(stranger.contribute, filled(1000.0, codec), group_id=group.group_id,
-                                 reducer=str(node.peer_id), reducer_maddrs=node.maddrs(), weight=2, timeout=30)
+                                 reducers=[(str(node.peer_id), node.maddrs())], reducer_nodes=False, weight=2, timeout=30)
             red, member, intruder = red.result(), member.result(), intruder.result()
     finally:
         stranger.node.shutdown()
@@ -132,3 +132,56 @@ def test_agreement_is_not_an_attack(swarm):
     red, outs = run_round(reducer, contributors, [filled(1.0), opposed], [2, 2], round_=11)
     assert red.ok and red.included == {"w0": 2, "w1": 2}, red.rejected
     assert red.stats.rescued and red.stats.parts_lost == 0 and "in conflict" in red.stats.rescue_summary()
+
+
+@pytest.mark.parametrize("codec,aggregation", [("8bit", "robust"), ("fp16", "mean")])
+def test_reducer_nodes_split_the_reduce_and_every_peer_gets_the_same_bits(codec, aggregation):
+    """Two reducer nodes, each an equal fraction of every tensor: the members send each its parts,
+    the coordinator sends zeros of weight 0 and receives the average like a member; everybody ends
+    with the same bits, the weighted average of the members' (weights as the coordinator says when
+    a member's stream opens, whatever its messages claim); a hostile member is left out on both
+    reducers' parts, and their part scores add up to its whole contribution."""
+    coord, r1, r2 = P2PNode(listen="127.0.0.1:0"), P2PNode(listen="127.0.0.1:0"), P2PNode(listen="127.0.0.1:0")
+    workers = [P2PNode(), P2PNode(), P2PNode()]
+    try:
+        reducers = [RoundReducer(n, TEMPLATE, prefix="nodes", compression=codec, aggregation=aggregation,
+                                 sender_timeout=5.0, on_refused=lambda p, r: None, group_wait=10.0) for n in (r1, r2)]
+        contributors = [RoundContributor(n, TEMPLATE, prefix="nodes", compression=codec) for n in (coord, *workers)]
+        peers = [str(n.peer_id) for n in workers]
+        final = {peers[0]: 3, peers[1]: 1, peers[2]: 2}  # what the coordinator says once they asked
+        reducer_ids = [str(r1.peer_id), str(r2.peer_id)]
+        g1, g2 = filled(1.0), filled(1.5)
+        bad = {k: -100 * v for k, v in filled(1.0).items()} if aggregation == "robust" else filled(0.5)
+        with ThreadPoolExecutor(6) as ex:
+            groups = [Group(4, {p: (f"w{i}", 1) for i, p in enumerate(peers)}) for _ in reducers]
+            groups[1] = Group(4, groups[0].snapshot(), group_id=groups[0].group_id)
+            reds = [ex.submit(r.reduce, g, 60, reducers=reducer_ids, coordinator=str(coord.peer_id),
+                              final_weights=lambda: dict(final)) for r, g in zip(reducers, groups)]
+            where = [(p, n.maddrs()) for p, n in zip(reducer_ids, (r1, r2))]
+            outs = [ex.submit(c.contribute, t, group_id=groups[0].group_id, reducers=where, reducer_nodes=True,
+                              weight=w, timeout=60)
+                    for c, t, w in zip(contributors, [zero_like(), g1, g2, bad], [0, 1e9, 1, 2])]
+            reds, outs = [f.result() for f in reds], [f.result() for f in outs]
+        assert all(r.ok for r in reds) and all(o.ok for o in outs[:3]), ([r.error for r in reds], [o.error for o in outs])
+        for k in TEMPLATE:
+            for o in outs[1:3]:
+                assert torch.equal(outs[0].averaged[k], o.averaged[k])  # the coordinator's bits are the members'
+        if aggregation == "robust":
+            expected = {k: (3 * g1[k] + g2[k]) / 4 for k in TEMPLATE}
+            assert all("w2" in r.flagged for r in reds)
+            elements = sum(r.scores["w2"].elements for r in reds)
+            assert elements == sum(t.numel() for t in TEMPLATE.values())  # the two reducers' parts: the whole
+            assert all(r.scores["w2"].excluded == r.scores["w2"].elements for r in reds)
+        else:
+            expected = {k: (3 * g1[k] + g2[k] + 2 * bad[k]) / 6 for k in TEMPLATE}
+            assert all(r.included == {"w0": 3, "w1": 1, "w2": 2} for r in reds)
+        for k in TEMPLATE:
+            assert (outs[0].averaged[k] - expected[k]).norm() < TOLERANCE[codec] * expected[k].norm()
+        assert all(r.bytes_sent > 0 for r in reds)  # both reduced their share
+    finally:
+        for n in (coord, r1, r2, *workers):
+            n.shutdown()
+
+
+def zero_like():
+    return {k: torch.zeros_like(t) for k, t in TEMPLATE.items()}

@@ -96,3 +96,23 @@ def test_scale_bench_measures_each_size(tmp_path, shakespeare_path):
     for row in rows:
         assert row["max_workers_with_overlap"] >= row["max_workers_without_overlap"] >= 0
     assert (tmp_path / "scale.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_reduce_bench_measures_a_real_reducer(tmp_path):
+    """`python -m bench.reduce --quick`: one real RoundReducer, senders over real hivemind streams in a
+    process of their own; every round reduced, every sender given the same bytes, no honest member
+    flagged, the floor beside it, and nothing left running."""
+    before = set(psutil.pids())
+    out = tmp_path / "reduce.json"
+    r = subprocess.run([sys.executable, "-m", "bench.reduce", "--quick", "--out", str(out)], cwd=REPO,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert bench_processes(before, tmp_path) == []
+    res = json.loads(out.read_text())
+    assert {(run["aggregation"], run["senders"]) for run in res["runs"]} == {("robust", 2), ("mean", 2)}
+    for run in res["runs"]:
+        for row in (run, run["first_round"]):
+            assert row["ok"] and row["identical"] and row["flagged"] == 0 and row["left_out"] == 0, row
+            assert len(row["replies"]) == 1 and row["replies"][0] > 1  # every part, to every sender
+            assert row["reducer_cpu_s"] > 0 and math.isfinite(row["reducer_ns_per_value_sender"])
+    assert res["floor"]["8bit"]["decode_ns"] > 0 and res["floor"]["8bit"]["add_ns"] > 0

@@ -124,8 +124,8 @@ def test_reducer_excludes_senders_whose_parts_do_not_decode_or_are_too_dense():
         sent = {honest: g, liar: g, hog: {"w": torch.randn(20_000)}}  # the hog: every value
         with ThreadPoolExecutor(4) as ex:
             red = ex.submit(reducer.reduce, group, 30)
-            outs = [ex.submit(c.contribute, sent[c], group_id=group.group_id, reducer=str(coord.peer_id),
-                              reducer_maddrs=coord.maddrs(), weight=4, timeout=30) for c in (honest, liar, hog)]
+            outs = [ex.submit(c.contribute, sent[c], group_id=group.group_id, reducers=[(str(coord.peer_id), coord.maddrs())],
+                              reducer_nodes=False, weight=4, timeout=30) for c in (honest, liar, hog)]
             red, (good, bad, greedy) = red.result(), [f.result() for f in outs]
         assert red.ok and good.ok and not bad.ok and not greedy.ok, (red.error, bad.error, greedy.error)
         assert red.included == {"honest": 4}, red.rejected
@@ -158,3 +158,22 @@ def test_density_rule_accepts_honest_parts_cut_anywhere():
         assert "denser than the run's top-k" in reducer.reason_to_reject(1, dense, 1.0)
 
     asyncio.run(check())
+
+
+@pytest.mark.parametrize("codec", ["fp16", "8bit"])
+@pytest.mark.parametrize("shape", [(1,), (77,), (300, 100), (1 << 19,)])
+def test_the_reducers_decoders_give_hiveminds_values(codec, shape):
+    """decode() reads hivemind's float16 and 8-bit formats with its own one-pass decoders (the
+    reducer decodes every member's parts): the very values hivemind's extract() gives."""
+    from hivemind.compression import CompressionInfo, Float16Compression, Uniform8BitQuantization, \
+        deserialize_torch_tensor
+    compressor = {"fp16": Float16Compression, "8bit": Uniform8BitQuantization}[codec]()
+    x = torch.randn(shape) * 0.01
+    serialized = compressor.compress(x, CompressionInfo.from_tensor(x))
+    ours, theirs = decode(serialized, x.numel()), deserialize_torch_tensor(serialized)
+    assert ours.dtype == theirs.dtype and ours.shape == theirs.shape and torch.equal(ours, theirs)
+    with pytest.raises(DecodeError):
+        decode(serialized, x.numel() - 1)  # more values than the receiver expects
+    serialized.buffer = serialized.buffer[:-1]
+    with pytest.raises(DecodeError):
+        decode(serialized, x.numel())

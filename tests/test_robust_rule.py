@@ -219,3 +219,33 @@ def test_a_member_whose_steps_all_agreed_is_not_too_large(n):
     parts[0] = parts[0] * 100
     _, scores, _ = reduce(parts, weights=weights)
     assert left_out(scores) == {"w0": "too large"}
+
+
+@pytest.mark.parametrize("d", [1000, 1024, 5000, 40_000])
+def test_the_one_pass_statistics_are_the_direct_ones(d):
+    """The rule reads the members' copies once, a cached block at a time: every pair's dot product and
+    noise scale, and every member's sketch, are what the direct computation gives."""
+    from gptswarm.rounds.robust import _statistics
+
+    g = torch.Generator().manual_seed(d)
+    flat = torch.randn(5, d, generator=g)
+    history = History(seed=3)
+    gram, sqg, sketches = _statistics(list(flat), history.signs(d), telling=True)
+    sq = flat * flat
+    assert torch.allclose(gram, flat @ flat.T, rtol=1e-4, atol=1e-3)
+    assert torch.allclose(sqg, sq @ sq.T, rtol=1e-4, atol=1e-3)
+    assert torch.allclose(sketches, history.sketch(flat), rtol=1e-4, atol=1e-4)
+
+
+def test_sketches_estimate_distances_and_their_signs_are_secret():
+    """A sketch's distance estimates the parts' (a copy's is near 0, an honest peer's is not), and two
+    coordinators draw different signs: a sender cannot shape a replay against them."""
+    g = torch.Generator().manual_seed(5)
+    a = torch.randn(1 << 19, generator=g)
+    b = a + 0.05 * torch.randn(1 << 19, generator=g)  # 5% away
+    history = History()
+    sa, sb = history.sketch(torch.stack([a, b]))
+    estimate = float((sa - sb).norm() / sb.norm())
+    assert 0.04 < estimate < 0.06
+    assert not torch.equal(History().signs(4096), History().signs(4096))
+    assert torch.equal(History(seed=1).signs(4096), History(seed=1).signs(4096))

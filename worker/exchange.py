@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Generic, TypeVar, cast
 
 import torch
+from hivemind.p2p import PeerID
 
 from gptswarm.proto import gptswarm_pb2 as pb
 from gptswarm.rounds.averaging import Outcome, RoundContributor
@@ -101,6 +102,26 @@ def ending(r: int, outcome: Outcome, result: pb.RoundResult, *, agrees: bool, ah
     return Ending(committed, resync=not committed and (done or not agrees), keep=keep, give_back=give_back)
 
 
+MAX_REDUCERS = 64  # reducer nodes one group may name (the coordinator's word, bounded all the same)
+
+
+def refuse_reducers(group: pb.AveragingGroup, coordinator_peer_id: str) -> str:
+    """Why we would not send to the reducers this group names (the coordinator's word over its pinned
+    TLS channel: its own peer, given at join, or the operator's reducer nodes); "" if we would."""
+    if not group.reducers:
+        return ("" if group.reducer_peer_id == coordinator_peer_id else
+                "the coordinator named another reducer than the hivemind peer it gave us at join")
+    peers = [n.peer_id for n in group.reducers]
+    if len(peers) > MAX_REDUCERS or len(set(peers)) != len(peers):
+        return f"the group names {len(peers)} reducer nodes ({len(set(peers))} distinct; at most {MAX_REDUCERS})"
+    try:
+        for p in peers:
+            PeerID.from_base58(p)
+    except Exception:
+        return "the group names a reducer node whose peer id does not parse"
+    return ""
+
+
 class Exchanger:
     """Starts the exchanges of a worker's rounds. cfg: the coordinator's RunConfig; feedback: a
     top-k run's error feedback (None otherwise); stopping: set when the worker stops.
@@ -159,9 +180,10 @@ class Exchanger:
             group = self.client.averaging_group(r, self.shared.claims())  # our final claims: our weight
             if group.state == Place.OVER:
                 return None
-            if group.state == Place.MEMBER and group.reducer_peer_id != self.cfg.coordinator_peer_id:
-                group.state, group.detail = Place.NOT_MEMBER, ("the coordinator named another reducer than the hivemind "
-                                                           "peer it gave us at join; not sending")
+            if group.state == Place.MEMBER:
+                why = refuse_reducers(group, self.cfg.coordinator_peer_id)
+                if why:
+                    group.state, group.detail = Place.NOT_MEMBER, why + "; not sending"
             if group.state != Place.WAIT:
                 return group
             self.stopping.wait(group.retry_after or 0.2)
@@ -169,9 +191,11 @@ class Exchanger:
 
     def _exchange(self, r: int, group: pb.AveragingGroup, grad: Grads, weight: float, outer: OuterState) -> Settled:
         """On the exchange's thread: contribute, take the outer step, settle."""
+        reducers = ([(n.peer_id, list(n.maddrs)) for n in group.reducers] if group.reducers
+                    else [(self.cfg.coordinator_peer_id, list(group.reducer_maddrs))])
         outcome = self.contributor.contribute(
-            grad, group_id=group.group_id, reducer=self.cfg.coordinator_peer_id,
-            reducer_maddrs=list(group.reducer_maddrs), weight=weight, timeout=self.cfg.averaging_timeout,
+            grad, group_id=group.group_id, reducers=reducers, reducer_nodes=bool(group.reducers), weight=weight,
+            timeout=self.cfg.averaging_timeout,
             give_up=self.stopping.is_set)  # not when the round moves on: on a slow link our average may
         # still be arriving after the coordinator committed; a reducer that left us out closes our stream
         self.shared.sent(outcome.bytes_sent)

@@ -18,12 +18,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from hivemind.compression import CompressionInfo
 from hivemind.p2p import PeerID
 from hivemind.utils.asyncio import as_aiter, azip
 
 from gptswarm.rounds import DEFAULT_TOPK
-from gptswarm.rounds.codecs import decode
 from gptswarm.rounds.hivemind_ext import (
     CODECS,
     AveragingMode,
@@ -96,44 +94,46 @@ class Outcome:
 
 
 def _runner(node: P2PNode, tensors: list[torch.Tensor], *, prefix: str, compression: str, topk_fraction: float,
-            group_id: bytes, peer_ids: list[str], weight: float, sender_weights: list[float] | None = None,
-            sender_timeout: float | None = None, robust: dict | None = None,
-            codecs: tuple | None = None) -> SwarmAllReduceRunner:
-    """A SwarmAllReduceRunner in which peer_ids[0] (the coordinator) reduces everything; codecs:
-    the codec pair (default: the run's, CODECS)."""
-    n = len(peer_ids)
+            group_id: bytes, reducers: list[str], senders: list[str], reducers_send: bool, weight: float,
+            sender_weights: list[float] | None = None, sender_timeout: float | None = None,
+            robust: dict | None = None, codecs: tuple | None = None) -> SwarmAllReduceRunner:
+    """A SwarmAllReduceRunner in which `reducers` (peer ids) reduce equal fractions of every tensor's
+    values and `senders` send theirs; reducers_send: the reducers are senders too (the coordinator
+    reducing alone, with its own zeros of weight 0), else they only reduce (the operator's reducer
+    nodes). codecs: the codec pair (default: the run's, CODECS)."""
+    k = len(reducers)
     return SwarmAllReduceRunner(
         p2p=node.p2p, servicer_type=RoundServicer, prefix=prefix, group_id=group_id, tensors=tensors, weight=weight,
-        ordered_peer_ids=[PeerID.from_base58(p) for p in peer_ids], peer_fractions=(1.0,) + (0.0,) * (n - 1),
-        modes=(AveragingMode.NODE,) + (AveragingMode.CLIENT,) * (n - 1), sender_weights=sender_weights,
-        robust=robust, codecs=codecs or CODECS[compression](topk_fraction), sender_timeout=sender_timeout,
-        max_density=topk_fraction if compression == "topk" else None,
+        ordered_peer_ids=[PeerID.from_base58(p) for p in [*reducers, *senders]],
+        peer_fractions=(1.0,) * k + (0.0,) * len(senders),
+        modes=(AveragingMode.NODE if reducers_send else AveragingMode.AUX,) * k + (AveragingMode.CLIENT,) * len(senders),
+        sender_weights=sender_weights, robust=robust, codecs=codecs or CODECS[compression](topk_fraction),
+        sender_timeout=sender_timeout, max_density=topk_fraction if compression == "topk" else None,
         reducer_timeout=2 * sender_timeout if sender_timeout else None)
 
 
 class RoundReducer:
-    """The coordinator's side. node: its P2PNode; template: {name: tensor} of the averaged schema;
-    prefix: the run's namespace; compression: a CODECS name (topk_fraction: a "topk" run's fraction of
-    values a contribution may have nonzero); aggregation: "robust" (robust.py) or
-    "mean" (the weighted mean); sender_timeout: seconds a member may stay silent (before it starts,
-    or between parts) before it is excluded; on_refused(peer_id, reason): hears of every peer
-    turned away."""
+    """The reducing side: the coordinator's, reducing every part itself, or a reducer node's, reducing
+    its fraction of every part (reduce(..., reducers=...)). node: its P2PNode; template: {name:
+    tensor} of the averaged schema; prefix: the run's namespace; compression: a CODECS name
+    (topk_fraction: a "topk" run's fraction of values a contribution may have nonzero); aggregation:
+    "robust" (robust.py) or "mean" (the weighted mean); sender_timeout: seconds a member may stay
+    silent (before it starts, or between parts) before it is excluded; on_refused(peer_id, reason):
+    hears of every peer turned away.
+
+    Threads: reduce() runs the round on the node's event loop, which alone touches the runner and
+    the history; set_weight hands a weight over to it (call_soon_threadsafe)."""
 
     def __init__(self, node: P2PNode, template: Tensors, *, prefix: str, compression: str, aggregation: str,
                  sender_timeout: float, on_refused: Callable[[str, str], None],
-                 topk_fraction: float = DEFAULT_TOPK) -> None:
+                 topk_fraction: float = DEFAULT_TOPK, group_wait: float = 0.0) -> None:
         self.node, self.prefix, self.compression, self.topk_fraction = node, prefix, compression, topk_fraction
-        self.reply_codec = CODECS[compression](topk_fraction)[1]
-        self.history = History(roundtrip=self._roundtrip) if aggregation == "robust" else None
+        self.history = History() if aggregation == "robust" else None
         self.names = list(template)
         self.shapes = {k: template[k].shape for k in self.names}
         self.sender_timeout = sender_timeout
-        self.servicer = RoundServicer(on_refused)
+        self.servicer = RoundServicer(on_refused, group_wait)
         node.run(self.servicer.add_p2p_handlers(node.p2p, namespace=prefix))
-
-    def _roundtrip(self, part: torch.Tensor) -> torch.Tensor:
-        """A part of the average as every member receives it (the reply codec's round trip)."""
-        return decode(self.reply_codec.compress(part, CompressionInfo.from_tensor(part)), part.numel())
 
     def set_weight(self, group: Group, peer_id: str, weight: int) -> None:
         """A member's final weight (before it sends anything); called on a gRPC thread. The running
@@ -146,18 +146,29 @@ class RoundReducer:
                 runner.sender_weights[1 + index] = float(weight)
         self.node.loop.call_soon_threadsafe(update)
 
-    def reduce(self, group: Group, timeout: float) -> Outcome:
-        """Average the group's contributions; never raises for network trouble."""
+    def reduce(self, group: Group, timeout: float, *, reducers: list[str] | None = None, coordinator: str = "",
+               final_weights: Callable[[], dict[str, int]] | None = None) -> Outcome:
+        """Average the group's contributions; never raises for network trouble. reducers: the round's
+        reducer nodes (peer ids, this node among them), when it is one of them (None: this node is
+        the coordinator, reducing every part); coordinator: then the coordinator's peer id (it
+        sends zeros of weight 0 and receives the average like a member); final_weights(): then
+        {peer id: weight} of the members whose weight is final (asked on a member's first message,
+        off the event loop, until its weight is final: it is before the member sends a part)."""
         try:
-            return self.node.run(asyncio.wait_for(self._reduce(group), timeout))
+            return self.node.run(asyncio.wait_for(self._reduce(group, reducers, coordinator, final_weights), timeout))
         except asyncio.TimeoutError:
             return Outcome(False, error=f"averaging took longer than {timeout:g} s")
         except Exception as e:
             return Outcome(False, error=f"averaging failed: {type(e).__name__}: {e}"[:300])
 
-    async def _reduce(self, group: Group) -> Outcome:
+    async def _reduce(self, group: Group, reducers: list[str] | None, coordinator: str,
+                      final_weights: Callable[[], dict[str, int]] | None) -> Outcome:
         members = group.snapshot()  # the weights as they are when the all-reduce starts; set_weight updates the runner's
         peers = list(members)
+        if reducers is None:  # the coordinator reduces alone, a sender (of zeros) too
+            topology = dict(reducers=[str(self.node.peer_id)], senders=peers, reducers_send=True)
+        else:  # one of the operator's reducer nodes: the coordinator is a sender, its zeros weigh nothing
+            topology = dict(reducers=list(reducers), senders=[coordinator, *peers], reducers_send=False)
         tensors = [torch.zeros(self.shapes[k], dtype=torch.float32) for k in self.names]
         scores: dict[str, PartScores] = {}
         robust = stats = None
@@ -167,25 +178,28 @@ class RoundReducer:
             robust = dict(keys=[None] + [members[p][0] for p in peers], history=self.history, scores=scores,
                           stats=stats)
         runner = _runner(self.node, tensors, prefix=self.prefix, compression=self.compression,
-                         topk_fraction=self.topk_fraction, group_id=group.group_id,
-                         peer_ids=[str(self.node.peer_id), *peers], weight=0.0,
+                         topk_fraction=self.topk_fraction, group_id=group.group_id, **topology, weight=0.0,
                          sender_weights=[0.0] + [float(members[p][1]) for p in peers],
                          sender_timeout=self.sender_timeout, robust=robust)
+        self.servicer.admit = None if final_weights is None else _Weights(group, runner, final_weights).admit
         self.servicer.runner = runner
         try:
             async for tensor, averaged in azip(as_aiter(*tensors), runner):
                 tensor.copy_(averaged)
             await runner.replies_sent(timeout=REPLY_GRACE)  # so that bytes_sent counts the last replies
         finally:
-            self.servicer.runner = None
+            self.servicer.runner = self.servicer.admit = None
         if self.history is not None:
             self.history.end_round(scores)
         members = group.snapshot()  # with the final weights of those who asked meanwhile
         rejected, lies, flagged = {}, {}, set()
         for peer, reason in runner.rejections:  # not a pseudo-gradient at all: flagged
-            rejected[members[peer][0]] = reason
-            flagged.add(members[peer][0])
+            if peer in members:  # (on a reducer node, the coordinator's zeros are no member's)
+                rejected[members[peer][0]] = reason
+                flagged.add(members[peer][0])
         for peer, claimed in runner.claimed_weights.items():
+            if str(peer) not in members:
+                continue
             worker_id, weight = members[str(peer)]
             if claimed > weight:
                 lies[worker_id] = f"claimed weight {claimed:g} in round {group.round}'s averaging; the ledger credits {weight}"
@@ -211,6 +225,31 @@ class RoundReducer:
         self.node.run(self.servicer.remove_p2p_handlers(self.node.p2p, namespace=self.prefix))
 
 
+class _Weights:
+    """A reducer node's members' final weights, asked of the coordinator (final_weights(), blocking,
+    run off the event loop) when a member whose weight is not final yet opens its stream. Threads:
+    the node's event loop alone (admit runs there; the question in its executor)."""
+
+    def __init__(self, group: Group, runner: SwarmAllReduceRunner, final_weights: Callable[[], dict[str, int]]):
+        self.group, self.runner, self.final_weights = group, runner, final_weights
+        self.final: set[str] = set()
+        self.lock = asyncio.Lock()
+
+    async def admit(self, peer: PeerID) -> None:
+        peer_id = str(peer)
+        if peer_id in self.final or self.group.member(peer_id) is None:
+            return
+        async with self.lock:
+            if peer_id in self.final:
+                return
+            weights = await asyncio.get_event_loop().run_in_executor(None, self.final_weights)
+            for p, weight in weights.items():
+                if p not in self.final and self.group.member(p) is not None:
+                    index = self.group.weigh(p, int(weight))
+                    self.runner.sender_weights[1 + index] = float(weight)
+                    self.final.add(p)
+
+
 class RoundContributor:
     """A worker's side. node: its (outgoing-only) P2PNode; template, prefix, compression,
     topk_fraction: as the coordinator's RunConfig says."""
@@ -222,21 +261,25 @@ class RoundContributor:
         self.names = list(template)
         self.bytes_sent_total = 0
 
-    def contribute(self, tensors: Tensors, *, group_id: bytes, reducer: str, reducer_maddrs: list[str], weight: float,
-                   timeout: float, give_up: Callable[[], bool] | None = None) -> Outcome:
-        """Send `tensors` to the round's reducer (the coordinator's peer id, as gRPC said) and
-        return the average it sends back. Gives up early once `give_up()` is true; never raises for
-        network trouble: the Outcome says what happened."""
+    def contribute(self, tensors: Tensors, *, group_id: bytes, reducers: list[tuple[str, list[str]]],
+                   reducer_nodes: bool, weight: float, timeout: float,
+                   give_up: Callable[[], bool] | None = None) -> Outcome:
+        """Send `tensors` to the round's reducers ([(peer id, multiaddrs)], as the coordinator said over
+        gRPC: the coordinator's own peer, or with reducer_nodes, the operator's reducer nodes, each
+        an equal fraction of every tensor) and return the average they send back. Gives up early
+        once `give_up()` is true; never raises for network trouble: the Outcome says what happened."""
         local = [tensors[k].detach().to("cpu", torch.float32).clone() for k in self.names]
-        try:
-            self.node.connect(reducer, reducer_maddrs)
-        except Exception as e:
-            return Outcome(False, error=f"cannot reach the coordinator's hivemind peer: {type(e).__name__}: {e}"[:300])
+        for peer_id, maddrs in reducers:
+            try:
+                self.node.connect(peer_id, maddrs)
+            except Exception as e:
+                return Outcome(False, error=f"cannot reach the reducer {peer_id[:16]}...: {type(e).__name__}: {e}"[:300])
         runners: list[SwarmAllReduceRunner] = []  # the runner is made on the node's event loop, where its asyncio parts live
         future = asyncio.run_coroutine_threadsafe(
             self._contribute(runners, local, prefix=self.prefix, compression=self.compression,
                              topk_fraction=self.topk_fraction, codecs=self.codecs, group_id=group_id,
-                             peer_ids=[reducer, str(self.node.peer_id)], weight=float(weight)), self.node.loop)
+                             reducers=[p for p, _ in reducers], senders=[str(self.node.peer_id)],
+                             reducers_send=not reducer_nodes, weight=float(weight)), self.node.loop)
         deadline = time.monotonic() + timeout
         while not future.done():
             if (give_up is not None and give_up()) or time.monotonic() > deadline:

@@ -21,6 +21,7 @@ sender's claim alone.
 """
 
 import math
+import warnings
 
 import numpy as np
 import torch
@@ -34,6 +35,7 @@ CHUNK = 4096  # values per top-k chunk (indices are uint16 within it)
 CODEC_4BIT, CODEC_SPARSE = 102, 103  # tags in runtime_pb2.Tensor.compression, beyond hivemind's enum (100 and
 #                                     101 were these formats with float16 scales)
 TINY = torch.finfo(torch.float32).tiny
+warnings.filterwarnings("ignore", message="The given buffer is not writable")  # decode() only reads it
 
 
 def _scales(amax, levels):
@@ -136,7 +138,34 @@ class Sparse8Bit(CompressionBase):
         return max(0.75 * self.fraction, 1 / 8)  # parts of at most 8x hivemind's fp32 part: bounded memory
 
 
+def _extract_8bit(serialized, max_numel):
+    """hivemind's Uniform8BitQuantization format (an int64 codebook size, the float32 codebook, a
+    uint8 code per value), decoded with one table lookup: the same values as hivemind's extract(),
+    which widens every code to int64 first (3x slower; the reducer decodes every member's parts)."""
+    n = _numel(serialized, max_numel)
+    buf = serialized.buffer
+    size = int(np.frombuffer(buf, dtype="<i8", count=1)[0]) if len(buf) >= 8 else -1
+    if not 0 < size <= 256 or len(buf) != 8 + 4 * size + n:
+        raise DecodeError(f"an 8-bit tensor of {n} values in {len(buf)} bytes")
+    codebook = np.frombuffer(buf, dtype="<f4", count=size, offset=8)
+    codes = np.frombuffer(buf, dtype=np.uint8, count=n, offset=8 + 4 * size)
+    return torch.from_numpy(np.take(codebook, codes)).reshape(tuple(serialized.size))
+
+
+def _extract_fp16(serialized, max_numel):
+    """hivemind's Float16Compression format (float16 values), widened by torch in one pass: the same
+    values as hivemind's extract(), which widens them with numpy (8x slower)."""
+    n = _numel(serialized, max_numel)
+    if len(serialized.buffer) != 2 * n:
+        raise DecodeError(f"a float16 tensor of {n} values in {len(serialized.buffer)} bytes")
+    if n == 0:
+        return torch.zeros(tuple(serialized.size))
+    # read only: .float() copies (torch warns once that the buffer is not writable; it is never written)
+    return torch.frombuffer(serialized.buffer, dtype=torch.float16).float().reshape(tuple(serialized.size))
+
+
 OURS = {CODEC_4BIT: Blockwise4Bit(), CODEC_SPARSE: Sparse8Bit()}
+FAST = {runtime_pb2.UNIFORM_8BIT: _extract_8bit, runtime_pb2.FLOAT16: _extract_fp16}  # float32 tensors of hivemind's codecs
 
 
 def decode(serialized, max_numel):
@@ -145,6 +174,9 @@ def decode(serialized, max_numel):
     codec = OURS.get(serialized.compression)
     if codec is not None:
         return codec.extract(serialized, max_numel)
+    fast = FAST.get(serialized.compression)
+    if fast is not None and serialized.dtype == "float32":
+        return fast(serialized, max_numel)
     _numel(serialized, max_numel)
     return deserialize_torch_tensor(serialized)
 

@@ -89,10 +89,12 @@ class ValidatingReducer(TensorPartReducer):
             return f"invalid weight {weight}"
         if not 0 <= part_index < self.num_parts or part.shape != self.part_shapes[part_index]:
             return f"malformed part {part_index} of shape {tuple(part.shape)}"
-        if not torch.isfinite(part).all():
-            return "non-finite values in its pseudo-gradient"
-        if part.numel() and part.abs().max() > MAX_ABS:
-            return f"pseudo-gradient entries beyond {MAX_ABS:g}"
+        if part.numel():  # one pass: a NaN makes both ends NaN, an infinity one of them infinite
+            low, high = (float(v) for v in torch.aminmax(part))
+            if not (math.isfinite(low) and math.isfinite(high)):
+                return "non-finite values in its pseudo-gradient"
+            if max(-low, high) > MAX_ABS:
+                return f"pseudo-gradient entries beyond {MAX_ABS:g}"
         if self.max_density is not None:  # top-k: what the worker's sparsify() keeps, per CHUNK values
             # a part may cut two chunks, each with its whole top-k inside the part (hivemind aligns parts
             # with chunks only while the codec's estimate keeps parts at 2**20 values: fractions <= 1/6)
@@ -124,10 +126,11 @@ class RobustReducer(ValidatingReducer):
     is reduced); history, scores and stats: robust.History, {key: robust.PartScores} and robust.RoundStats."""
 
     def __init__(self, part_shapes, num_senders, sender_peer_ids, report, max_density=None, *, keys, weights,
-                 history, scores, stats=None):
+                 history, scores, stats=None, encode=None):
         self.received = {}
         super().__init__(part_shapes, num_senders, sender_peer_ids, report, max_density)
         self.keys, self.weights, self.history, self.scores, self.stats = keys, weights, history, scores, stats
+        self.encode = encode  # encode(part_index, average) -> the reply's serialized bytes, kept for every sender
 
     def reset_accumulators(self):
         # from hivemind/averaging/partition.py, TensorPartReducer.reset_accumulators; changed: the
@@ -172,10 +175,12 @@ class RobustReducer(ValidatingReducer):
             members = [i for i in sorted(self.received) if self.keys[i] is not None and self.weights[i] > 0
                        and p < self.sender_failed_after[i]]
             try:
-                if members:
+                if members:  # the rule remembers the average as members receive it: the reply, encoded once here
+                    roundtrip = None if self.encode is None else (
+                        lambda average: decode(self.encode(p, average), average.numel()))
                     result = aggregate_part(p, [self.received[i] for i in members],
                                             [self.weights[i] for i in members], [self.keys[i] for i in members],
-                                            self.history, self.scores, self.stats)
+                                            self.history, self.scores, self.stats, roundtrip=roundtrip)
                 else:
                     result = torch.zeros(self.part_shapes[p])
             except Exception as e:  # the round fails now, with the reason, instead of at its timeout
@@ -209,10 +214,11 @@ class SwarmAllReduceRunner(AllReduceRunner):
                                                          self.rejections, max_density)
         else:  # {keys, history, scores, stats}: robust aggregation, weighed by sender_weights
             self.tensor_part_reducer = RobustReducer(shapes, len(self.sender_peer_ids), self.sender_peer_ids,
-                                                     self.rejections, max_density, weights=sender_weights, **robust)
+                                                     self.rejections, max_density, weights=sender_weights,
+                                                     encode=self._encode_now, **robust)
         self._codec = codecs[0].compression_type
         self._reply_codec = codecs[1]
-        self._serialized = {}
+        self._replies = {}  # part index -> future of its reply's serialized bytes (the event loop's alone)
         # the most values a part can have (the reducer's parts, and this peer's own: the same partition)
         self._max_part = max([p.numel() for p in self.parts_for_local_averaging] +
                              [p.numel() for parts in self.tensor_part_container._input_parts_by_peer for p, _ in parts]
@@ -244,11 +250,23 @@ class SwarmAllReduceRunner(AllReduceRunner):
         self.bytes_sent += msg.ByteSize()
         return msg
 
-    def _serialize_average(self, part_index, averaged):
-        """One serialization per part, in the run's codec: every sender receives the same bytes."""
-        if part_index not in self._serialized:
-            self._serialized[part_index] = self._reply_codec.compress(averaged, CompressionInfo.from_tensor(averaged))
-        return self._serialized[part_index]
+    def _serialize_average(self, averaged):
+        return self._reply_codec.compress(averaged, CompressionInfo.from_tensor(averaged))
+
+    def _encode_now(self, part_index, averaged):
+        """The part's reply, encoded on the event loop now (the robust rule, which runs there, needs it)."""
+        future = self._replies[part_index] = asyncio.get_event_loop().create_future()
+        future.set_result(self._serialize_average(averaged))
+        return future.result()
+
+    async def _reply(self, part_index, averaged):
+        """The part's reply in the run's codec, encoded once (off the event loop) however many senders
+        wait for it: every sender receives the same bytes."""
+        future = self._replies.get(part_index)
+        if future is None:
+            future = self._replies[part_index] = asyncio.get_event_loop().run_in_executor(
+                None, self._serialize_average, averaged)
+        return await asyncio.shield(future)  # a sender that leaves does not cancel the others' reply
 
     def sent_every_part(self, peer_id):
         """Did this sender deliver all of its parts, and was it never excluded?"""
@@ -268,10 +286,9 @@ class SwarmAllReduceRunner(AllReduceRunner):
             return await self._communicate_with_reducer(peer_id)
         peer_index = self.ordered_peer_ids.index(peer_id)
         sender_index = self.sender_peer_ids.index(peer_id)
-        loop = asyncio.get_event_loop()
         for part_index, part in enumerate(self.parts_for_local_averaging):
             averaged = await self.tensor_part_reducer.accumulate_part(sender_index, part_index, part, weight=self.weight)
-            serialized = await loop.run_in_executor(None, self._serialize_average, part_index, averaged)
+            serialized = await self._reply(part_index, averaged)
             self.tensor_part_container.register_processed_part(peer_index, part_index,
                                                                decode(serialized, self._max_part))
 
@@ -327,7 +344,6 @@ class SwarmAllReduceRunner(AllReduceRunner):
             self.tensor_part_reducer.on_sender_failed(sender_index)
             self.rejections.append((str(self.sender_peer_ids[sender_index]), reason))
         try:
-            loop = asyncio.get_event_loop()
             async for part, weight, codec in amap_in_executor(decoded, stream,
                                                               max_prefetch=self.tensor_part_container.prefetch):
                 if codec != self._codec:
@@ -341,7 +357,7 @@ class SwarmAllReduceRunner(AllReduceRunner):
                                                                               weight=weight)
                 except BannedException:
                     break
-                serialized = await loop.run_in_executor(None, self._serialize_average, part_index, averaged)
+                serialized = await self._reply(part_index, averaged)
                 part_index += 1
                 reply = self._count(averaging_pb2.AveragingData(code=averaging_pb2.AVERAGED_PART,
                                                                 tensor_part=serialized))
@@ -361,8 +377,11 @@ class RoundServicer(ServicerBase):
     Threads: `runner` is set and read on the node's event loop only (RoundReducer._reduce, this
     handler, RoundReducer.set_weight's update)."""
 
-    def __init__(self, on_refused=lambda peer_id, reason: None):
+    def __init__(self, on_refused=lambda peer_id, reason: None, group_wait=0.0):
+        self.group_wait = group_wait  # seconds a sender may wait for its round's runner (a reducer node
+        #                               learns of a round over gRPC, members may dial it a moment before)
         self.runner = None  # the SwarmAllReduceRunner of the round being averaged, if any
+        self.admit = None  # async admit(peer id): awaited before an admitted sender's stream is read (its weight)
         self.on_refused = on_refused
 
     async def rpc_aggregate_part(self, stream: AsyncIterator[averaging_pb2.AveragingData], context: P2PContext
@@ -374,6 +393,10 @@ class RoundServicer(ServicerBase):
             self.on_refused(str(peer), "opened an averaging stream and sent nothing")
             return
         runner = self.runner
+        deadline = asyncio.get_event_loop().time() + self.group_wait
+        while (runner is None or first.group_id != runner.group_id) and asyncio.get_event_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+            runner = self.runner
         if runner is None or first.group_id != runner.group_id:
             self.on_refused(str(peer), "sent a contribution for no round being averaged")
             yield averaging_pb2.AveragingData(code=averaging_pb2.BAD_GROUP_ID)
@@ -386,5 +409,7 @@ class RoundServicer(ServicerBase):
             self.on_refused(str(peer), "sent its contribution twice")
             yield averaging_pb2.AveragingData(code=averaging_pb2.DUPLICATE_PEER_ID)
             return
+        if self.admit is not None:
+            await self.admit(peer)
         async for msg in runner.rpc_aggregate_part(achain(as_aiter(first), stream), context):
             yield msg

@@ -68,6 +68,7 @@ left out of most of their values. Everything here is deterministic: the coordina
 part once and sends every member the same bytes.
 """
 
+import secrets
 from dataclasses import dataclass, field
 
 import torch
@@ -182,10 +183,14 @@ class History:
     Threads: the node's event loop alone reads and writes it (the rule runs there, part by part;
     RoundReducer._reduce calls forget and end_round there too)."""
 
-    def __init__(self, roundtrip=None):
+    def __init__(self, roundtrip=None, seed=None):
         self.norms, self.average, self.own = {}, {}, {}
         self.standing = {}  # worker -> its agreement with its peers over its last round, in noise deviations
         self.roundtrip = roundtrip or (lambda part: part)
+        # the sketches' random signs: secret to this coordinator (a sender that knew them could shape a
+        # replay whose sketch lies far from its original's), drawn once per part size and kept
+        self.seed = secrets.randbits(62) if seed is None else seed
+        self._signs = {}
 
     def forget(self, keep):
         """Drop the sketches and standing of workers not in `keep` (they left)."""
@@ -207,16 +212,54 @@ class History:
             return s.standing(others, k)
         return self.standing.get(key)
 
-    @staticmethod
-    def sketch(part_index, flat):
-        """Count sketches (rows, SKETCH buckets) of the rows of flat (n, d): each value lands with a
-        random sign in a random bucket, the same for every round and member, so that the distance
-        between two sketches estimates the distance between the parts, sparse ones included."""
-        d = flat.shape[1]
-        g = torch.Generator().manual_seed(1_000_003 * part_index + d)
-        buckets = torch.randint(SKETCH, (d,), generator=g)
-        signs = torch.randint(2, (d,), generator=g).float().mul_(2).sub_(1)
-        return torch.zeros(flat.shape[0], SKETCH).index_add_(1, buckets, flat * signs)
+    def signs(self, d):
+        """The sketches' random signs for parts of d values (by size only: parts of one size share
+        them, and most parts are of one size)."""
+        signs = self._signs.get(d)
+        if signs is None:
+            g = torch.Generator().manual_seed((self.seed + d) % (1 << 63))
+            signs = self._signs[d] = torch.randint(2, (d,), generator=g).float().mul_(2).sub_(1)
+        return signs
+
+    def sketch(self, flat):
+        """Sketches (rows, SKETCH buckets) of the rows of flat (n, d): value j lands in bucket
+        j mod SKETCH with a random sign, the same for every round and member, so that the distance
+        between two sketches estimates the distance between the parts (the signs make every other
+        value's share of a bucket cancel in expectation), sparse ones included."""
+        n, d = flat.shape
+        signed = flat * self.signs(d)
+        if d % SKETCH:
+            signed = torch.nn.functional.pad(signed, (0, -d % SKETCH))
+        return signed.view(n, -1, SKETCH).sum(1)
+
+
+BLOCK_VALUES = 1 << 17  # _statistics reads the members' copies a block at a time, this many values in all (in
+#                        cache), each member's block 8 to 64 sketch widths (measured best on this machine: bench.reduce)
+
+
+def _statistics(flats, signs, telling):
+    """One pass over the members' copies of a part, a block of values at a time (the members' blocks
+    stacked in a buffer that stays in cache, instead of every member's copy read once per statistic):
+    gram (n, n) of every pair's dot product; sqg (n, n) of every pair's sum a_i^2 b_i^2 (telling
+    parts only, else None); the members' sketches (n, SKETCH), as History.sketch computes them."""
+    n, d = len(flats), flats[0].numel()
+    gram, sketches = torch.zeros(n, n), torch.zeros(n, SKETCH)
+    sqg = torch.zeros(n, n) if telling else None
+    block = max(8 * SKETCH, min(64 * SKETCH, BLOCK_VALUES // n // SKETCH * SKETCH))
+    buffer = torch.empty(n * block)
+    for start in range(0, d, block):
+        stop = min(d, start + block)
+        width = stop - start
+        rows = torch.stack([f[start:stop] for f in flats], out=buffer[:n * width].view(n, width))
+        gram.addmm_(rows, rows.T)
+        if telling:
+            sq = rows * rows
+            sqg.addmm_(sq, sq.T)
+        signed = rows * signs[start:stop]
+        if width % SKETCH:
+            signed = torch.nn.functional.pad(signed, (0, -width % SKETCH))
+        sketches += signed.view(n, -1, SKETCH).sum(1)
+    return gram, sqg, sketches
 
 
 def _rel_dist(a, b):
@@ -225,14 +268,17 @@ def _rel_dist(a, b):
     return float((a - b).norm()) / nb if na > 0 and nb > 0 else float("inf")
 
 
-def aggregate_part(part_index, parts, weights, keys, history, scores, stats=None):
+def aggregate_part(part_index, parts, weights, keys, history, scores, stats=None, roundtrip=None):
     """The robust aggregate of one part. parts: [tensor] (the members' copies, same shape);
     weights: [float > 0]; keys: [member key (worker id)]; history: History (read, and updated with
     this round's sketches and norms); scores: {key: PartScores} (updated); stats: RoundStats
-    (updated), or None."""
-    flat = torch.stack([p.reshape(-1).float() for p in parts])  # (n, d)
-    n, d = flat.shape
-    gram = flat @ flat.T  # (n, n): every norm and every pair's cosine at once
+    (updated), or None; roundtrip(average): the average as members receive it (default:
+    history.roundtrip)."""
+    flats = [p.reshape(-1).float() for p in parts]
+    n, d = len(flats), flats[0].numel()
+    telling = d >= MIN_PART
+    # every norm, every pair's cosine and noise scale, every member's sketch: one pass over the copies
+    gram, sqg, sketches = _statistics(flats, history.signs(d), telling)
     norms = gram.diagonal().clamp_min(0).sqrt()
     cos = gram / (norms[:, None] * norms[None, :]).clamp_min(1e-30)
     # a pseudo-gradient grows with the tokens trained for it, linearly while its steps agree (early
@@ -254,17 +300,15 @@ def aggregate_part(part_index, parts, weights, keys, history, scores, stats=None
         for i in range(n):
             if scaled[i] > ratio * ref and (ref_linear is None or linear[i] > ratio * ref_linear):
                 out[i] = "too large"
-    sketches = History.sketch(part_index, flat)
     view = PartView(part_index, d, list(keys), scaled.tolist(), ref, [], {}, {}, {})
-    telling = d >= MIN_PART
+    g, norm = gram.tolist(), norms.tolist()  # (Python floats: n^2 of them are read one by one below)
     if telling:
-        n2 = gram.diagonal()
         for i in range(n):
             for j in range(i + 1, n):
-                if not (norms[i] > 0 and norms[j] > 0):
+                if not (norm[i] > 0 and norm[j] > 0):
                     continue  # nothing sent is nobody's copy
                 # |a - b| relative to the larger of the two (a copy is close to the original whichever is which)
-                dist = float((n2[i] + n2[j] - 2 * gram[i, j]).clamp_min(0).sqrt() / max(norms[i], norms[j]))
+                dist = max(g[i][i] + g[j][j] - 2 * g[i][j], 0.0) ** 0.5 / max(norm[i], norm[j])
                 view.peer_dist.append((i, j, dist))
                 if dist < COPY_DIST:
                     out.setdefault(i, "a copy")
@@ -279,14 +323,11 @@ def aggregate_part(part_index, parts, weights, keys, history, scores, stats=None
             if min(view.own_dist.get(i, 1.0), view.average_dist.get(i, 1.0)) < COPY_DIST:
                 out.setdefault(i, "a copy")
     sane = [i for i in range(n) if i not in out] if telling else []
-    if telling:
-        sq = flat * flat
-        sqg = sq @ sq.T  # (n, n): sum a_i^2 b_i^2, what the dot of two unrelated vectors scatters by (squared)
     if len(sane) >= 2:
         # the noise deviation of a cosine between two unrelated vectors with these members' value
         # distributions: sqrt(sum a_i^2 b_i^2) / (|a| |b|), its median over the pairs
-        noise = sqg.clamp_min(0).sqrt() / (norms[:, None] * norms[None, :]).clamp_min(1e-30)
-        pairs = [float(noise[a, b]) for x, a in enumerate(sane) for b in sane[x + 1:]]
+        noise = (sqg.clamp_min(0).sqrt() / (norms[:, None] * norms[None, :]).clamp_min(1e-30)).tolist()
+        pairs = [noise[a][b] for x, a in enumerate(sane) for b in sane[x + 1:]]
         view.sigma = sorted(pairs)[(len(pairs) - 1) // 2]
     if len(sane) >= 3:
         # each member's k-th best agreement with the others, k = what an honest majority guarantees
@@ -332,29 +373,33 @@ def aggregate_part(part_index, parts, weights, keys, history, scores, stats=None
         if stats is not None:
             stats.rescued[part_index] = " and ".join(reasons)
     view.out = {keys[i]: r for i, r in out.items()}
+    coef = torch.zeros(n)  # each member's share of the aggregate: 0 when left out
     if kept:
         w = torch.tensor([weights[i] for i in kept], dtype=torch.float32)
         clip = torch.ones(len(kept))
         if ref and n >= 2:  # clipped against this round's members, never against history alone
             clip = torch.maximum(CLIP_RATIO * ref / scaled[kept].clamp_min(1e-30),
                                  CLIP_RATIO * ref_linear / linear[kept].clamp_min(1e-30)).clamp(max=1.0)
-        result = ((clip * w / w.sum())[:, None] * flat[kept]).sum(0)
-    else:
-        result = torch.zeros_like(flat[0])
+        coef[kept] = clip * w / w.sum()
+    result = torch.zeros(d)
+    for i in kept:  # in the members' order: the same bits wherever it is computed
+        result.add_(flats[i], alpha=float(coef[i]))
     agg_norm2 = float(result @ result)
-    dots = flat @ result
+    dots = gram @ coef  # each member's dot product with the aggregate
+    sq2 = sqg.tolist() if telling else None
+    dot = dots.tolist()
     for i, k in enumerate(keys):
         s = scores.setdefault(k, PartScores())
         if telling:  # the evidence of its standing, after this part's decisions
             s.telling += 1
             for j, other in enumerate(keys):
                 if j != i:
-                    s.dots[other] = s.dots.get(other, 0.0) + float(gram[i, j])
-                    s.noise2[other] = s.noise2.get(other, 0.0) + float(sqg[i, j])
+                    s.dots[other] = s.dots.get(other, 0.0) + g[i][j]
+                    s.noise2[other] = s.noise2.get(other, 0.0) + sq2[i][j]
         s.parts += 1
         s.elements += d
-        s.norm2 += float(gram[i, i])
-        s.dot += float(dots[i])
+        s.norm2 += g[i][i]
+        s.dot += dot[i]
         s.agg_norm2 += agg_norm2
         if i in out:
             s.left_out += d
@@ -364,7 +409,7 @@ def aggregate_part(part_index, parts, weights, keys, history, scores, stats=None
         history.own[(k, part_index)] = sketches[i].clone()
     if kept:
         history.norms[part_index] = float(scaled[kept].median())
-    history.average[part_index] = History.sketch(part_index, history.roundtrip(result)[None])[0]
+    history.average[part_index] = history.sketch((roundtrip or history.roundtrip)(result)[None])[0]
     if stats is not None:
         stats.parts += 1
         stats.values += d
