@@ -1,24 +1,28 @@
 """python -m bench.scale: how many volunteers one coordinator serves, measured.
 
-One real coordinator (its gRPC server, SQLite ledger and hivemind peer, the only reducer of every
-round) and N simulated workers: gptswarm's own Worker (join, heartbeats, leases and shard
-downloads, the averaging over hivemind with the run's compression, the outer step, the hash check)
-whose training step is a sleep of --step-seconds; up to --per-process of them share a process, each
-with its own hivemind peer (and p2pd). Their pseudo-gradients are zeros of the model's size: the
-codecs send the same bytes for any values. For each N, over the rounds in which all N workers
-were members:
+One real coordinator (its gRPC server, SQLite ledger and hivemind peer, the reducer of every round
+unless --reducers runs reducer nodes beside it: `gptswarm reducer`, each with its own credential)
+and N simulated workers: gptswarm's own Worker (join, heartbeats, leases and shard downloads, the
+averaging over hivemind with the run's compression, the outer step, the hash check) whose training
+step is a sleep of --step-seconds; up to --per-process of them share a process, each with its own
+hivemind peer (and p2pd). Their pseudo-gradients are realistic for the robust rule (a direction
+the members share each round plus one of each member's own: they agree without being copies), not
+zeros; the safety gate is set aside (the simulated "training" is a random walk). For each N (and
+number of reducer nodes), over the rounds in which all N workers were members:
 
 - the round time, and the parts of its end as the coordinator logs them: forming the group from the
   ledger, its members asking for their places (matchmaking), the all-reduce, the outer step, the
   checkpoint and the ledger's commit (the evaluation runs beside the rounds, on a thread);
 - heartbeat and lease latency (50th and 99th percentile), as the workers see them;
 - the coordinator's CPU share (its process and its p2pd) and memory, and the status API's latency;
-- bytes into and out of the coordinator per round.
+- bytes into and out of the coordinator per round;
+- with reducer nodes: each node's CPU seconds (its process and its p2pd) and bytes in and out per round.
 
 Writes bench/results/scale.json and scale.png; bench/README.md has the figures and the projection.
 
   python -m bench.scale                          # N = 2, 8, 32, 64
   python -m bench.scale --workers 2,8 --rounds 3
+  python -m bench.scale --workers 64 --reducers 1,2,4   # the same swarm on 1, 2 and 4 reducer nodes
 """
 
 import argparse
@@ -33,6 +37,7 @@ import sys
 import threading
 import time
 import urllib.request
+import zlib
 from collections import defaultdict
 from pathlib import Path
 
@@ -54,7 +59,6 @@ def simulate(args):
 
     from gptswarm.logs import setup_logging
     from gptswarm.worker.config import WorkerConfig
-    from gptswarm.worker.loop import Worker
 
     setup_logging(json_logs=True)
     torch.set_num_threads(1)
@@ -68,11 +72,11 @@ def simulate(args):
     def speed(model_config, train, device, state_dir):  # no benchmark: the sleep's speed
         return train.batch_size * model_config.block_size / step, train.batch_size
 
-    workers = [Worker(WorkerConfig(join=args.join, token="bench", tls_fingerprint=args.pin, plaintext=not args.pin,
-                                   device="cpu", name=f"{args.prefix}{i}",
-                                   state_dir=Path(args.state_root) / f"{args.prefix}{i}"),
-                      step=lambda x, y: time.sleep(step) or loss, speed=speed,  # a step is a sleep: the model stays
-                      on_rpc=timed)
+    Simulated = simulated_worker()
+    workers = [Simulated(WorkerConfig(join=args.join, token="bench", tls_fingerprint=args.pin, plaintext=not args.pin,
+                                      device="cpu", name=f"{args.prefix}{i}",
+                                      state_dir=Path(args.state_root) / f"{args.prefix}{i}"),
+                         step=lambda x, y: time.sleep(step) or loss, speed=speed, on_rpc=timed)
                for i in range(args.simulate)]
     threads = [threading.Thread(target=w.run, name=w.name, daemon=True) for w in workers]
     signal.signal(signal.SIGTERM, lambda *_: [w.request_stop() for w in workers])
@@ -85,6 +89,26 @@ def simulate(args):
         Path(args.out).write_text(json.dumps(latencies))
 
 
+def simulated_worker():
+    """gptswarm's Worker whose contribution is a realistic pseudo-gradient (the robust rule's work
+    depends on the values; its training step is a sleep, which leaves the model as it was): a
+    direction every member shares that round plus one of its own, so that members agree (a cosine
+    of about 0.3) without being copies of each other or of their last round."""
+    import torch
+
+    from gptswarm.worker.loop import Worker
+
+    class SimulatedWorker(Worker):
+        SCALE = 1e-3
+
+        def contribution(self, grad, weight, round_):
+            shared, own = torch.Generator().manual_seed(round_), torch.Generator().manual_seed(
+                zlib.crc32(f"{self.config.name}/{round_}".encode()))
+            return {k: (0.6 * torch.randn(g.shape, generator=shared) + torch.randn(g.shape, generator=own))
+                    * self.SCALE for k, g in grad.items()}, weight
+    return SimulatedWorker
+
+
 # --- one measurement ---
 
 def percentile(values, q):
@@ -94,9 +118,33 @@ def percentile(values, q):
     return values[min(len(values) - 1, math.ceil(q * len(values)) - 1)]
 
 
-def measure(n, text, workdir, *, rounds, step_seconds, steps_per_round, per_process, compression, timeout):
-    """Start a coordinator and n simulated workers, wait for `rounds` rounds with all n members,
-    stop everything; the figures (a dict)."""
+def start_reducers(children, k, join, pin, sd, workdir, env):
+    """k reducer nodes (`gptswarm reducer`), each with a credential made for it; their processes, once
+    every one has registered."""
+    nodes = []
+    for i in range(k):
+        name = f"r{i + 1}"
+        made = subprocess.run([*EXE, "reducer-credential", "--state-dir", str(sd), "--name", name],
+                              capture_output=True, text=True, env=env, timeout=60)
+        if made.returncode:
+            raise RuntimeError(f"reducer-credential failed: {made.stderr.strip()}")
+        log = open(workdir / f"{name}.log", "w")
+        nodes.append(children.start([*EXE, "reducer", "--join", join, *(["--tls-fingerprint", pin] if pin else
+                                                                         ["--plaintext"]), "--name", name,
+                                     "--listen", "127.0.0.1:0", "--state-dir", str(workdir / name), "--json-logs"],
+                                    stdout=log, stderr=log, env={**env, "GPTSWARM_REDUCER_CREDENTIAL": made.stdout.strip()}))
+    deadline = time.time() + 120
+    while not all("registered as hivemind peer" in (workdir / f"r{i + 1}.log").read_text() for i in range(k)):
+        if time.time() > deadline:
+            raise RuntimeError(f"the reducer nodes did not register; see {workdir}/r*.log")
+        time.sleep(0.5)
+    return nodes
+
+
+def measure(n, text, workdir, *, rounds, step_seconds, steps_per_round, per_process, compression, timeout,
+            reducers=0):
+    """Start a coordinator, `reducers` reducer nodes and n simulated workers, wait for `rounds` rounds
+    with all n members, stop everything; the figures (a dict)."""
     sd = workdir / "coordinator"
     sd.mkdir(parents=True, exist_ok=True)
     tokens_per_round = n * steps_per_round * BATCH * 64
@@ -112,7 +160,8 @@ def measure(n, text, workdir, *, rounds, step_seconds, steps_per_round, per_proc
             "coordinator", "--text", corpus, *MODEL, "--state-dir", sd, "--listen", "127.0.0.1:0", "--p2p-listen",
             "127.0.0.1:0", "--http", "127.0.0.1:0", "--batch-size", BATCH, "--tokens-per-round", tokens_per_round,
             "--max-tokens", 10**12, "--compression", compression, "--shard-tokens", 4096, "--join-burst", 10_000,
-            "--joins-per-minute", 600_000, "--json-logs"])], stderr=subprocess.PIPE, text=True, env=env)
+            "--joins-per-minute", 600_000, "--json-logs",
+            "--max-val-loss-rise", 1e6])], stderr=subprocess.PIPE, text=True, env=env)  # (the gate: not measured here)
         log = open(workdir / "coordinator.log", "w")
         join = secure = http = None
         for line in coord.stderr:
@@ -126,6 +175,7 @@ def measure(n, text, workdir, *, rounds, step_seconds, steps_per_round, per_proc
         if join is None:
             raise RuntimeError(f"the coordinator did not start; see {workdir / 'coordinator.log'}")
         pin = secure[1] if secure[0] == "--tls-fingerprint" else ""
+        nodes = start_reducers(children, reducers, join, pin, sd, workdir, env)
         sims = []
         for i in range(math.ceil(n / per_process)):
             k = min(per_process, n - i * per_process)
@@ -137,6 +187,7 @@ def measure(n, text, workdir, *, rounds, step_seconds, steps_per_round, per_proc
         t0 = time.time()
         records, full = [], []  # the rounds so far; those since the first with all n members
         window = None  # (time, coordinator CPU seconds, memory, workers' CPU seconds, round) at the first
+        nodes_cpu0 = []
         status_ms = []
         while len(full) < rounds + 1 and time.time() - t0 < timeout:
             time.sleep(1)
@@ -145,6 +196,7 @@ def measure(n, text, workdir, *, rounds, step_seconds, steps_per_round, per_proc
             full = records[first:] if first is not None else []
             if full and window is None:
                 window = (time.time(), *usage(coord.pid), sum(usage(p.pid)[0] for p in sims), full[0]["round"])
+                nodes_cpu0 = [usage(p.pid)[0] for p in nodes]
             if http and full:
                 t = time.perf_counter()
                 try:
@@ -154,8 +206,11 @@ def measure(n, text, workdir, *, rounds, step_seconds, steps_per_round, per_proc
                     pass
         end = (time.time(), *usage(coord.pid), sum(usage(p.pid)[0] for p in sims),
                records[-1]["round"] if records else 0)
+        nodes_cpu1 = [usage(p.pid)[0] for p in nodes]
         for s in sims:
             children.stop(s, grace=30)
+        for p in nodes:
+            children.stop(p, grace=30)
         children.stop(coord)
     records = [r for r in json_records(workdir / "coordinator.log") if r.get("event") == "round"]
     first = next((i for i, r in enumerate(records) if r["members"] >= n), None)
@@ -175,7 +230,18 @@ def measure(n, text, workdir, *, rounds, step_seconds, steps_per_round, per_proc
     parts = {k: statistics.median(r["seconds"][k] for r in full) for k in full[0]["seconds"]}
     evaluations = [r["seconds"] for r in json_records(workdir / "coordinator.log") if r.get("event") == "evaluation"]
     wall = end[0] - window[0]
+    measured_rounds = max(1, end[4] - window[4])
+    node_rows = []
+    for i in range(reducers):  # each node's CPU (with its p2pd) and bytes, per round, over the measured rounds
+        red = [r for r in json_records(workdir / f"r{i + 1}.log") if r.get("event") == "reduction"
+               and r["round"] in rounds_of]
+        node_rows.append({"name": f"r{i + 1}", "rounds": len(red),
+                          "cpu_seconds_per_round": round((nodes_cpu1[i] - nodes_cpu0[i]) / measured_rounds, 3)
+                          if nodes_cpu1[i] is not None else None,
+                          "bytes_in_per_round": statistics.median(r["bytes_in"] for r in red) if red else None,
+                          "bytes_out_per_round": statistics.median(r["bytes_out"] for r in red) if red else None})
     return {
+        "reducer_nodes": node_rows,
         "workers": n, "rounds_measured": len(full), "tokens_per_round": tokens_per_round,
         "every_round_included_every_worker": all(r["included"] == r["members"] == n for r in full),
         "rounds_failed_or_rejected": incomplete,
@@ -191,7 +257,7 @@ def measure(n, text, workdir, *, rounds, step_seconds, steps_per_round, per_proc
         "status_api_ms": statistics.median(status_ms) if status_ms else None,
         # CPU seconds (of the process and its p2pd) per second, and per round, from the first full round on
         "coordinator_cpu_share": round((end[1] - window[1]) / wall, 3),
-        "coordinator_cpu_seconds_per_round": round((end[1] - window[1]) / max(1, end[4] - window[4]), 3),
+        "coordinator_cpu_seconds_per_round": round((end[1] - window[1]) / measured_rounds, 3),
         "workers_cpu_share": round((end[3] - window[3]) / wall, 3),
         "coordinator_rss_mb": round(end[2] / 2**20, 1),
         "bytes_out_per_round": statistics.median(rows[r][1] for r in rounds_of),
@@ -274,6 +340,8 @@ def main():
     p.add_argument("--steps-per-round", type=int, default=40, help="steps each worker trains per round")
     p.add_argument("--per-process", type=int, default=16, help="simulated workers per process")
     p.add_argument("--compression", default="8bit", help="the run's pseudo-gradient codec")
+    p.add_argument("--reducers", default="0", help="reducer nodes (`gptswarm reducer`) to run beside the coordinator, "
+                   "comma-separated: each size is measured with each (0: the coordinator reduces alone)")
     p.add_argument("--timeout", type=float, default=600, help="seconds per size, at most")
     p.add_argument("--text", default=str(HERE.parent.parent / "shared" / "data" / "tinyshakespeare.txt"),
                    help="the training text (its shards are what the workers lease)")
@@ -297,25 +365,29 @@ def main():
         sys.exit(f"Error: --workers wants numbers separated by commas, not {args.workers!r}")
     import shutil
 
-    results = []
-    for n in sizes:
-        workdir = Path(args.workdir).resolve() / f"n{n}"
-        shutil.rmtree(workdir, ignore_errors=True)
-        workdir.mkdir(parents=True)
-        print(f"[scale] {n} simulated workers ...", flush=True)
-        r = measure(n, str(Path(args.text).resolve()), workdir, rounds=args.rounds, step_seconds=args.step_seconds,
-                    steps_per_round=args.steps_per_round, per_process=args.per_process,
-                    compression=args.compression, timeout=args.timeout)
-        print(json.dumps(r), flush=True)
-        results.append(r)
+    results, with_nodes = [], []
+    for k in (int(x) for x in args.reducers.split(",")):
+        for n in sizes:
+            workdir = Path(args.workdir).resolve() / f"n{n}k{k}"
+            shutil.rmtree(workdir, ignore_errors=True)
+            workdir.mkdir(parents=True)
+            print(f"[scale] {n} simulated workers, {k} reducer node(s) ...", flush=True)
+            r = measure(n, str(Path(args.text).resolve()), workdir, rounds=args.rounds,
+                        step_seconds=args.step_seconds, steps_per_round=args.steps_per_round,
+                        per_process=args.per_process, compression=args.compression, timeout=args.timeout, reducers=k)
+            print(json.dumps(r), flush=True)
+            (results if k == 0 else with_nodes).append(r)
     out = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": f"{os.cpu_count()} cores",
            "model": "gpt-micro (0.81M parameters)", "compression": args.compression,
            "step_seconds": args.step_seconds, "steps_per_round": args.steps_per_round, "sizes": results,
-           "projection": project(results, n_params("gpt-micro", 65, 64))}
+           "with_reducer_nodes": with_nodes}
+    if len(results) > 1:
+        out["projection"] = project(results, n_params("gpt-micro", 65, 64))
     res = Path(args.results)
     res.mkdir(parents=True, exist_ok=True)
     (res / "scale.json").write_text(json.dumps(out, indent=1))
-    plot(results, res / "scale.png")
+    if results:
+        plot(results, res / "scale.png")
     print(f"wrote {res / 'scale.json'} and {res / 'scale.png'}")
 
 

@@ -61,3 +61,32 @@ def rollback(state_dir, to_round):
         ledger.close()
     click.echo(f"rollback to round {to_round} requested: the coordinator applies it between rounds "
                "(or when it next starts)")
+
+
+@click.command("reducer-credential")
+@STATE_DIR
+@click.option("--name", required=True, help="The reducer node's name (letters, digits, '-', '_'; at most 64).")
+@click.option("--revoke", is_flag=True, help="Revoke the node's credential instead: it can no longer register.")
+def reducer_credential(state_dir, name, revoke):
+    """Make a credential for one of the operator's reducer nodes (`gptswarm reducer`), or revoke
+    one. It is printed once: give it to the node (its --credential-file); a node of the same name
+    gets a new one and the old one stops working. Only someone who can read the coordinator's
+    state directory can make one: no volunteer can become a reducer."""
+    import re
+    import secrets
+
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", name):
+        raise UserError(f"reducer name {name!r}: letters, digits, '-' and '_', at most 64")
+    ledger = open_ledger(state_dir)
+    try:
+        if revoke:
+            if not ledger.revoke_reducer(name):
+                raise UserError(f"no reducer node {name!r} holds a credential")
+            click.echo(f"revoked reducer node {name}'s credential (it registers no more; a running one is left "
+                       "out once the coordinator restarts)")
+            return
+        credential = secrets.token_urlsafe(32)
+        ledger.add_reducer(name, credential)
+    finally:
+        ledger.close()
+    click.echo(credential)

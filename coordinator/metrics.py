@@ -4,7 +4,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from gptswarm.coordinator.status import NOT_LEARNING_ROUNDS, not_learning, snapshot
-from gptswarm.states import RoundState, ShardState, WorkerState
+from gptswarm.states import ReducerState, RoundState, ShardState, WorkerState
 
 HEALTH_STATES = ("healthy", "degraded", "warning", "stalled", "finished")
 
@@ -74,6 +74,14 @@ class SwarmCollector:
                         service.streams.count())
             yield CounterMetricFamily("gptswarm_downloads_stalled", "Downloads cancelled because their client "
                                       "stopped reading", value=service.streams.cancelled_count())
+        nodes = GaugeMetricFamily("gptswarm_reducer_nodes", "The operator's reducer nodes by state", labels=["state"])
+        reduced = CounterMetricFamily("gptswarm_reducer_rounds", "Rounds each reducer node reduced", labels=["reducer"])
+        for state in ReducerState:
+            nodes.add_metric([state], sum(r["state"] == state for r in snap["reducers"]))
+        for r in snap["reducers"]:
+            reduced.add_metric([r["name"]], r["rounds"])
+        yield nodes
+        yield reduced
         shards = GaugeMetricFamily("gptswarm_shards", "Shards of the current epoch by state", labels=["state"])
         for state in ShardState:
             shards.add_metric([state], snap["shards"][state])

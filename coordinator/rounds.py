@@ -45,6 +45,7 @@ from gptswarm.states import Phase, RoundState, ShardState
 if TYPE_CHECKING:
     from gptswarm.coordinator.ledger import Ledger
     from gptswarm.coordinator.run import RunSettings
+    from gptswarm.coordinator.reducers import ReducerNodes
 
 log = logging.getLogger("gptswarm.coordinator")
 T = TypeVar("T")
@@ -81,6 +82,7 @@ class RoundKeeper:
         self.state_dir, self.settings, self.config, self.ledger = state_dir, settings, config, ledger
         self.tokenizer, self.step_tokens, self.gate = tokenizer, step_tokens, gate
         self.reducer: RoundReducer | None = None  # set by start(): the hivemind peer comes up after the ledger
+        self.nodes: ReducerNodes | None = None
         self.lock = threading.RLock()
         self.model, self.momentum = model, momentum
         self.theta = theta_views(model)  # theta_global, sharing storage with self.model
@@ -140,8 +142,10 @@ class RoundKeeper:
 
     # --- the loop ---
 
-    def start(self, reducer: RoundReducer) -> None:
-        self.reducer = reducer
+    def start(self, reducer: RoundReducer, nodes: ReducerNodes | None = None) -> None:
+        """reducer: the coordinator's own; nodes: the operator's reducer nodes (a round reduces on them
+        when any is live)."""
+        self.reducer, self.nodes = reducer, nodes
         with self.lock:
             self.started_at = time.time()
         self.thread = threading.Thread(target=self.run, name="rounds", daemon=True)
@@ -219,14 +223,19 @@ class RoundKeeper:
         r = self.round
         t_start = time.time()
         members = self.ledger.group_members(r, self.started_at)
-        group = Group(r, {peer: (worker_id, tokens) for worker_id, peer, tokens in members})
+        reducers = self.nodes.for_round(r) if self.nodes is not None else ()
+        group = Group(r, {peer: (worker_id, tokens) for worker_id, peer, tokens in members}, reducers=reducers)
         with self.lock:
             self.group, self.phase = group, Phase.AVERAGING
         self.ledger.set_round_state(r, RoundState.AVERAGING, group_size=len(members))
-        log.info("round %d: %d tokens trained, averaging with %d worker(s)", r, self.ledger.round_tokens(r),
-                 len(members))
+        log.info("round %d: %d tokens trained, averaging with %d worker(s)%s", r, self.ledger.round_tokens(r),
+                 len(members), f" on {len(reducers)} reducer node(s)" if reducers else "")
         t0 = time.time()
-        outcome = self.reducer.reduce(group, self.config.averaging_timeout)
+        if reducers:
+            assert self.nodes is not None
+            outcome = self.nodes.reduce(group, self.config.averaging_timeout)
+        else:
+            outcome = self.reducer.reduce(group, self.config.averaging_timeout)
         seconds = time.time() - t0
         # where the round's end went: forming the group, its members asking for their places, the all-reduce
         asked = group.asked_times()

@@ -8,6 +8,7 @@ what a worker may do is decided here, from the ledger and one snapshot of the cu
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -17,10 +18,11 @@ from gptswarm.coordinator import run as runs
 from gptswarm.coordinator.gate import SafetyGate
 from gptswarm.coordinator.http import StatusServer
 from gptswarm.coordinator.ledger import Ledger
+from gptswarm.coordinator.reducers import ReducerNodes, ReducerRegistry
 from gptswarm.coordinator.rounds import RoundKeeper, RoundView
 from gptswarm.coordinator.service import make_server
 from gptswarm.private import private_dir
-from gptswarm.rounds.averaging import RoundReducer
+from gptswarm.rounds.averaging import ReducerNode, RoundContributor, RoundReducer
 from gptswarm.rounds.p2p import P2PNode
 from gptswarm.rounds.theta import latest_dir, load_theta, point_latest, round_dir
 from gptswarm.states import LeaseState, Phase, Place, RoundState
@@ -58,6 +60,11 @@ def in_group(worker: dict, view: RoundView) -> bool:
     next round meanwhile (they carry that progress over onto the new theta; a newcomer could not)."""
     member = view.group.member(worker["peer_id"] or "") if view.group is not None else None
     return member is not None and member[0] == worker["id"]
+
+
+def node_fields(node: ReducerNode) -> dict:
+    """A reducer node as the ReducerNode message's fields."""
+    return {"peer_id": node.peer_id, "maddrs": list(node.maddrs), "name": node.name}
 
 
 class Coordinator:
@@ -101,6 +108,7 @@ class Coordinator:
         point_latest(self.state_dir, view.checkpoint_round)
         self.node: P2PNode | None = None
         self.reducer: RoundReducer | None = None
+        self.reducer_nodes = ReducerRegistry(self.ledger)  # the operator's reducer nodes (coordinator/reducers.py)
         self.server = self.service = self.http = self.tls = None
         self._online = (0, float("-inf"))  # workers online, and when counted (fast_beat_seconds)
         self.port = None
@@ -119,7 +127,9 @@ class Coordinator:
         self.server, self.service, self.port = make_server(self, cfg)
         if cfg.http_listen:
             self.http = StatusServer(self, cfg.http_listen).start()
-        self.rounds.start(self.reducer)
+        contributor = RoundContributor(self.node, self.rounds.theta, prefix=self.averaging_prefix,
+                                       compression=self.settings.compression, topk_fraction=self.settings.topk_fraction)
+        self.rounds.start(self.reducer, ReducerNodes(self.reducer_nodes, contributor, self.rounds.theta))
         log.info("coordinator of run %s: gRPC on port %d, hivemind peer %s at %s, round %d", self.settings.run_id,
                  self.port, self.node.peer_id, ", ".join(self.node.maddrs()) or "?", self.rounds.view().round)
         return self
@@ -270,7 +280,47 @@ class Coordinator:
         assert self.reducer is not None and self.node is not None
         self.reducer.set_weight(group, worker["peer_id"], weight)
         return {"state": Place.MEMBER, "group_id": group.group_id, "reducer_peer_id": str(self.node.peer_id),
-                "reducer_maddrs": self.node.maddrs(), "weight": weight}
+                "reducer_maddrs": self.node.maddrs(), "weight": weight,
+                "reducers": [node_fields(n) for n in group.reducers]}
+
+    # --- the operator's reducer nodes (coordinator/reducers.py) ---
+
+    def reducer_config(self) -> dict:
+        """What a reducer node needs to reduce this run's rounds (RegisterReducerResponse's fields)."""
+        assert self.node is not None
+        s, cfg = self.settings, self.config
+        return {"run_id": s.run_id, "averaging_prefix": self.averaging_prefix, "compression": s.compression,
+                "aggregation": s.aggregation, "topk_fraction": s.topk_fraction, "model_config_json": json.dumps(s.model),
+                "sender_timeout": cfg.sender_timeout, "averaging_timeout": cfg.averaging_timeout,
+                "coordinator_peer_id": str(self.node.peer_id)}
+
+    def reduction(self, name: str, *, after_round: int | None, wait: float) -> dict | None:
+        """The next round (after after_round; None: the one averaging now) whose group names the node
+        `name`, waiting up to `wait` seconds for one: its fields for the Reduction message."""
+        deadline = time.monotonic() + wait
+        while True:
+            view = self.rounds.view()
+            group = view.group
+            if group is not None and (after_round is None or group.round > after_round):
+                names = [n.name for n in group.reducers]
+                if name in names:
+                    members = group.snapshot()
+                    final = group.final_weights()
+                    return {"round": group.round, "group_id": group.group_id,
+                            "reducers": [node_fields(n) for n in group.reducers],
+                            "index": names.index(name),
+                            "members": [{"peer_id": p, "worker_id": w, "weight": final.get(p, t), "final": p in final}
+                                        for p, (w, t) in members.items()]}
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(0.05)
+
+    def reduction_weights(self, name: str, round_: int) -> dict | None:
+        """Round round_'s members and weights, for one of its reducer nodes (None: not such a round)."""
+        group = self.rounds.view().group
+        if group is None or group.round != round_ or name not in [n.name for n in group.reducers]:
+            return None
+        return self.reduction(name, after_round=round_ - 1, wait=0.0)
 
     def round_result(self, round_: int, worker_id: str) -> dict:
         """How round round_ ended for this worker (the RoundResult message's fields)."""

@@ -25,6 +25,7 @@ from gptswarm.errors import UserError
 from gptswarm.proto import PROTOCOL_VERSION
 from gptswarm.proto import gptswarm_pb2 as pb
 from gptswarm.proto import gptswarm_pb2_grpc as pb_grpc
+from gptswarm.rounds.reports import MAX_REPORT
 from gptswarm.states import REPORTED_STATES
 
 log = logging.getLogger("gptswarm.coordinator")
@@ -220,6 +221,60 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         w = self._worker(context)
         return pb.AveragingGroup(**self.coord.averaging_group(self._count(context, w, request.round, "round"), w,
                                                               self._lease_tokens(context, w, request.lease_tokens)))
+
+    # --- the operator's reducer nodes (coordinator/reducers.py): a credential of their own ---
+
+    def _reducer(self, context):
+        md = dict(context.invocation_metadata())
+        auth = md.get("authorization", "")
+        name = self.coord.reducer_nodes.authenticate(auth[7:] if auth.startswith("Bearer ") else "")
+        if name is None:
+            self.coord.refuse_source("reducer_auth_failed", "a reducer call without a reducer session",
+                                     source_of(context.peer()))
+            context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                          "not a reducer node's session: register with the reducer credential the operator made")
+        return name
+
+    def RegisterReducer(self, request, context):
+        if request.protocol_version != PROTOCOL_VERSION:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                          f"this reducer speaks gptswarm protocol v{request.protocol_version} but the coordinator "
+                          f"speaks v{PROTOCOL_VERSION} (gptswarm {__version__}): install the same gptswarm version")
+        source = source_of(context.peer())
+        allowed, wait = self.joins.allow(source)
+        if not allowed:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"too many attempts from your network: retry in "
+                                                              f"{math.ceil(wait)} s")
+        if not (0 < len(request.name) <= MAX_ID_LEN) or len(request.credential) > 256 or len(request.maddrs) > 16 \
+                or any(len(m) > 256 for m in request.maddrs):
+            self._invalid(context, None, "reducer name, credential or addresses out of range")
+        peer_id = self._peer_id(context, None, request.peer_id)
+        session = self.coord.reducer_nodes.register(request.name, request.credential, peer_id, list(request.maddrs))
+        if session is None:
+            self.coord.refuse_source("reducer_auth_failed", f"a reducer registration as {request.name!r} with a "
+                                     "wrong credential", source)
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "wrong reducer name or credential: make one with "
+                                                           "`gptswarm reducer-credential` on the coordinator's machine")
+        log.info("reducer node %s registered from %s as hivemind peer %s", request.name, source, peer_id)
+        return pb.RegisterReducerResponse(session=session, **self.coord.reducer_config())
+
+    def GetReduction(self, request, context):
+        name = self._reducer(context)
+        if request.weights_of:
+            found = self.coord.reduction_weights(name, self._count(context, None, request.round, "round"))
+        else:
+            after = None if request.first else self._count(context, None, request.after_round, "round")
+            found = self.coord.reduction(name, after_round=after, wait=self._real(context, None, request.wait,
+                                                                                    "seconds to wait", 30.0))
+        return pb.Reduction(found=True, **found) if found else pb.Reduction(found=False)
+
+    def ReportReduction(self, request, context):
+        name = self._reducer(context)
+        if len(request.outcome_json) > MAX_REPORT or len(request.error) > 1000:
+            self._invalid(context, None, "a reduction report out of range")
+        self.coord.reducer_nodes.report(name, self._count(context, None, request.round, "round"), request.ok,
+                                        request.error, request.outcome_json)
+        return pb.ReductionReportResponse()
 
     def GetRoundResult(self, request, context):
         w = self._worker(context)

@@ -110,6 +110,7 @@ def snapshot(coord, history=200, events=30, workers=WORKERS_SHOWN):
         "health": {"state": state, "reason": reason},
         "workers": shown,
         "worker_counts": counts,
+        "reducers": coord.reducer_nodes.snapshot(),  # the operator's reducer nodes (empty: the coordinator reduces)
         "shards": {"epoch": coord.ledger.get_meta("epoch", 0), "total": sum(shards.values()), **shards},
         "rounds": rounds,
         "top_contributors": [{"name": w["name"], "tokens_contributed": w["tokens_contributed"]}

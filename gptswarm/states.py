@@ -65,3 +65,9 @@ class WorkerState(StrEnum):
 
 
 REPORTED_STATES = tuple(WorkerState)[:7]  # the states a worker's heartbeat may say
+
+
+class ReducerState(StrEnum):
+    """One of the operator's reducer nodes, as the status page shows it: heard from lately (live), or not."""
+    LIVE = "live"
+    OFFLINE = WorkerState.OFFLINE.value

@@ -9,6 +9,7 @@ import torch
 from gptswarm.rounds.averaging import Group, RoundContributor, RoundReducer
 from gptswarm.rounds.codecs import ErrorFeedback
 from gptswarm.rounds.p2p import P2PNode
+from gptswarm.rounds.reports import merge, report
 
 TEMPLATE = {"a.weight": torch.zeros(300, 100), "b.bias": torch.zeros(77)}  # 30,077 floats
 
@@ -178,6 +179,14 @@ def test_reducer_nodes_split_the_reduce_and_every_peer_gets_the_same_bits(codec,
         for k in TEMPLATE:
             assert (outs[0].averaged[k] - expected[k]).norm() < TOLERANCE[codec] * expected[k].norm()
         assert all(r.bytes_sent > 0 for r in reds)  # both reduced their share
+        # the coordinator sums the nodes' reports: the members' whole contributions decide
+        merged = merge(groups[0].snapshot(), {f"r{i}": report(r) for i, r in enumerate(reds)}, outs[0].averaged)
+        assert merged.ok and merged.bytes_sent == sum(r.bytes_sent for r in reds)
+        if aggregation == "robust":
+            assert merged.included == {"w0": 3, "w1": 1} and merged.flagged == {"w2"}
+            assert merged.scores["w2"].elements == sum(t.numel() for t in TEMPLATE.values())
+        else:
+            assert merged.included == {"w0": 3, "w1": 1, "w2": 2} and not merged.flagged
     finally:
         for n in (coord, r1, r2, *workers):
             n.shutdown()

@@ -70,14 +70,15 @@ def test_bench_quick_writes_every_figure(tmp_path, shakespeare_path):
     assert not (tmp_path / "tmp").exists()  # the work folder is cleaned up after a good run
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(960)
 def test_scale_bench_measures_each_size(tmp_path, shakespeare_path):
     """`python -m bench.scale` with small sizes: a real coordinator and simulated workers in two
     processes; every figure of every size, the projection, and nothing left running."""
     before = set(psutil.pids())
     r = subprocess.run([sys.executable, "-m", "bench.scale", "--workers", "2,3", "--per-process", "2", "--rounds", "2",
+                        "--reducers", "0,2",
                         "--steps-per-round", "20", "--text", str(shakespeare_path), "--results", str(tmp_path),
-                        "--workdir", str(tmp_path / "work")], cwd=REPO, capture_output=True, text=True, timeout=580)
+                        "--workdir", str(tmp_path / "work")], cwd=REPO, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert bench_processes(before, tmp_path) == []
     res = json.loads((tmp_path / "scale.json").read_text())
@@ -90,6 +91,15 @@ def test_scale_bench_measures_each_size(tmp_path, shakespeare_path):
         assert s["bytes_in_per_round"] > 0 and s["bytes_out_per_round"] > 0 and s["coordinator_rss_mb"] > 0
     # three workers send half as much again as two, to the coordinator and back
     assert res["sizes"][1]["bytes_out_per_round"] == pytest.approx(1.5 * res["sizes"][0]["bytes_out_per_round"], rel=0.1)
+    # the same sizes on two reducer nodes: each node reduced every measured round, about half of the bytes each
+    assert [s["workers"] for s in res["with_reducer_nodes"]] == [2, 3]
+    for s in res["with_reducer_nodes"]:
+        assert s["every_round_included_every_worker"], s
+        assert [n["name"] for n in s["reducer_nodes"]] == ["r1", "r2"]
+        for node in s["reducer_nodes"]:
+            assert node["rounds"] == 2 and node["cpu_seconds_per_round"] > 0 and node["bytes_in_per_round"] > 0
+        ins = [node["bytes_in_per_round"] for node in s["reducer_nodes"]]
+        assert min(ins) > 0.8 * max(ins)
     rows = res["projection"]["rows"]
     assert {(row["model"].split()[0], row["link_gbit"]) for row in rows} == {("gpt2", 1), ("gpt2", 10),
                                                                             ("gpt-mini", 1), ("gpt-mini", 10)}

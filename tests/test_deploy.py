@@ -23,8 +23,8 @@ def test_systemd_units_verify(tmp_path):
     for unit in sorted((DEPLOY / "systemd").iterdir()):
         (tmp_path / unit.name).write_text(unit.read_text().replace("/opt/gptswarm/venv", str(venv)))
         units.append(str(tmp_path / unit.name))
-    assert {Path(u).name for u in units} == {"gptswarm-coordinator.service", "gptswarm-worker.service",
-                                              "gptswarm-worker.timer"}
+    assert {Path(u).name for u in units} == {"gptswarm-coordinator.service", "gptswarm-reducer.service",
+                                              "gptswarm-worker.service", "gptswarm-worker.timer"}
     r = subprocess.run([analyze, "verify", *units], capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 0 and not r.stdout.strip() and not r.stderr.strip(), r.stdout + r.stderr
 

@@ -62,7 +62,7 @@ def test_states_are_spelled_once():
     from gptswarm import states
 
     names = {m.value for enum in (states.Phase, states.Place, states.RoundState, states.LeaseState,
-                                  states.ShardState, states.WorkerState) for m in enum}
+                                  states.ShardState, states.WorkerState, states.ReducerState) for m in enum}
     spelled = []
     for p in sources("coordinator", "worker", "gptswarm"):
         rel = p.resolve().relative_to(ROOT)

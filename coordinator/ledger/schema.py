@@ -39,6 +39,8 @@ CREATE TABLE IF NOT EXISTS contributions (
 CREATE TABLE IF NOT EXISTS refusals (
     worker_id TEXT NOT NULL, kind TEXT NOT NULL, n INTEGER NOT NULL, last_at REAL, last_detail TEXT,
     PRIMARY KEY (worker_id, kind));
+CREATE TABLE IF NOT EXISTS reducers (  -- the operator's reducer nodes: a credential each (gptswarm reducer-credential)
+    name TEXT PRIMARY KEY, credential_hash TEXT NOT NULL, created_at REAL NOT NULL, revoked_at REAL);
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL, kind TEXT NOT NULL, worker_id TEXT, detail TEXT);
 """

@@ -73,6 +73,20 @@ function renderWorkers(workers, now) {
   }));
 }
 
+function renderReducers(reducers) {
+  $("reducers-section").hidden = !reducers.length;
+  $("reducers").tBodies[0].replaceChildren(...reducers.map((r) => {
+    const tr = el("tr");
+    tr.dataset.reducer = r.name;
+    const st = el("td");
+    st.append(el("span", r.state, "state " + r.state));
+    tr.append(el("td", r.name, "name"), st, el("td", r.peer_id.slice(0, 16) + "…"), el("td", fmt(r.rounds)),
+              el("td", duration(r.seen_seconds_ago) + " ago"),
+              el("td", r.failed_round >= 0 ? `round ${r.failed_round}: ${r.last_error}` : ""));
+    return tr;
+  }));
+}
+
 function render(s) {
   const run = s.run;
   $("run-id").textContent = `run ${run.id} · ${run.task} · ${run.model || ""}`;
@@ -88,6 +102,7 @@ function render(s) {
   $("val").textContent = run.val_loss === null ? "" : `validation loss ${run.val_loss.toFixed(4)}`;
   drawChart($("loss-chart"), s.rounds);
   renderWorkers(s.workers, s.generated_at);
+  renderReducers(s.reducers || []);
   const sh = s.shards, total = Math.max(sh.total, 1);
   for (const k of ["done", "leased", "pending"]) $("sh-" + k).style.width = (100 * sh[k] / total) + "%";
   $("epoch").textContent = `epoch ${sh.epoch}`;

@@ -36,19 +36,32 @@ Tensors = dict[str, torch.Tensor]  # {name: tensor} of the averaged schema
 REPLY_GRACE = 2.0  # seconds the reducer waits for its last replies to be counted after its own average
 
 
+@dataclass(frozen=True)
+class ReducerNode:
+    """One of the operator's reducer nodes, as a round's group names it."""
+    peer_id: str
+    maddrs: tuple[str, ...]
+    name: str = ""
+
+
 class Group:
     """A round's averaging group, as the coordinator decided it. A member's weight may still change
     until it asks for the group (RoundReducer.set_weight), never after it started sending.
+    reducers: the operator's reducer nodes that reduce it, in order (empty: the coordinator does).
 
     Threads: gRPC threads (a member asking for its place: weigh, ask) and the round loop (snapshot,
-    asked_times) share members and asked, under self.lock; round and group_id never change."""
+    asked_times, final_weights) share members, asked and final, under self.lock; round, group_id and
+    reducers never change."""
 
-    def __init__(self, round_: int, members: dict[str, tuple[str, int]], group_id: bytes | None = None):
+    def __init__(self, round_: int, members: dict[str, tuple[str, int]], group_id: bytes | None = None,
+                 reducers: tuple[ReducerNode, ...] = ()):
         self.round = round_
         self.group_id = group_id or secrets.token_bytes(GROUP_ID_BYTES)
+        self.reducers = tuple(reducers)
         self.lock = threading.Lock()
         self._members = dict(members)  # peer id (base58) -> (worker_id, weight)
         self._asked: dict[str, float] = {}  # peer id -> when its member first asked for its place (time.time())
+        self._final: set[str] = set()  # peer ids whose weight is final (weighed when their member asked)
 
     def member(self, peer_id: str) -> tuple[str, int] | None:
         """(worker_id, weight) of the member with this hivemind peer id, or None."""
@@ -61,10 +74,16 @@ class Group:
             return dict(self._members)
 
     def weigh(self, peer_id: str, weight: int) -> int:
-        """Set a member's weight; returns its index among the members."""
+        """Set a member's final weight; returns its index among the members."""
         with self.lock:
             self._members[peer_id] = (self._members[peer_id][0], weight)
+            self._final.add(peer_id)
             return list(self._members).index(peer_id)
+
+    def final_weights(self) -> dict[str, int]:
+        """{peer id: weight} of the members whose weight is final."""
+        with self.lock:
+            return {p: self._members[p][1] for p in self._final}
 
     def ask(self, peer_id: str) -> None:
         with self.lock:
@@ -91,6 +110,24 @@ class Outcome:
     stats: RoundStats | None = None  # what the robust rule did to the round (None: the plain mean)
     bytes_sent: int = 0
     error: str = ""
+    invalid: dict = field(default_factory=dict)  # worker_id -> why it is out whatever its scores (not a
+    #                                              pseudo-gradient, or not all of it sent): part of rejected
+    broken: set = field(default_factory=set)  # of those, the ones that sent what is no pseudo-gradient (flagged)
+    bytes_received: int = 0  # the members' messages, as a reducer received them
+
+
+def judge(members: dict[str, tuple[str, int]], invalid: dict[str, str], broken: set[str],
+          scores: dict[str, PartScores]) -> tuple[dict[str, str], set[str], dict[str, int]]:
+    """(rejected, flagged, included) of a round from what was out on its own (invalid, broken) and
+    the members' part scores over every part (summed over reducer nodes)."""
+    rejected, flagged = dict(invalid), set(broken)
+    for worker_id, s in scores.items():
+        if s.flagged():
+            rejected.setdefault(worker_id, f"flagged: {s.summary()}")
+            flagged.add(worker_id)
+        elif s.mostly_left_out():
+            rejected.setdefault(worker_id, f"not in the average: {s.summary()}")
+    return rejected, flagged, {w: weight for w, weight in members.values() if w not in rejected}
 
 
 def _runner(node: P2PNode, tensors: list[torch.Tensor], *, prefix: str, compression: str, topk_fraction: float,
@@ -166,9 +203,9 @@ class RoundReducer:
         members = group.snapshot()  # the weights as they are when the all-reduce starts; set_weight updates the runner's
         peers = list(members)
         if reducers is None:  # the coordinator reduces alone, a sender (of zeros) too
-            topology = dict(reducers=[str(self.node.peer_id)], senders=peers, reducers_send=True)
+            nodes, senders, nodes_send = [str(self.node.peer_id)], peers, True
         else:  # one of the operator's reducer nodes: the coordinator is a sender, its zeros weigh nothing
-            topology = dict(reducers=list(reducers), senders=[coordinator, *peers], reducers_send=False)
+            nodes, senders, nodes_send = list(reducers), [coordinator, *peers], False
         tensors = [torch.zeros(self.shapes[k], dtype=torch.float32) for k in self.names]
         scores: dict[str, PartScores] = {}
         robust = stats = None
@@ -178,7 +215,8 @@ class RoundReducer:
             robust = dict(keys=[None] + [members[p][0] for p in peers], history=self.history, scores=scores,
                           stats=stats)
         runner = _runner(self.node, tensors, prefix=self.prefix, compression=self.compression,
-                         topk_fraction=self.topk_fraction, group_id=group.group_id, **topology, weight=0.0,
+                         topk_fraction=self.topk_fraction, group_id=group.group_id, reducers=nodes, senders=senders,
+                         reducers_send=nodes_send, weight=0.0,
                          sender_weights=[0.0] + [float(members[p][1]) for p in peers],
                          sender_timeout=self.sender_timeout, robust=robust)
         self.servicer.admit = None if final_weights is None else _Weights(group, runner, final_weights).admit
@@ -192,11 +230,11 @@ class RoundReducer:
         if self.history is not None:
             self.history.end_round(scores)
         members = group.snapshot()  # with the final weights of those who asked meanwhile
-        rejected, lies, flagged = {}, {}, set()
+        invalid, lies, broken = {}, {}, set()
         for peer, reason in runner.rejections:  # not a pseudo-gradient at all: flagged
             if peer in members:  # (on a reducer node, the coordinator's zeros are no member's)
-                rejected[members[peer][0]] = reason
-                flagged.add(members[peer][0])
+                invalid[members[peer][0]] = reason
+                broken.add(members[peer][0])
         for peer, claimed in runner.claimed_weights.items():
             if str(peer) not in members:
                 continue
@@ -205,21 +243,15 @@ class RoundReducer:
                 lies[worker_id] = f"claimed weight {claimed:g} in round {group.round}'s averaging; the ledger credits {weight}"
         for p in peers:
             worker_id = members[p][0]
-            if worker_id not in rejected and not runner.sent_every_part(PeerID.from_base58(p)):
-                rejected[worker_id] = "did not send its whole contribution in time"
-        for worker_id, s in scores.items():
-            if s.flagged():
-                rejected.setdefault(worker_id, f"flagged: {s.summary()}")
-                flagged.add(worker_id)
-            elif s.mostly_left_out():
-                rejected.setdefault(worker_id, f"not in the average: {s.summary()}")
-        included = {w: weight for w, weight in members.values() if w not in rejected}
+            if worker_id not in invalid and not runner.sent_every_part(PeerID.from_base58(p)):
+                invalid[worker_id] = "did not send its whole contribution in time"
+        rejected, flagged, included = judge(members, invalid, broken, scores)
         if not any(included.values()):
             return Outcome(False, included={}, rejected=rejected, lies=lies, scores=scores, flagged=flagged,
-                           stats=stats, bytes_sent=runner.bytes_sent,
-                           error="no contribution with tokens reached the average")
+                           stats=stats, bytes_sent=runner.bytes_sent, invalid=invalid, broken=broken,
+                           bytes_received=runner.bytes_received, error="no contribution with tokens reached the average")
         return Outcome(True, dict(zip(self.names, tensors)), included, rejected, lies, scores, flagged, stats,
-                       runner.bytes_sent)
+                       runner.bytes_sent, invalid=invalid, broken=broken, bytes_received=runner.bytes_received)
 
     def shutdown(self) -> None:
         self.node.run(self.servicer.remove_p2p_handlers(self.node.p2p, namespace=self.prefix))

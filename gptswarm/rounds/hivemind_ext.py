@@ -83,6 +83,20 @@ class ValidatingReducer(TensorPartReducer):
     def on_sender_failed(self, sender_index):
         if self.sender_failed_after[sender_index] == float("inf"):  # the first failure counts
             super().on_sender_failed(sender_index)
+            self.end_empty_parts()
+
+    def check_current_part_finished(self):
+        self.check_part()
+        self.end_empty_parts()
+
+    def check_part(self):
+        super().check_current_part_finished()
+
+    def end_empty_parts(self):
+        # hivemind waits for a part that no sender is left to send (every sender failed; a reducer node
+        # is no sender of its own) until the all-reduce times out: such parts end now, empty
+        while not self.finished.is_set() and self.num_current_senders == 0:
+            self.check_part()
 
     def reason_to_reject(self, part_index, part, weight):
         if not (math.isfinite(weight) and weight >= 0):
@@ -166,7 +180,7 @@ class RobustReducer(ValidatingReducer):
             self.check_current_part_finished()
         return await current_part_future
 
-    def check_current_part_finished(self):
+    def check_part(self):
         # from hivemind/averaging/partition.py, TensorPartReducer.check_current_part_finished; changed:
         # the part is reduced by robust.aggregate_part over the senders with a key and a weight
         assert self.current_part_accumulated_from <= self.num_current_senders
@@ -205,7 +219,7 @@ class SwarmAllReduceRunner(AllReduceRunner):
         super().__init__(compression=codecs[0], **kwargs)
         self.sender_weights = sender_weights
         self.claimed_weights = {}
-        self.bytes_sent = 0
+        self.bytes_sent = self.bytes_received = 0  # this peer's messages out, and the senders' in (as a reducer)
         self.rejections = []
         self.tensor_part_container.return_deltas = False  # a failed reducer leaves our own values
         shapes = tuple(p.shape for p in self.parts_for_local_averaging)
@@ -336,16 +350,18 @@ class SwarmAllReduceRunner(AllReduceRunner):
             return self.sender_weights[sender_index]
         def decoded(msg):
             try:
-                return decode(msg.tensor_part, self._max_part), weight_of(msg), msg.tensor_part.compression
+                return (decode(msg.tensor_part, self._max_part), weight_of(msg), msg.tensor_part.compression,
+                        msg.ByteSize())
             except Exception as e:  # the codec's own errors, or hivemind's on a malformed buffer
-                return None, f"{type(e).__name__}: {e}"[:200], msg.tensor_part.compression
+                return None, f"{type(e).__name__}: {e}"[:200], msg.tensor_part.compression, msg.ByteSize()
 
         def reject(reason):
             self.tensor_part_reducer.on_sender_failed(sender_index)
             self.rejections.append((str(self.sender_peer_ids[sender_index]), reason))
         try:
-            async for part, weight, codec in amap_in_executor(decoded, stream,
-                                                              max_prefetch=self.tensor_part_container.prefetch):
+            async for part, weight, codec, size in amap_in_executor(decoded, stream,
+                                                                    max_prefetch=self.tensor_part_container.prefetch):
+                self.bytes_received += size
                 if codec != self._codec:
                     reject("a contribution in another codec than the run's")
                     break
