@@ -386,9 +386,9 @@ def main():
     res = Path(args.results)
     res.mkdir(parents=True, exist_ok=True)
     (res / "scale.json").write_text(json.dumps(out, indent=1))
-    if results:
+    if len(results) > 1:  # (a plot of the sizes measured without reducer nodes)
         plot(results, res / "scale.png")
-    print(f"wrote {res / 'scale.json'} and {res / 'scale.png'}")
+    print(f"wrote {res / 'scale.json'}" + (f" and {res / 'scale.png'}" if len(results) > 1 else ""))
 
 
 if __name__ == "__main__":
