@@ -69,7 +69,14 @@ class ReducerNodeRunner:
         node = P2PNode(listen=cfg.listen, announce_host=cfg.announce_host or None,  # hivemind before gRPC
                        identity_path=cfg.state_dir / "reducer_identity.key")
         try:
-            ch = channel(cfg.join, pin=cfg.tls_fingerprint, plaintext=cfg.plaintext)
+            while True:
+                try:
+                    ch = channel(cfg.join, pin=cfg.tls_fingerprint, plaintext=cfg.plaintext)
+                    break
+                except ConnectionError as e:
+                    log.warning("coordinator unreachable (%s): retrying", e)
+                    if self.stopping.wait(RETRY):
+                        return
             try:
                 self._serve(node, pb_grpc.CoordinatorStub(ch))
             finally:

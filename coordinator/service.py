@@ -104,16 +104,22 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
 
     # --- the RPCs ---
 
-    def Join(self, request, context):
+    def _arrival(self, request, context, who):
+        """A Join's or a RegisterReducer's first checks: the protocol version, then the caller's network's
+        rate; its source address."""
         if request.protocol_version != PROTOCOL_VERSION:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                          f"this worker speaks gptswarm protocol v{request.protocol_version} but the coordinator "
+                          f"this {who} speaks gptswarm protocol v{request.protocol_version} but the coordinator "
                           f"speaks v{PROTOCOL_VERSION} (gptswarm {__version__}): install the same gptswarm version")
         source = source_of(context.peer())
         allowed, wait = self.joins.allow(source)
         if not allowed:
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                           f"too many joins from your network: retry in {math.ceil(wait)} s")
+        return source
+
+    def Join(self, request, context):
+        source = self._arrival(request, context, "worker")
         if not request.token or not hmac.compare_digest(request.token.encode(), self.coord.token.encode()):
             self.coord.refuse_source("auth_failed", "a join with a wrong or missing swarm token", source)
             context.abort(grpc.StatusCode.UNAUTHENTICATED,
@@ -236,15 +242,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         return name
 
     def RegisterReducer(self, request, context):
-        if request.protocol_version != PROTOCOL_VERSION:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                          f"this reducer speaks gptswarm protocol v{request.protocol_version} but the coordinator "
-                          f"speaks v{PROTOCOL_VERSION} (gptswarm {__version__}): install the same gptswarm version")
-        source = source_of(context.peer())
-        allowed, wait = self.joins.allow(source)
-        if not allowed:
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"too many attempts from your network: retry in "
-                                                              f"{math.ceil(wait)} s")
+        source = self._arrival(request, context, "reducer")
         if not (0 < len(request.name) <= MAX_ID_LEN) or len(request.credential) > 256 or len(request.maddrs) > 16 \
                 or any(len(m) > 256 for m in request.maddrs):
             self._invalid(context, None, "reducer name, credential or addresses out of range")
@@ -272,8 +270,11 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         name = self._reducer(context)
         if len(request.outcome_json) > MAX_REPORT or len(request.error) > 1000:
             self._invalid(context, None, "a reduction report out of range")
-        self.coord.reducer_nodes.report(name, self._count(context, None, request.round, "round"), request.ok,
-                                        request.error, request.outcome_json)
+        round_ = self._count(context, None, request.round, "round")
+        current = self.coord.round_view().round
+        if not current - 4 <= round_ <= current:  # a report is of the round averaging now (or a late one)
+            self._invalid(context, None, f"a report of round {round_}, which is not averaging (round {current} is)")
+        self.coord.reducer_nodes.report(name, round_, request.ok, request.error, request.outcome_json)
         return pb.ReductionReportResponse()
 
     def GetRoundResult(self, request, context):

@@ -5,6 +5,7 @@ node killed mid-run costs at most a round and is left out of the groups after it
 reducer credential (the swarm token, a worker's session, a revoked credential) can be a reducer."""
 
 import json
+import os
 import random
 import subprocess
 import sys
@@ -119,6 +120,13 @@ def test_nobody_without_a_reducer_credential_is_a_reducer(tmp_path):
         got = stub.GetReduction(pb.ReductionRequest(first=True, wait=0.2),
                                 metadata=[("authorization", f"Bearer {session}")], timeout=10)
         assert not got.found  # registered, named in no round yet
+        # the command itself: a clear one-line error and a non-zero exit
+        r = subprocess.run([sys.executable, "-m", "gptswarm", "reducer", "--join", join, *join.worker_args(), "--name",
+                            "r1", "--listen", "127.0.0.1:0", "--state-dir", str(tmp_path / "node")],
+                           env={**os.environ, "GPTSWARM_REDUCER_CREDENTIAL": "sekrit"}, capture_output=True, text=True,
+                           timeout=120)
+        assert r.returncode != 0 and "Error: the coordinator refused this reducer" in r.stderr, r.stderr[-2000:]
+        assert "Traceback" not in r.stderr
         credential(sd, "r1", "--revoke")
         time.sleep(0.1)
         with pytest.raises(grpc.RpcError) as e:

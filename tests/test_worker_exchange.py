@@ -1,6 +1,8 @@
 """What the round loop does once a round's exchange is over (worker/exchange.py's ending()), and a
 training step's bookkeeping in one critical section (SharedState.stepped)."""
 
+import random
+
 from gptswarm.proto import gptswarm_pb2 as pb
 from gptswarm.rounds.averaging import Outcome
 from gptswarm.states import RoundState
@@ -43,3 +45,22 @@ def test_a_step_counts_no_more_than_its_shards_tokens():
     s.stepped(shard, 64, 2.0, 0.1)  # the last batch reaches past the shard's tokens
     assert (shard.counted, s.round_tokens, s.claims(), s.shard) == (100, 100, {"l-a": 100}, None)
     assert s.completed == [("l-a", 100, 2.0)] and s.unannounced == ["l-a"]
+
+
+def test_a_worker_sends_only_to_reducers_it_can_name():
+    """The reducers a group names come from the coordinator over its pinned channel; a worker still
+    refuses a group whose reducer nodes repeat, do not parse or are too many, and, with no nodes
+    named, one whose reducer is not the coordinator's peer it learned at join."""
+    from fuzz_api import random_peer_id
+    from gptswarm.worker.exchange import MAX_REDUCERS, refuse_reducers
+
+    rng = random.Random(3)
+    coordinator, a, b = (random_peer_id(rng) for _ in range(3))
+    node = lambda p: pb.ReducerNode(peer_id=p, maddrs=["/ip4/127.0.0.1/tcp/1"])  # noqa: E731
+    assert refuse_reducers(pb.AveragingGroup(reducer_peer_id=coordinator), coordinator) == ""
+    assert "another reducer" in refuse_reducers(pb.AveragingGroup(reducer_peer_id=a), coordinator)
+    assert refuse_reducers(pb.AveragingGroup(reducer_peer_id=coordinator, reducers=[node(a), node(b)]), coordinator) == ""
+    assert refuse_reducers(pb.AveragingGroup(reducers=[node(a), node(a)]), coordinator)
+    assert refuse_reducers(pb.AveragingGroup(reducers=[node(a), node("not a peer id")]), coordinator)
+    many = [node(random_peer_id(rng)) for _ in range(MAX_REDUCERS + 1)]
+    assert refuse_reducers(pb.AveragingGroup(reducers=many), coordinator)
