@@ -1,6 +1,7 @@
-"""The Coordinator: one object that owns the ledger, the hivemind peer (the only reducer of every
-round's averaging), the gRPC server, the status page, the round keeper (rounds.py: a round's life,
-from its tokens to its commit) and the safety gate (gate.py). start() / shutdown().
+"""The Coordinator: one object that owns the ledger, the hivemind peer (the reducer of every round's
+averaging, unless the operator's reducer nodes are live: reducers.py), the gRPC server, the status
+page, the round keeper (rounds.py: a round's life, from its tokens to its commit) and the safety
+gate (gate.py). start() / shutdown().
 
 The gRPC service (service.py) checks each request's form and asks this object, never the ledger:
 what a worker may do is decided here, from the ledger and one snapshot of the current round.

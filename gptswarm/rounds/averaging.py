@@ -2,11 +2,13 @@
 of the group's pseudo-gradients.
 
 The coordinator decides each round's group from its ledger (who held leases in the round, with
-which registered hivemind peer id, and how many tokens the ledger credits it) and is its only
-reducer: RoundReducer runs the coordinator's side, RoundContributor a worker's. A worker learns
-its group id and the coordinator's peer id over gRPC, sends its compressed pseudo-gradient part
-by part to that peer only, and receives the average from it only. The all-reduce itself is
-hivemind's, adapted in hivemind_ext.py.
+which registered hivemind peer id, and how many tokens the ledger credits it) and who reduces it:
+the coordinator itself, or the operator's reducer nodes, each an equal fraction of every tensor.
+RoundReducer runs a reducer's side (the coordinator's, or a node's), RoundContributor a worker's
+(and the coordinator's, when nodes reduce: it sends zeros of weight 0 and receives the average). A
+worker learns its group id and its reducers' peer ids over gRPC, sends its compressed
+pseudo-gradient part by part to them only, and receives the average from them only. The
+all-reduce itself is hivemind's, adapted in hivemind_ext.py.
 """
 
 import asyncio
