@@ -221,6 +221,23 @@ def test_a_member_whose_steps_all_agreed_is_not_too_large(n):
     assert left_out(scores) == {"w0": "too large"}
 
 
+def test_of_two_the_previous_round_says_which_is_odd():
+    """Two honest members, one of which sent a pseudo-gradient tiny for its tokens (seen in a real
+    swarm's short round: the other looked 10x too large by both measures and was flagged): the
+    previous round's norms say the larger is ordinary, so nobody is left out. A hundredfold one is
+    beyond the previous round too: still too large."""
+    history = History()
+    parts, signal = honest(2, 21)
+    reduce(parts, history=history)  # a round of two ordinary members
+    (a, b), _ = honest(2, 22, signal=signal)
+    _, scores, _ = reduce([a, b / 15], history=history)
+    assert not left_out(scores)
+    _, scores, _ = reduce([a * 100, b], history=history)
+    assert left_out(scores) == {"w0": "too large"}
+    _, scores, _ = reduce([a, b / 15], history=History())  # no previous round: the smaller is the reference
+    assert left_out(scores) == {"w0": "too large"}
+
+
 @pytest.mark.parametrize("d", [1000, 1024, 5000, 40_000])
 def test_the_one_pass_statistics_are_the_direct_ones(d):
     """The rule reads the members' copies once, a cached block at a time: every pair's dot product and

@@ -8,8 +8,10 @@ of at most half a megabyte); for each part the coordinator holds every member's 
    - too large: its norm, per square root of its weight and per its weight alike (a pseudo-gradient
      grows with the tokens trained for it, linearly while its steps agree and as a random walk
      later), is more than NORM_RATIO times the median of the members' (with three members or more),
-     or than the smaller of two; alone, per square root of its weight, more than HISTORY_RATIO times
-     the previous round's median;
+     or than the smaller of two and then (when known) also, per square root of its weight, more
+     than NORM_RATIO times the previous round's median (of two, either may be the odd one: a
+     member small for its tokens makes an honest peer look large); alone, per square root of its
+     weight, more than HISTORY_RATIO times the previous round's median;
    - a copy: what only a copy has, never a direction that honest work produces. Two members whose
      parts are within COPY_DIST of each other (relative distance), or a member whose part is within
      COPY_DIST of its own previous contribution or of the previous round's average (estimated from
@@ -296,9 +298,14 @@ def aggregate_part(part_index, parts, weights, keys, history, scores, stats=None
     else:
         ref, ratio = history.norms.get(part_index), HISTORY_RATIO
     out = {}  # index -> reason it is left out of this part
+    # with two members, one far from the other may be either one's oddity (a worker whose pseudo-gradient
+    # is small for its tokens makes the other look large): the previous round breaks the tie, and the
+    # larger is too large only if it is also far beyond what members sent then
+    before = history.norms.get(part_index) if n == 2 else None
     if ref:
         for i in range(n):
-            if scaled[i] > ratio * ref and (ref_linear is None or linear[i] > ratio * ref_linear):
+            if scaled[i] > ratio * ref and (ref_linear is None or linear[i] > ratio * ref_linear) and (
+                    before is None or scaled[i] > NORM_RATIO * before):
                 out[i] = "too large"
     view = PartView(part_index, d, list(keys), scaled.tolist(), ref, [], {}, {}, {})
     g, norm = gram.tolist(), norms.tolist()  # (Python floats: n^2 of them are read one by one below)
