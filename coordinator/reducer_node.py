@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,11 +53,9 @@ class ReducerConfig:
 class ReducerNodeRunner:
     """Threads: run() on the caller's; stop() from a signal handler or another thread (an Event)."""
 
-    def __init__(self, config: ReducerConfig, on_round: Callable[[int, bool], None] | None = None):
+    def __init__(self, config: ReducerConfig):
         self.config = config
         self.stopping = threading.Event()
-        self.on_round = on_round or (lambda r, ok: None)
-        self.rounds = 0
 
     def stop(self) -> None:
         self.stopping.set()
@@ -122,6 +119,7 @@ class ReducerNodeRunner:
                     if e.code() == grpc.StatusCode.UNAUTHENTICATED:  # the coordinator restarted: register again
                         welcome = self._register(node, stub)
                         auth = [("authorization", f"Bearer {welcome.session}")]
+                        after, first = 0, True  # (its rounds may have gone back: a rollback)
                     else:
                         log.warning("coordinator unreachable (%s): retrying", e.code().name)
                         self.stopping.wait(RETRY)
@@ -146,7 +144,6 @@ class ReducerNodeRunner:
 
         outcome = reducer.reduce(group, welcome.averaging_timeout, reducers=[n.peer_id for n in red.reducers],
                                  coordinator=welcome.coordinator_peer_id, final_weights=final_weights)
-        self.rounds += 1
         log.info("round %d: reduced part %d of %d for %d member(s): %s", red.round, red.index + 1, len(red.reducers),
                  len(red.members), "ok" if outcome.ok else outcome.error,
                  extra={"fields": {"event": "reduction", "round": red.round, "ok": outcome.ok,
@@ -157,7 +154,6 @@ class ReducerNodeRunner:
                                                     outcome_json=report(outcome)), metadata=auth, timeout=15)
         except grpc.RpcError as e:
             log.warning("round %d: the report did not reach the coordinator: %s", red.round, e.code().name)
-        self.on_round(red.round, outcome.ok)
 
 
 @click.command()
@@ -168,7 +164,7 @@ class ReducerNodeRunner:
 @click.option("--credential-file", envvar="GPTSWARM_REDUCER_CREDENTIAL_FILE", type=click.Path(dir_okay=False, exists=True),
               help="File holding the credential `gptswarm reducer-credential` printed on the coordinator's machine; "
                    "or set GPTSWARM_REDUCER_CREDENTIAL (never on the command line). The swarm token is not one.")
-@click.option("--listen", envvar="GPTSWARM_REDUCER_LISTEN", default="0.0.0.0:31338", show_default=True,
+@click.option("--listen", envvar="GPTSWARM_REDUCER_LISTEN", default="0.0.0.0:7735", show_default=True,
               metavar="HOST:PORT", help="Where workers dial this node's hivemind peer (open it in the firewall).")
 @click.option("--announce-host", envvar="GPTSWARM_ANNOUNCE_HOST", default="",
               help="The public host or IP workers should dial, if not the one --listen binds.")

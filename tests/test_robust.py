@@ -82,7 +82,9 @@ def test_a_hostile_worker_is_left_out_flagged_and_quarantined(attack, tmp_path, 
         rounds_judged = [r for r in rounds if r[0] - 1 in recorded]
     else:
         rounds_judged = rounds
-    judged = [r[:5] for r in rounds_judged if r[1] != "done" or r[5] >= need]
+    # (a round that did not commit is judged too, where it could tell: a direction-only attacker beside
+    # one honest worker goes in clipped, and a round the safety gate then rejects did its job)
+    judged = [r[:5] for r in rounds_judged if r[5] >= need or (r[1] != "done" and need == 1)]
     assert all(inc == 0 and (flag == 1 or state != "done") for _, state, inc, flag, _ in judged), rounds
     reason = "non-finite" if attack == "nan" else "flagged: left out of"
     assert all(reason in why for _, state, _, _, why in judged if state == "done"), rounds
