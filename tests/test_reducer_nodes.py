@@ -61,8 +61,8 @@ def test_reducer_nodes_reduce_rounds_and_a_dead_one_costs_at_most_a_round(tmp_pa
                    "3 rounds of both workers reduced on both nodes")
         for n in nodes.values():
             n.wait_for(r"reduced part [12] of 2 for 2 member\(s\): ok", 30)
-        for w in (a, b):  # every worker's theta agreed with the coordinator's (it would resynchronize if not)
-            assert w.count("differs from the coordinator's") == 0, w.output()[-2000:]
+        for w in (a, b):  # both workers' theta agreed with the coordinator's in rounds the nodes reduced
+            assert w.count(r"round \d+ done: theta \w+\.\.\. agrees with the coordinator") >= 2, w.output()[-2000:]
         snap = status(coord)
         assert {r["name"]: r["state"] for r in snap["reducers"]} == {"r1": "live", "r2": "live"}
         assert all(r["rounds"] >= 2 for r in snap["reducers"]), snap["reducers"]  # (the third may be averaging)
