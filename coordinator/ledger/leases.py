@@ -64,7 +64,14 @@ class LeaseBook(EventLog):
                now: float) -> int:
         """Record a worker's claims {lease_id: tokens trained on it in the current round round_},
         each clamped to what is left of the lease, and their sum to what the worker could have
-        trained since the round (or its session) began; the verified tokens of its round."""
+        trained since the round (or its session) began; the verified tokens of its round. A claim on
+        a round the ledger has ended meanwhile (the caller saw the round keeper's view just before
+        the round's commit moved it) is late, not false: it changes nothing."""
+        current = db.execute("SELECT value FROM meta WHERE key = 'round'").fetchone()
+        if current is not None and json.loads(current[0]) != round_:
+            row = db.execute("SELECT tokens FROM contributions WHERE round = ? AND worker_id = ?",
+                             (round_, worker_id)).fetchone()
+            return row[0] if row else 0
         started = db.execute("SELECT started_at FROM rounds WHERE round = ?", (round_,)).fetchone()
         started = started[0] if started else now
         for lid, claimed in lease_tokens.items():
