@@ -10,6 +10,9 @@ Attacks (each on the pseudo-gradient g it computed honestly, of norm |g|):
   noise     Gaussian noise of norm |g| const     a constant vector of norm |g| (every entry equal)
   replay    what it sent the round before (its first honest g, again and again)
   nan       NaN everywhere             heavy     g, but claiming a weight of a billion tokens
+Attacks on the credit (each claims every token of its leases, as an honest worker would):
+  lazy      g / 10 (as if it trained a tenth of its steps)   partial   g / 2 (half of its shard)
+  freeride  zeros                      offdata   g of training on other data (its shards' text reversed)
 """
 
 import argparse
@@ -41,14 +44,40 @@ ATTACKS = {
     "replay": lambda g, w, last: (last if last is not None else g, w),
     "nan": lambda g, w, last: ({k: torch.full_like(v, float("nan")) for k, v in g.items()}, w),
     "heavy": lambda g, w, last: (g, 1e9),
+    "lazy": lambda g, w, last: ({k: v / 10 for k, v in g.items()}, w),
+    "partial": lambda g, w, last: ({k: v / 2 for k, v in g.items()}, w),
+    "freeride": lambda g, w, last: ({k: torch.zeros_like(v) for k, v in g.items()}, w),
+    "offdata": lambda g, w, last: (g, w),  # what it trained on is the attack (OffData)
 }
+
+
+class OffData:
+    """Batches of a leased shard's text reversed: another text over the same vocabulary."""
+
+    def __init__(self, batches):
+        self.batches = batches
+        self.tokens_per_batch = batches.tokens_per_batch
+
+    def next(self):
+        x, y = self.batches.next()
+        rows = torch.cat([x, y[:, -1:]], dim=1).flip(1)
+        return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
 
 
 class HostileWorker(Worker):
     def __init__(self, config, attack):
         super().__init__(config)
         self.attack = ATTACKS[attack]
+        self.off_data = attack == "offdata"
         self.last = None  # what it sent the round before
+
+    def _train_step(self):
+        if self.off_data:
+            with self.shared.lock:
+                shard = self.shared.shard
+                if shard is not None and not isinstance(shard.batches, OffData):
+                    shard.batches = OffData(shard.batches)
+        super()._train_step()
 
     def contribution(self, grad, weight, round_):
         grad, weight = self.attack(grad, weight, self.last)

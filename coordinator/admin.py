@@ -90,3 +90,43 @@ def reducer_credential(state_dir, name, revoke):
     finally:
         ledger.close()
     click.echo(credential)
+
+
+CREDIT_COLUMNS = ("name", "id", "tokens_contributed", "tokens_credited", "rounds_included", "rounds_flagged",
+                  "standing", "quarantined_at")
+
+
+@click.command()
+@STATE_DIR
+@click.option("--format", "fmt", type=click.Choice(["csv", "json"]), default="csv", show_default=True,
+              help="CSV (a header row, then a row per worker) or JSON ({\"run_id\", \"workers\": [...]}).")
+@click.option("--output", type=click.Path(dir_okay=False, writable=True), default="-", show_default=True,
+              help="Write the table to this file instead of standard output.")
+def credits(state_dir, fmt, output):
+    """Export the credit table for publishing: every worker that ever joined, with the tokens that
+    rounds included from it (tokens_contributed), what its scores credited of them (tokens_credited:
+    a contribution that did less for the loss per claimed token than the swarm's typical one is
+    credited less, or nothing when flagged), the rounds it was included and flagged in, its last
+    standing (1: typical; below 0.25: flagged) and when it was quarantined, if it is (Unix time).
+    Most credited first."""
+    import csv
+    import io
+    import json
+
+    settings = runs.load_run(state_dir)
+    ledger = open_ledger(state_dir)
+    try:
+        rows = [{k: round(r[k], 4) if k == "standing" and r[k] is not None else r[k] for k in CREDIT_COLUMNS}
+                for r in ledger.credit_table()]
+    finally:
+        ledger.close()
+    if fmt == "json":
+        text = json.dumps({"run_id": settings.run_id, "workers": rows}, indent=1) + "\n"
+    else:
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=CREDIT_COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        text = buf.getvalue()
+    with click.open_file(output, "w") as f:
+        f.write(text)

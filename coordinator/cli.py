@@ -132,6 +132,11 @@ def wait_for_signal():
               help="Take back a round whose validation loss (evaluated just after it commits, while the next "
                    "round trains) is more than this fraction (plus 0.1) above the median of the last 5 evaluated rounds: the "
                    "run goes back to the theta that round started from.")
+@click.option("--score-fraction", type=float, default=PROC.score_fraction, show_default=True,
+              help="Score every contribution by the loss decrease it brings per token claimed, on samples of "
+                   "this many tokens per token claimed (one of the data its worker was leased, one of validation "
+                   "data): low scorers are credited and weighed less, and flagged. Costs the coordinator about "
+                   "twice this fraction of the swarm's compute; 0 turns scoring off.")
 @click.option("--lease-seconds", type=float, default=PROC.lease_seconds, show_default=True,
               help="A lease not extended by a heartbeat for this long expires and its shard is leased again.")
 @click.option("--join-burst", type=int, default=PROC.join_burst, show_default=True,
@@ -145,7 +150,8 @@ def coordinator(task, text, digits, tokenizer_kind, vocab_size, model, block_siz
                 session_ttl, tokens_per_round, inner_steps, round_growth, max_tokens, compression, topk_fraction, outer_lr,
                 outer_momentum, aggregation, batch_size, learning_rate, min_lr, warmup_iters, shard_tokens,
                 heartbeat_interval, sender_timeout, max_leases, averaging_timeout, round_timeout, quarantine_after,
-                quarantine_window, max_val_loss_rise, lease_seconds, join_burst, joins_per_minute, json_logs):
+                quarantine_window, max_val_loss_rise, score_fraction, lease_seconds, join_burst, joins_per_minute,
+                json_logs):
     """Run the coordinator of a swarm: prepare the data as shards, lease them to workers, end
     rounds and aggregate the workers' pseudo-gradients, keep theta_global and its checkpoints.
 
@@ -185,6 +191,8 @@ def coordinator(task, text, digits, tokenizer_kind, vocab_size, model, block_siz
         raise click.BadParameter("--max-leases, --quarantine-after, --quarantine-window, --sender-timeout, "
                                  "--heartbeat-interval, --lease-seconds, --max-val-loss-rise, --session-ttl, "
                                  "--join-burst and --joins-per-minute must be positive")
+    if not 0 <= score_fraction <= 1:
+        raise click.BadParameter(f"--score-fraction must be between 0 and 1, not {score_fraction:g}")
     if plaintext and not is_loopback(split_address(listen)[0]):
         raise click.BadParameter(f"--plaintext is only for a loopback --listen (demos, tests), not {listen}: "
                                  "workers' tokens and sessions would cross the network in the clear")
@@ -200,7 +208,8 @@ def coordinator(task, text, digits, tokenizer_kind, vocab_size, model, block_siz
                                lease_seconds=lease_seconds, sender_timeout=sender_timeout, max_leases=max_leases,
                                averaging_timeout=averaging_timeout, round_timeout=round_timeout,
                                quarantine_after=quarantine_after, quarantine_window=quarantine_window,
-                               max_val_loss_rise=max_val_loss_rise, tls_cert=tls_cert or "", tls_key=tls_key or "",
+                               max_val_loss_rise=max_val_loss_rise, score_fraction=score_fraction,
+                               tls_cert=tls_cert or "", tls_key=tls_key or "",
                                plaintext=plaintext, grpc_reflection=grpc_reflection, session_ttl=session_ttl,
                                join_burst=join_burst, joins_per_second=joins_per_minute / 60)
     coord = Coordinator(state_dir, config, token=token or None, rotate_token=rotate_token)

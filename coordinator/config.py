@@ -21,6 +21,7 @@ class CoordinatorConfig:
     averaging_timeout: float = 60.0  # seconds an averaging may take
     round_timeout: float = 600.0  # a round with any tokens ends after this many seconds
     eval_tokens: int = 65536  # validation tokens per evaluation of theta_global
+    score_fraction: float = 0.02  # tokens each contribution is scored on per token claimed (scoring.py); 0: off
     # transport (gptswarm/transport.py): TLS with the state directory's own certificate unless these say otherwise
     tls_cert: str = ""  # PEM certificate (chain) to present instead of the self-signed one ...
     tls_key: str = ""  # ... and its private key

@@ -1,9 +1,16 @@
 """Prometheus exposition of the swarm (prometheus-client), computed from the ledger at scrape time."""
 
+import time
+
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from gptswarm.coordinator.status import NOT_LEARNING_ROUNDS, not_learning, snapshot
+from gptswarm.coordinator.status import (
+    NOT_LEARNING_ROUNDS,
+    not_learning,
+    snapshot,
+    worker_rows,
+)
 from gptswarm.states import ReducerState, RoundState, ShardState, WorkerState
 
 HEALTH_STATES = ("healthy", "degraded", "warning", "stalled", "finished")
@@ -82,6 +89,23 @@ class SwarmCollector:
             reduced.add_metric([r["name"]], r["rounds"])
         yield nodes
         yield reduced
+        standing = GaugeMetricFamily("gptswarm_worker_standing", "Each scored online worker's standing: the mean of "
+                                     "its last scores, its loss decrease per claimed token over the median member's "
+                                     "(below 0.25: flagged)", labels=["worker"])
+        score = GaugeMetricFamily("gptswarm_worker_score", "Each scored online worker's last round's score (see "
+                                  "gptswarm_worker_standing)", labels=["worker"])
+        credited = CounterMetricFamily("gptswarm_worker_tokens_credited", "Tokens each online worker's scores "
+                                       "credited", labels=["worker"])
+        for w in worker_rows(c, time.time()):  # online ones first, at most status.WORKERS_SHOWN
+            if w["online"] and w["standing"] is not None:
+                standing.add_metric([w["name"]], w["standing"])
+            if w["online"] and w["score"] is not None:
+                score.add_metric([w["name"]], w["score"])
+            if w["online"]:
+                credited.add_metric([w["name"]], w["tokens_credited"])
+        yield standing
+        yield score
+        yield credited
         shards = GaugeMetricFamily("gptswarm_shards", "Shards of the current epoch by state", labels=["state"])
         for state in ShardState:
             shards.add_metric([state], snap["shards"][state])

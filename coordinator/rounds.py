@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import torch
 
 from gptswarm.coordinator.gate import RoundRejected, SafetyGate
+from gptswarm.coordinator.scoring import MIN_SCALE, WINDOW, Probe, Scorer, factor_of
 from gptswarm.coordinator.status import NOT_LEARNING_ROUNDS, not_learning
 from gptswarm.mingpt_core.model import GPT
 from gptswarm.rounds.averaging import Group, Outcome, RoundReducer
@@ -44,8 +45,8 @@ from gptswarm.states import Phase, RoundState, ShardState
 
 if TYPE_CHECKING:
     from gptswarm.coordinator.ledger import Ledger
-    from gptswarm.coordinator.run import RunSettings
     from gptswarm.coordinator.reducers import ReducerNodes
+    from gptswarm.coordinator.run import RunSettings
 
 log = logging.getLogger("gptswarm.coordinator")
 T = TypeVar("T")
@@ -78,9 +79,10 @@ class RoundKeeper:
     lock inside; nothing takes them in the other order)."""
 
     def __init__(self, *, state_dir: Path, settings: RunSettings, config: Any, ledger: Ledger, model: GPT,
-                 tokenizer: Any, momentum: dict, meta: dict, step_tokens: int, gate: SafetyGate):
+                 tokenizer: Any, momentum: dict, meta: dict, step_tokens: int, gate: SafetyGate,
+                 scorer: Scorer | None = None):
         self.state_dir, self.settings, self.config, self.ledger = state_dir, settings, config, ledger
-        self.tokenizer, self.step_tokens, self.gate = tokenizer, step_tokens, gate
+        self.tokenizer, self.step_tokens, self.gate, self.scorer = tokenizer, step_tokens, gate, scorer
         self.reducer: RoundReducer | None = None  # set by start(): the hivemind peer comes up after the ledger
         self.nodes: ReducerNodes | None = None
         self.lock = threading.RLock()
@@ -224,7 +226,15 @@ class RoundKeeper:
         t_start = time.time()
         members = self.ledger.group_members(r, self.started_at)
         reducers = self.nodes.for_round(r) if self.nodes is not None else ()
-        group = Group(r, {peer: (worker_id, tokens) for worker_id, peer, tokens in members}, reducers=reducers)
+        # a worker whose contributions scored low weighs less (coordinator/scoring.py)
+        standings = self.ledger.standings([worker_id for worker_id, _, _ in members])
+        scales = {peer: max(MIN_SCALE, factor_of(standings.get(worker_id))) for worker_id, peer, _ in members}
+        group = Group(r, {peer: (worker_id, tokens) for worker_id, peer, tokens in members}, reducers=reducers,
+                      scales=scales)
+        probe, t_probe = None, time.time()
+        if self.scorer is not None and not reducers:  # the reference gradients, before anyone sends
+            probe = self.scorer.probe(self.model, r, {worker_id: tokens for worker_id, _, tokens in members})
+        t_scoring = time.time() - t_probe
         with self.lock:
             self.group, self.phase = group, Phase.AVERAGING
         self.ledger.set_round_state(r, RoundState.AVERAGING, group_size=len(members))
@@ -235,12 +245,13 @@ class RoundKeeper:
             assert self.nodes is not None
             outcome = self.nodes.reduce(group, self.config.averaging_timeout)
         else:
-            outcome = self.reducer.reduce(group, self.config.averaging_timeout)
+            outcome = self.reducer.reduce(group, self.config.averaging_timeout, probe=probe)
         seconds = time.time() - t0
+        scores = self._scored(r, outcome, group, probe)
         # where the round's end went: forming the group, its members asking for their places, the all-reduce
         asked = group.asked_times()
         last_asked = max(asked.values(), default=t0) if len(asked) == len(members) else t0 + seconds
-        parts = {"group": t0 - t_start, "matchmaking": min(last_asked - t0, seconds)}
+        parts = {"group": t0 - t_start - t_scoring, "scoring": t_scoring, "matchmaking": min(last_asked - t0, seconds)}
         parts["all_reduce"] = seconds - parts["matchmaking"]
         for worker_id, lie in outcome.lies.items():
             self.ledger.refuse("weight_claimed", lie, worker_id)
@@ -254,7 +265,7 @@ class RoundKeeper:
         detail, state = outcome.error, RoundState.FAILED
         if outcome.ok:
             try:
-                self.commit(r, outcome, seconds, parts, len(members), left_out)
+                self.commit(r, outcome, seconds, parts, len(members), left_out, scores)
             except RoundRejected as e:
                 detail, state = str(e), RoundState.REJECTED
             except Exception as e:  # nothing moved: the round fails as a whole
@@ -271,6 +282,27 @@ class RoundKeeper:
             self.started_at = time.time()
         self.check_learning()
 
+    def _scored(self, r: int, outcome: Outcome, group: Group, probe: Probe | None) -> dict[str, tuple]:
+        """Judge the round's scores (coordinator/scoring.py): a member whose standing is too low is
+        flagged and left uncredited (its values went into the average before its score was known:
+        they point the right way, only too little for its claim), and the credit of the rounds its
+        standing judged is taken back at the commit. Returns {worker id: (ratio, leased, off,
+        standing, factor, flagged)}."""
+        if self.scorer is None or not outcome.ok:
+            return {}
+        members = {worker_id: weight for worker_id, weight in group.snapshot().values()}
+        scores = self.scorer.judge(r, probe, members)
+        for worker_id, score in scores.items():
+            if score.flagged and worker_id in outcome.included:
+                del outcome.included[worker_id]
+                outcome.rejected[worker_id] = f"flagged: {score.summary()}"
+                outcome.flagged.add(worker_id)
+                log.warning("round %d: %s flagged: %s", r, worker_id, score.summary())
+        if not outcome.included:
+            outcome.ok, outcome.error = False, "every contribution that reached the average was flagged by its score"
+        return {w: (s.ratio, s.leased, s.off, s.standing, s.factor, s.flagged) for w, s in scores.items()
+                if s.ratio is not None or s.standing is not None}
+
     def check_learning(self) -> None:
         """Rounds in a row that failed or left most values out: the swarm has stopped learning. Said
         once per streak, as an event and in the log (the status page's health and /metrics say it
@@ -281,11 +313,12 @@ class RoundKeeper:
             log.warning("%s", why)
 
     def commit(self, r: int, outcome: Outcome, seconds: float, parts: dict | None = None, members: int = 0,
-               left_out: float | None = None) -> None:
+               left_out: float | None = None, scores: dict | None = None) -> None:
         """Round r's average is in: the next theta, all or nothing (see the module's docstring).
         parts: seconds of the round's end so far, by part (the outer step, the checkpoint and the
         ledger's commit are added, and logged with the round); members: the group's size; left_out:
-        the fraction of the members' values the robust rule left out."""
+        the fraction of the members' values the robust rule left out; scores: what the ledger keeps of
+        the members' scores (_scored)."""
         parts, t0 = dict(parts or {}), time.time()
         model = copy.deepcopy(self.model)
         theta = theta_views(model)
@@ -304,7 +337,8 @@ class RoundKeeper:
         try:
             self.ledger.commit_round(r, included=outcome.included, excluded=outcome.rejected, flagged=outcome.flagged,
                                      theta_hash=digest, averaging_seconds=seconds, loss=loss,
-                                     bytes_sent=outcome.bytes_sent, left_out=left_out)
+                                     bytes_sent=outcome.bytes_sent, left_out=left_out, scores=scores,
+                                     revoke=[w for w, s in (scores or {}).items() if s[5]], revoke_rounds=WINDOW - 1)
         except BaseException:
             shutil.rmtree(round_dir(self.state_dir, r + 1), ignore_errors=True)
             raise

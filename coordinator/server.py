@@ -21,11 +21,18 @@ from gptswarm.coordinator.http import StatusServer
 from gptswarm.coordinator.ledger import Ledger
 from gptswarm.coordinator.reducers import ReducerNodes, ReducerRegistry
 from gptswarm.coordinator.rounds import RoundKeeper, RoundView
+from gptswarm.coordinator.scoring import Scorer
 from gptswarm.coordinator.service import make_server
 from gptswarm.private import private_dir
 from gptswarm.rounds.averaging import ReducerNode, RoundContributor, RoundReducer
 from gptswarm.rounds.p2p import P2PNode
-from gptswarm.rounds.theta import latest_dir, load_theta, point_latest, round_dir
+from gptswarm.rounds.theta import (
+    latest_dir,
+    load_theta,
+    point_latest,
+    round_dir,
+    theta_views,
+)
 from gptswarm.states import LeaseState, Phase, Place, RoundState
 from gptswarm.transport import coordinator_certificate, fingerprint
 
@@ -98,9 +105,12 @@ class Coordinator:
         self.gate = SafetyGate(state_dir=self.state_dir, ledger=self.ledger, val_shards=self.shard_set.split("val"),
                                shard_set=self.shard_set, max_rise=cfg.max_val_loss_rise, eval_tokens=cfg.eval_tokens,
                                on_val_loss=lambda loss: self.rounds.set_val_loss(loss))
+        scorer = Scorer(shard_set=self.shard_set, train_shards=self.train_shards, seq=seq, names=list(theta_views(model)),
+                        ledger=self.ledger, fraction=cfg.score_fraction) if cfg.score_fraction > 0 else None
         self.rounds = RoundKeeper(state_dir=self.state_dir, settings=self.settings, config=cfg, ledger=self.ledger,
                                   model=model, tokenizer=self.tokenizer, momentum=momentum, meta=meta,
-                                  step_tokens=int(self.settings.train.get("batch_size", 1)) * seq, gate=self.gate)
+                                  step_tokens=int(self.settings.train.get("batch_size", 1)) * seq, gate=self.gate,
+                                  scorer=scorer)
         self.ledger.add_shards([(s.sha256, len(s)) for s in self.train_shards])
         view = self.rounds.view()
         self.ledger.recover(view.round, view.theta_hash)

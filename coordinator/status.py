@@ -30,12 +30,17 @@ def worker_rows(coord, now, limit=WORKERS_SHOWN, offset=0):
         out.append({
             "id": w["id"], "name": w["name"], "state": state, "reason": reason, "device": w["device"] or "",
             "tokens_per_second": round(w["tokens_per_second"] or 0.0, 1) if online else 0.0,
-            "tokens_contributed": w["tokens_contributed"] or 0, "bytes_sent": w["bytes_sent"] or 0,
+            "tokens_contributed": w["tokens_contributed"] or 0, "tokens_credited": w["tokens_credited"] or 0,
+            "score": _round(w["score"]), "standing": _round(w["standing"]), "bytes_sent": w["bytes_sent"] or 0,
             "last_seen": w["last_seen"], "seconds_since_seen": round(now - (w["last_seen"] or now), 1),
             "joined_at": w["joined_at"], "online": online,
             "refused": w["refused"], "last_refusal": w["last_refusal"], "quarantined": bool(w["quarantine_reason"]),
         })
     return out
+
+
+def _round(x):
+    return None if x is None else round(x, 3)
 
 
 def not_learning(rounds):
@@ -113,7 +118,8 @@ def snapshot(coord, history=200, events=30, workers=WORKERS_SHOWN):
         "reducers": coord.reducer_nodes.snapshot(),  # the operator's reducer nodes (empty: the coordinator reduces)
         "shards": {"epoch": coord.ledger.get_meta("epoch", 0), "total": sum(shards.values()), **shards},
         "rounds": rounds,
-        "top_contributors": [{"name": w["name"], "tokens_contributed": w["tokens_contributed"]}
+        "top_contributors": [{"name": w["name"], "tokens_contributed": w["tokens_contributed"],
+                              "tokens_credited": w["tokens_credited"]}
                              for w in coord.ledger.top_contributors(10)],
         "events": [{"at": e["at"], "kind": e["kind"], "worker": e["name"], "detail": e["detail"]} for e in evs],
     }

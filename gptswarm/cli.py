@@ -163,13 +163,13 @@ def export(directory, fmt, out, overwrite):
     click.echo(f"exported {directory} to {out} (Hugging Face GPT2LMHeadModel)")
 
 
-from gptswarm.coordinator.admin import quarantine, reducer_credential, rollback  # noqa: E402
+from gptswarm.coordinator.admin import credits, quarantine, reducer_credential, rollback  # noqa: E402
 from gptswarm.coordinator.cli import coordinator  # noqa: E402
 from gptswarm.coordinator.reducer_node import reducer  # noqa: E402
 from gptswarm.demo import demo  # noqa: E402
 from gptswarm.worker.cli import worker  # noqa: E402
 
-for command in (coordinator, worker, reducer, demo, quarantine, rollback, reducer_credential):
+for command in (coordinator, worker, reducer, demo, quarantine, rollback, reducer_credential, credits):
     cli.add_command(command)
 
 

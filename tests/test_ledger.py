@@ -153,6 +153,43 @@ def test_a_finish_sent_in_a_round_that_ended_on_its_way_is_not_refused(ledger):
     assert refusals(ledger, a) == {"finish_refused": 1}
 
 
+def test_a_claim_read_after_its_round_committed_changes_nothing(ledger):
+    """The coordinator reads the round keeper's view, then asks the ledger: a heartbeat for round 0
+    that reaches the ledger after round 0's commit (the view not yet moved) is late, not a lie. It
+    neither refuses nor rewrites the committed round's tokens (met in a test swarm: a refused honest
+    claim, and the worker's committed contribution set to 0 tokens)."""
+    a = join(ledger)
+    lease = ledger.lease(a, 0)
+    ledger.clock_.t += 1
+    beat(ledger, a, {lease["lease_id"]: lease["tokens"]})
+    ledger.commit_round(0, included={a: lease["tokens"]}, excluded={}, theta_hash="h1", averaging_seconds=1)
+    beat(ledger, a, {lease["lease_id"]: lease["tokens"]}, round_=0, current=0)  # the view still said round 0
+    assert refusals(ledger, a) == {}
+    assert ledger.query("SELECT tokens, credited FROM contributions WHERE round = 0")[0] == {
+        "tokens": lease["tokens"], "credited": lease["tokens"]}
+
+
+def test_scores_scale_credit_and_a_flag_takes_back_the_rounds_it_judged(ledger):
+    a, b = join(ledger, "a"), join(ledger, "b")
+    for r in range(3):
+        # (ratio, leased, off, standing, factor, flagged): b does a tenth of the work
+        flagged = r == 2
+        scores = {a: (1.0, 1e-3, 1e-3, 1.0, 1.0, False), b: (0.1, 1e-4, 1e-4, 0.1, 0.0 if flagged else 0.2, flagged)}
+        ledger.commit_round(r, included={a: 100} if flagged else {a: 100, b: 100},
+                            excluded={b: "flagged: scored"} if flagged else {}, flagged={b} if flagged else set(),
+                            theta_hash=f"h{r + 1}", averaging_seconds=1, scores=scores,
+                            revoke=[b] if flagged else [], revoke_rounds=4)
+    assert ledger.worker(a)["tokens_credited"] == 300 == ledger.worker(a)["tokens_contributed"]
+    assert ledger.worker(b)["tokens_contributed"] == 200 and ledger.worker(b)["tokens_credited"] == 0
+    assert [r["credited"] for r in ledger.query("SELECT credited FROM contributions WHERE worker_id = ? "
+                                                "ORDER BY round", (b,))] == [0, 0, None]
+    assert ledger.standings([a, b]) == {a: 1.0, b: 0.1}
+    assert ledger.score_history([b], 4) == {b: [0.1, 0.1, 0.1]}
+    assert [e["kind"] for e in ledger.query("SELECT kind FROM events WHERE worker_id = ? AND kind = 'credit_revoked'",
+                                            (b,))] == ["credit_revoked"]
+    assert {r["name"]: r["tokens_credited"] for r in ledger.credit_table()} == {"a": 300, "b": 0}
+
+
 def test_excluded_members_lose_their_leases_and_failed_rounds_credit_nothing(ledger):
     a, b = join(ledger, "a"), join(ledger, "b")
     la, lb = ledger.lease(a, 0), ledger.lease(b, 0)

@@ -39,6 +39,34 @@ class RoundBook(WorkerBook):
             "SELECT 1 FROM leases l WHERE l.worker_id = w.id AND (l.state IN (?, ?) "
             "OR l.closed_at >= ? OR l.granted_at >= ?))) ORDER BY w.id", (round_, *OPEN_LEASES, since, since))]
 
+    def claimed_shards(self, round_: int, worker_ids: Collection[str]) -> dict[str, list[int]]:
+        """{worker id: the shards (train indices) it claimed tokens on in round_, not yet credited}."""
+        out: dict[str, list[int]] = {}
+        marks = ",".join("?" * len(worker_ids))
+        for r in self.query(f"SELECT worker_id, shard_idx FROM leases WHERE claim_round = ? AND claimed > 0 "
+                            f"AND worker_id IN ({marks}) ORDER BY granted_at", (round_, *worker_ids)):
+            out.setdefault(r["worker_id"], []).append(r["shard_idx"])
+        return out
+
+    def score_history(self, worker_ids: Collection[str], n: int) -> dict[str, list[float]]:
+        """{worker id: its last n scored rounds' ratios (coordinator/scoring.py), newest first}."""
+        out: dict[str, list[float]] = {}
+        for w in worker_ids:
+            rows = self.query("SELECT score FROM contributions WHERE worker_id = ? AND score IS NOT NULL "
+                              "ORDER BY round DESC LIMIT ?", (w, n))
+            out[w] = [r["score"] for r in rows]
+        return out
+
+    def standings(self, worker_ids: Collection[str]) -> dict[str, float]:
+        """{worker id: its standing after the last round that scored it} (those never scored are left out)."""
+        out = {}
+        for w in worker_ids:
+            rows = self.query("SELECT standing FROM contributions WHERE worker_id = ? AND standing IS NOT NULL "
+                              "ORDER BY round DESC LIMIT 1", (w,))
+            if rows:
+                out[w] = rows[0]["standing"]
+        return out
+
     def start_round(self, round_: int, theta_hash: str, db: sqlite3.Connection | None = None) -> None:
         if db is None:
             with self.tx() as tx:
@@ -73,12 +101,16 @@ class RoundBook(WorkerBook):
     def commit_round(self, round_: int, *, included: Mapping[str, int], excluded: Mapping[str, str], theta_hash: str,
                      averaging_seconds: float, flagged: Collection[str] = (), loss: float | None = None,
                      val_loss: float | None = None, bytes_sent: int | None = None,
-                     left_out: float | None = None) -> None:
+                     left_out: float | None = None, scores: Mapping[str, tuple] | None = None,
+                     revoke: Collection[str] = (), revoke_rounds: int = 0) -> None:
         """Round round_ is done, all at once: included {worker_id: tokens} is credited (the budget,
         each worker's total, and its leases in grant order: a lease whose tokens are all credited is
         done, and so is its shard); excluded {worker_id: reason} gets nothing, and its leases go back;
         those of them in `flagged` count towards quarantine; round_ + 1 starts with theta_hash; left_out:
-        the fraction of the members' values the robust rule left out."""
+        the fraction of the members' values the robust rule left out; scores {worker_id: (ratio,
+        leased, off, standing, factor)} (coordinator/scoring.py): an included worker's credit is its
+        tokens times its factor (1 if unscored); revoke: workers flagged for their standing, whose
+        credit of their last revoke_rounds scored rounds before this one is taken back."""
         tokens = sum(included.values())
         now = self.clock()
         with self.tx() as db:
@@ -86,13 +118,29 @@ class RoundBook(WorkerBook):
                        "averaging_seconds = ?, loss = ?, val_loss = ?, bytes_sent = ?, left_out = ? WHERE round = ?",
                        (now, RoundState.DONE, tokens, len(included), averaging_seconds, loss, val_loss, bytes_sent,
                         left_out, round_))
+            scores = scores or {}
             for wid, t in included.items():
-                db.execute("INSERT INTO contributions (round, worker_id, tokens, included, reason) VALUES (?, ?, ?, 1, '') "
-                           "ON CONFLICT (round, worker_id) DO UPDATE SET tokens = excluded.tokens, included = 1",
-                           (round_, wid, t))
-                db.execute("UPDATE workers SET tokens_contributed = tokens_contributed + ? WHERE id = ?", (t, wid))
+                credited = round(t * scores[wid][4]) if wid in scores else t  # (ratio, leased, off, standing, factor, ...)
+                db.execute("INSERT INTO contributions (round, worker_id, tokens, included, reason, credited) "
+                           "VALUES (?, ?, ?, 1, '', ?) ON CONFLICT (round, worker_id) DO UPDATE SET "
+                           "tokens = excluded.tokens, included = 1, credited = excluded.credited", (round_, wid, t, credited))
+                db.execute("UPDATE workers SET tokens_contributed = tokens_contributed + ?, "
+                           "tokens_credited = tokens_credited + ? WHERE id = ?", (t, credited, wid))
                 self._credit(db, wid, t, round_, now)
             self._exclude(db, round_, excluded, flagged)
+            for wid, (ratio, leased, off, standing, *_) in scores.items():
+                db.execute("UPDATE contributions SET score = ?, score_leased = ?, score_off = ?, standing = ? "
+                           "WHERE round = ? AND worker_id = ?", (ratio, leased, off, standing, round_, wid))
+            for wid in revoke:  # its standing judges the rounds it is the mean of: their credit goes too
+                rows = db.execute("SELECT round, credited FROM contributions WHERE worker_id = ? AND score IS NOT NULL "
+                                  "AND round < ? ORDER BY round DESC LIMIT ?", (wid, round_, revoke_rounds)).fetchall()
+                taken = sum(r["credited"] or 0 for r in rows)
+                db.executemany("UPDATE contributions SET credited = 0 WHERE round = ? AND worker_id = ?",
+                               [(r["round"], wid) for r in rows])
+                db.execute("UPDATE workers SET tokens_credited = MAX(0, tokens_credited - ?) WHERE id = ?", (taken, wid))
+                if taken:
+                    self.event("credit_revoked", f"round {round_}: the credit of its last {len(rows)} scored round(s), "
+                               f"{taken} tokens, revoked: its standing is below the flag", wid, db)
             total = json.loads((db.execute("SELECT value FROM meta WHERE key = 'tokens_trained'").fetchone()
                                 or ["0"])[0])
             self.set_meta("tokens_trained", total + tokens, db)

@@ -2,7 +2,7 @@
 MIGRATIONS bring a ledger made before SCHEMA_VERSION up to it (see Store._migrate). The states in the
 comments are gptswarm/states.py's."""
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS workers (
@@ -11,7 +11,8 @@ CREATE TABLE IF NOT EXISTS workers (
     state TEXT, reason TEXT, tokens_per_second REAL DEFAULT 0, loss REAL,
     tokens_contributed INTEGER DEFAULT 0, bytes_sent INTEGER DEFAULT 0, eligible_round INTEGER DEFAULT 0,
     active_since REAL, quarantined_at REAL, quarantine_reason TEXT,
-    secret_hash TEXT);  -- proves the worker in a later Join (its session expired or was revoked)
+    secret_hash TEXT,  -- proves the worker in a later Join (its session expired or was revoked)
+    tokens_credited INTEGER NOT NULL DEFAULT 0);  -- of tokens_contributed, what its scores credited (scoring.py)
 CREATE TABLE IF NOT EXISTS shards (
     idx INTEGER PRIMARY KEY, sha256 TEXT NOT NULL, tokens INTEGER NOT NULL,
     rank INTEGER NOT NULL DEFAULT 0,  -- lease order within the epoch (a seeded shuffle per epoch)
@@ -35,7 +36,11 @@ CREATE TABLE IF NOT EXISTS rounds (
     left_out REAL);  -- the fraction of the members' values the robust rule left out of the average
 CREATE TABLE IF NOT EXISTS contributions (
     round INTEGER NOT NULL, worker_id TEXT NOT NULL, tokens INTEGER NOT NULL DEFAULT 0,
-    included INTEGER, reason TEXT, flagged INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (round, worker_id));
+    included INTEGER, reason TEXT, flagged INTEGER NOT NULL DEFAULT 0,
+    credited INTEGER,  -- of its tokens, what its score credited (coordinator/scoring.py)
+    score REAL, score_leased REAL, score_off REAL,  -- the round's ratio to the median member; loss decrease per token
+    standing REAL,  -- the mean of its last ratios, this one included
+    PRIMARY KEY (round, worker_id));
 CREATE TABLE IF NOT EXISTS refusals (
     worker_id TEXT NOT NULL, kind TEXT NOT NULL, n INTEGER NOT NULL, last_at REAL, last_detail TEXT,
     PRIMARY KEY (worker_id, kind));
@@ -44,7 +49,7 @@ CREATE TABLE IF NOT EXISTS reducers (  -- the operator's reducer nodes: a creden
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL, kind TEXT NOT NULL, worker_id TEXT, detail TEXT);
 """
-# ledgers made before SCHEMA_VERSION 4 lack these columns
+# ledgers made before SCHEMA_VERSION lack these columns
 MIGRATIONS = ["ALTER TABLE workers ADD COLUMN active_since REAL",
               "ALTER TABLE leases ADD COLUMN credited INTEGER NOT NULL DEFAULT 0",
               "ALTER TABLE leases ADD COLUMN done_round INTEGER",
@@ -57,4 +62,12 @@ MIGRATIONS = ["ALTER TABLE workers ADD COLUMN active_since REAL",
               "ALTER TABLE contributions ADD COLUMN flagged INTEGER NOT NULL DEFAULT 0",
               "ALTER TABLE workers ADD COLUMN secret_hash TEXT",
               "UPDATE leases SET state = 'done', credited = tokens WHERE state = 'reported'",
-              "ALTER TABLE rounds ADD COLUMN left_out REAL"]
+              "ALTER TABLE rounds ADD COLUMN left_out REAL",
+              # version 5: scores and credit
+              "ALTER TABLE workers ADD COLUMN tokens_credited INTEGER NOT NULL DEFAULT 0",
+              "UPDATE workers SET tokens_credited = tokens_contributed",
+              "ALTER TABLE contributions ADD COLUMN credited INTEGER",
+              "ALTER TABLE contributions ADD COLUMN score REAL",
+              "ALTER TABLE contributions ADD COLUMN score_leased REAL",
+              "ALTER TABLE contributions ADD COLUMN score_off REAL",
+              "ALTER TABLE contributions ADD COLUMN standing REAL"]

@@ -30,16 +30,21 @@ class Views(Store):
         return self.clock() - (ONLINE_HEARTBEATS * self.heartbeat_interval + ONLINE_SLACK)
 
     def workers_for_status(self, limit: int, offset: int = 0) -> list[Row]:
-        """One page of workers: online ones first, then by tokens contributed; `online` and their
-        refusals set."""
+        """One page of workers: online ones first, then by tokens credited; `online`, their refusals
+        and their last score and standing (coordinator/scoring.py) set."""
         cutoff = self.online_after()
         rows = self.query("SELECT w.id, w.name, w.device, w.state, w.reason, w.tokens_per_second, "
-                          "w.tokens_contributed, w.last_seen, w.left_at, w.joined_at, w.bytes_sent, w.quarantine_reason, "
+                          "w.tokens_contributed, w.tokens_credited, w.last_seen, w.left_at, w.joined_at, w.bytes_sent, "
+                          "w.quarantine_reason, "
+                          "(SELECT c.score FROM contributions c WHERE c.worker_id = w.id AND c.score IS NOT NULL "
+                          " ORDER BY c.round DESC LIMIT 1) AS score, "
+                          "(SELECT c.standing FROM contributions c WHERE c.worker_id = w.id AND c.standing IS NOT NULL "
+                          " ORDER BY c.round DESC LIMIT 1) AS standing, "
                           "(w.left_at IS NULL AND COALESCE(w.last_seen, 0) > ?) AS online, "
                           "(SELECT COALESCE(SUM(n), 0) FROM refusals r WHERE r.worker_id = w.id) AS refused, "
                           "(SELECT kind || ': ' || last_detail FROM refusals r WHERE r.worker_id = w.id "
                           " ORDER BY last_at DESC LIMIT 1) AS last_refusal "
-                          "FROM workers w ORDER BY online DESC, w.tokens_contributed DESC, w.joined_at LIMIT ? OFFSET ?",
+                          "FROM workers w ORDER BY online DESC, w.tokens_credited DESC, w.joined_at LIMIT ? OFFSET ?",
                           (cutoff, limit, offset))
         for w in rows:
             w["online"], w["last_refusal"] = bool(w["online"]), w["last_refusal"] or ""
@@ -61,8 +66,21 @@ class Views(Store):
                 "tokens_per_second": sum(r["tps"] or 0.0 for r in rows), "by_state": {r["s"]: r["n"] for r in rows}}
 
     def top_contributors(self, n: int) -> list[Row]:
-        return self.query("SELECT name, tokens_contributed FROM workers WHERE tokens_contributed > 0 "
-                          "ORDER BY tokens_contributed DESC, joined_at LIMIT ?", (n,))
+        """The leaderboard: by credited tokens (what their scores credited of what they contributed)."""
+        return self.query("SELECT name, tokens_contributed, tokens_credited FROM workers WHERE tokens_contributed > 0 "
+                          "ORDER BY tokens_credited DESC, joined_at LIMIT ?", (n,))
+
+    def credit_table(self) -> list[Row]:
+        """Every worker's credit, for the operator to publish (`gptswarm credits`): claimed tokens that
+        rounds included, what their scores credited, rounds included and flagged, the standing."""
+        return self.query(
+            "SELECT w.id, w.name, w.tokens_contributed, w.tokens_credited, "
+            "(SELECT COUNT(*) FROM contributions c WHERE c.worker_id = w.id AND c.included = 1) AS rounds_included, "
+            "(SELECT COUNT(*) FROM contributions c WHERE c.worker_id = w.id AND c.flagged = 1) AS rounds_flagged, "
+            "(SELECT c.standing FROM contributions c WHERE c.worker_id = w.id AND c.standing IS NOT NULL "
+            " ORDER BY c.round DESC LIMIT 1) AS standing, "
+            "w.quarantined_at, w.joined_at "
+            "FROM workers w ORDER BY w.tokens_credited DESC, w.joined_at")
 
     def quarantined_workers(self) -> list[Row]:
         return self.query("SELECT id, name, quarantined_at, quarantine_reason FROM workers "

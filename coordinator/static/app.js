@@ -64,7 +64,9 @@ function renderWorkers(workers, now) {
     const st = el("td");
     st.append(el("span", w.state, "state " + w.state));
     if (w.reason) st.append(el("span", w.reason, "reason"));
+    const score = w.standing === null ? "—" : `${w.standing.toFixed(2)} (last ${w.score === null ? "—" : w.score.toFixed(2)})`;
     tr.append(st, el("td", w.device), el("td", fmt(w.tokens_per_second)), el("td", fmt(w.tokens_contributed)),
+              el("td", fmt(w.tokens_credited), "credited"), el("td", score, "score"),
               el("td", duration(now - w.last_seen) + " ago"));
     const refused = el("td", "", "refused");
     if (w.refused) refused.append(el("span", fmt(w.refused)), el("span", w.last_refusal, "reason"));
@@ -107,7 +109,8 @@ function render(s) {
   for (const k of ["done", "leased", "pending"]) $("sh-" + k).style.width = (100 * sh[k] / total) + "%";
   $("epoch").textContent = `epoch ${sh.epoch}`;
   $("shard-text").textContent = `${sh.done} done · ${sh.leased} leased · ${sh.pending} pending of ${sh.total}`;
-  $("top").replaceChildren(...s.top_contributors.map((c) => el("li", `${c.name} — ${fmt(c.tokens_contributed)} tokens`)));
+  $("top").replaceChildren(...s.top_contributors.map((c) =>
+    el("li", `${c.name} — ${fmt(c.tokens_credited)} tokens credited of ${fmt(c.tokens_contributed)}`)));
   $("events").replaceChildren(...s.events.map((e) => {
     const li = el("li");
     li.append(el("span", new Date(e.at * 1000).toLocaleTimeString(), "kind"), el("span", e.kind, "kind"),

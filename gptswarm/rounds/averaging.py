@@ -49,17 +49,20 @@ class ReducerNode:
 class Group:
     """A round's averaging group, as the coordinator decided it. A member's weight may still change
     until it asks for the group (RoundReducer.set_weight), never after it started sending.
-    reducers: the operator's reducer nodes that reduce it, in order (empty: the coordinator does).
+    reducers: the operator's reducer nodes that reduce it, in order (empty: the coordinator does);
+    scales: {peer id: factor} its weight is scaled by in the average (coordinator/scoring.py's
+    standing; the ledger still credits the tokens).
 
     Threads: gRPC threads (a member asking for its place: weigh, ask) and the round loop (snapshot,
     asked_times, final_weights) share members, asked and final, under self.lock; round, group_id and
     reducers never change."""
 
     def __init__(self, round_: int, members: dict[str, tuple[str, int]], group_id: bytes | None = None,
-                 reducers: tuple[ReducerNode, ...] = ()):
+                 reducers: tuple[ReducerNode, ...] = (), scales: dict[str, float] | None = None):
         self.round = round_
         self.group_id = group_id or secrets.token_bytes(GROUP_ID_BYTES)
         self.reducers = tuple(reducers)
+        self.scales = dict(scales or {})  # peer id -> what its weight counts for in the average (its standing)
         self.lock = threading.Lock()
         self._members = dict(members)  # peer id (base58) -> (worker_id, weight)
         self._asked: dict[str, float] = {}  # peer id -> when its member first asked for its place (time.time())
@@ -86,6 +89,9 @@ class Group:
         """{peer id: weight} of the members whose weight is final."""
         with self.lock:
             return {p: self._members[p][1] for p in self._final}
+
+    def scale(self, peer_id: str) -> float:
+        return self.scales.get(peer_id, 1.0)
 
     def ask(self, peer_id: str) -> None:
         with self.lock:
@@ -135,7 +141,8 @@ def judge(members: dict[str, tuple[str, int]], invalid: dict[str, str], broken: 
 def _runner(node: P2PNode, tensors: list[torch.Tensor], *, prefix: str, compression: str, topk_fraction: float,
             group_id: bytes, reducers: list[str], senders: list[str], reducers_send: bool, weight: float,
             sender_weights: list[float] | None = None, sender_timeout: float | None = None,
-            robust: dict | None = None, codecs: tuple | None = None) -> SwarmAllReduceRunner:
+            robust: dict | None = None, codecs: tuple | None = None, probe: Any = None,
+            probe_keys: list | None = None) -> SwarmAllReduceRunner:
     """A SwarmAllReduceRunner in which `reducers` (peer ids) reduce equal fractions of every tensor's
     values and `senders` send theirs; reducers_send: the reducers are senders too (the coordinator
     reducing alone, with its own zeros of weight 0), else they only reduce (the operator's reducer
@@ -148,7 +155,7 @@ def _runner(node: P2PNode, tensors: list[torch.Tensor], *, prefix: str, compress
         modes=(AveragingMode.NODE if reducers_send else AveragingMode.AUX,) * k + (AveragingMode.CLIENT,) * len(senders),
         sender_weights=sender_weights, robust=robust, codecs=codecs or CODECS[compression](topk_fraction),
         sender_timeout=sender_timeout, max_density=topk_fraction if compression == "topk" else None,
-        reducer_timeout=2 * sender_timeout if sender_timeout else None)
+        reducer_timeout=2 * sender_timeout if sender_timeout else None, probe=probe, probe_keys=probe_keys)
 
 
 class RoundReducer:
@@ -182,26 +189,33 @@ class RoundReducer:
         def update() -> None:
             runner = self.servicer.runner
             if runner is not None and runner.group_id == group.group_id:
-                runner.sender_weights[1 + index] = float(weight)
+                runner.sender_weights[1 + index] = self._weight(group, peer_id, weight)
         self.node.loop.call_soon_threadsafe(update)
 
+    def _weight(self, group: Group, peer_id: str, weight: int) -> float:
+        """A member's weight in the runner: its tokens, scaled by its standing where the plain mean
+        averages (the robust rule judges norms per token and scales in its aggregate alone)."""
+        return float(weight) * (1.0 if self.history is not None else group.scale(peer_id))
+
     def reduce(self, group: Group, timeout: float, *, reducers: list[str] | None = None, coordinator: str = "",
-               final_weights: Callable[[], dict[str, int]] | None = None) -> Outcome:
+               final_weights: Callable[[], dict[str, int]] | None = None, probe: Any = None) -> Outcome:
         """Average the group's contributions; never raises for network trouble. reducers: the round's
         reducer nodes (peer ids, this node among them), when it is one of them (None: this node is
         the coordinator, reducing every part); coordinator: then the coordinator's peer id (it
         sends zeros of weight 0 and receives the average like a member); final_weights(): then
         {peer id: weight} of the members whose weight is final (asked on a member's first message,
-        off the event loop, until its weight is final: it is before the member sends a part)."""
+        off the event loop, until its weight is final: it is before the member sends a part); probe:
+        coordinator/scoring.py's Probe, which takes every member's dot products as its parts arrive."""
         try:
-            return self.node.run(asyncio.wait_for(self._reduce(group, reducers, coordinator, final_weights), timeout))
+            return self.node.run(asyncio.wait_for(self._reduce(group, reducers, coordinator, final_weights, probe),
+                                                  timeout))
         except asyncio.TimeoutError:
             return Outcome(False, error=f"averaging took longer than {timeout:g} s")
         except Exception as e:
             return Outcome(False, error=f"averaging failed: {type(e).__name__}: {e}"[:300])
 
     async def _reduce(self, group: Group, reducers: list[str] | None, coordinator: str,
-                      final_weights: Callable[[], dict[str, int]] | None) -> Outcome:
+                      final_weights: Callable[[], dict[str, int]] | None, probe: Any = None) -> Outcome:
         members = group.snapshot()  # the weights as they are when the all-reduce starts; set_weight updates the runner's
         peers = list(members)
         if reducers is None:  # the coordinator reduces alone, a sender (of zeros) too
@@ -215,12 +229,13 @@ class RoundReducer:
             self.history.forget({w for w, _ in members.values()})
             stats = RoundStats()
             robust = dict(keys=[None] + [members[p][0] for p in peers], history=self.history, scores=scores,
-                          stats=stats)
+                          stats=stats, scales=[1.0] + [group.scale(p) for p in peers])
         runner = _runner(self.node, tensors, prefix=self.prefix, compression=self.compression,
                          topk_fraction=self.topk_fraction, group_id=group.group_id, reducers=nodes, senders=senders,
                          reducers_send=nodes_send, weight=0.0,
-                         sender_weights=[0.0] + [float(members[p][1]) for p in peers],
-                         sender_timeout=self.sender_timeout, robust=robust)
+                         sender_weights=[0.0] + [self._weight(group, p, members[p][1]) for p in peers],
+                         sender_timeout=self.sender_timeout, robust=robust, probe=probe,
+                         probe_keys=[None] + [members[p][0] for p in peers])
         self.servicer.admit = None if final_weights is None else _Weights(group, runner, final_weights).admit
         self.servicer.runner = runner
         try:

@@ -79,6 +79,7 @@ class ValidatingReducer(TensorPartReducer):
     def __init__(self, part_shapes, num_senders, sender_peer_ids, report, max_density=None):
         super().__init__(part_shapes, num_senders)
         self.sender_peer_ids, self.report, self.max_density = sender_peer_ids, report, max_density
+        self.probe = None  # coordinator/scoring.py's Probe: takes every valid part's dot products (runner sets it)
 
     def on_sender_failed(self, sender_index):
         if self.sender_failed_after[sender_index] == float("inf"):  # the first failure counts
@@ -127,6 +128,8 @@ class ValidatingReducer(TensorPartReducer):
                 self.on_sender_failed(sender_index)
                 self.report.append((str(self.sender_peer_ids[sender_index]), reason))
                 raise BannedException(f"sender {sender_index} rejected: {reason}")
+            if self.probe is not None:
+                self.probe.take(sender_index, part_index, tensor_part)
 
     async def accumulate_part(self, sender_index, part_index, tensor_part, weight=1.0):
         self.validate(sender_index, part_index, tensor_part, weight)
@@ -137,13 +140,15 @@ class RobustReducer(ValidatingReducer):
     """ValidatingReducer that holds every sender's copy of the current part and reduces them with
     gptswarm/rounds/robust.py's rule instead of a running weighted sum. keys: a name per sender
     (None: leave it out, as the coordinator's own zeros); weights: per sender (read when the part
-    is reduced); history, scores and stats: robust.History, {key: robust.PartScores} and robust.RoundStats."""
+    is reduced); history, scores and stats: robust.History, {key: robust.PartScores} and robust.RoundStats;
+    scales: per sender, what its weight is scaled by in the aggregate alone (robust.aggregate_part)."""
 
     def __init__(self, part_shapes, num_senders, sender_peer_ids, report, max_density=None, *, keys, weights,
-                 history, scores, stats=None, encode=None):
+                 history, scores, stats=None, encode=None, scales=None):
         self.received = {}
         super().__init__(part_shapes, num_senders, sender_peer_ids, report, max_density)
         self.keys, self.weights, self.history, self.scores, self.stats = keys, weights, history, scores, stats
+        self.scales = scales
         self.encode = encode  # encode(part_index, average) -> the reply's serialized bytes, kept for every sender
 
     def reset_accumulators(self):
@@ -194,7 +199,8 @@ class RobustReducer(ValidatingReducer):
                         lambda average: decode(self.encode(p, average), average.numel()))
                     result = aggregate_part(p, [self.received[i] for i in members],
                                             [self.weights[i] for i in members], [self.keys[i] for i in members],
-                                            self.history, self.scores, self.stats, roundtrip=roundtrip)
+                                            self.history, self.scores, self.stats, roundtrip=roundtrip,
+                                            scales=None if self.scales is None else [self.scales[i] for i in members])
                 else:
                     result = torch.zeros(self.part_shapes[p])
             except Exception as e:  # the round fails now, with the reason, instead of at its timeout
@@ -211,11 +217,13 @@ class SwarmAllReduceRunner(AllReduceRunner):
     sender weighed by `sender_weights` (aligned with sender_peer_ids) when given, reduced by the
     robust rule when `robust` is given (RobustReducer's keys, history and scores).
 
-    codecs: (the contributions', the replies') CompressionBase; max_density: a top-k run's fraction.
+    codecs: (the contributions', the replies') CompressionBase; max_density: a top-k run's fraction;
+    probe, probe_keys: coordinator/scoring.py's Probe and each sender's worker id (the reducer scores).
     After a run: bytes_sent (this peer's messages), rejections [(peer id, reason)], and with
     sender_weights, claimed_weights {peer id: the weight its first message claimed}."""
 
-    def __init__(self, *, codecs, sender_weights=None, robust=None, max_density=None, **kwargs):
+    def __init__(self, *, codecs, sender_weights=None, robust=None, max_density=None, probe=None, probe_keys=None,
+                 **kwargs):
         super().__init__(compression=codecs[0], **kwargs)
         self.sender_weights = sender_weights
         self.claimed_weights = {}
@@ -230,6 +238,9 @@ class SwarmAllReduceRunner(AllReduceRunner):
             self.tensor_part_reducer = RobustReducer(shapes, len(self.sender_peer_ids), self.sender_peer_ids,
                                                      self.rejections, max_density, weights=sender_weights,
                                                      encode=self._encode_now, **robust)
+        if probe is not None:  # probe_keys: each sender's worker id (None: not a member)
+            probe.bind(probe_keys, [int(p.numel()) for p in self.parts_for_local_averaging])
+            self.tensor_part_reducer.probe = probe
         self._codec = codecs[0].compression_type
         self._reply_codec = codecs[1]
         self._replies = {}  # part index -> future of its reply's serialized bytes (the event loop's alone)

@@ -270,12 +270,13 @@ def _rel_dist(a, b):
     return float((a - b).norm()) / nb if na > 0 and nb > 0 else float("inf")
 
 
-def aggregate_part(part_index, parts, weights, keys, history, scores, stats=None, roundtrip=None):
+def aggregate_part(part_index, parts, weights, keys, history, scores, stats=None, roundtrip=None, scales=None):
     """The robust aggregate of one part. parts: [tensor] (the members' copies, same shape);
     weights: [float > 0]; keys: [member key (worker id)]; history: History (read, and updated with
     this round's sketches and norms); scores: {key: PartScores} (updated); stats: RoundStats
     (updated), or None; roundtrip(average): the average as members receive it (default:
-    history.roundtrip)."""
+    history.roundtrip); scales: [float] a member's weight is scaled by in the aggregate alone (its
+    standing: coordinator/scoring.py), never in the judgement of its norm."""
     flats = [p.reshape(-1).float() for p in parts]
     n, d = len(flats), flats[0].numel()
     telling = d >= MIN_PART
@@ -382,7 +383,7 @@ def aggregate_part(part_index, parts, weights, keys, history, scores, stats=None
     view.out = {keys[i]: r for i, r in out.items()}
     coef = torch.zeros(n)  # each member's share of the aggregate: 0 when left out
     if kept:
-        w = torch.tensor([weights[i] for i in kept], dtype=torch.float32)
+        w = torch.tensor([weights[i] * (scales[i] if scales else 1.0) for i in kept], dtype=torch.float32)
         clip = torch.ones(len(kept))
         if ref and n >= 2:  # clipped against this round's members, never against history alone
             clip = torch.maximum(CLIP_RATIO * ref / scaled[kept].clamp_min(1e-30),
