@@ -224,17 +224,19 @@ class RoundKeeper:
         assert self.reducer is not None, "start() first"
         r = self.round
         t_start = time.time()
-        members = self.ledger.group_members(r, self.started_at)
         reducers = self.nodes.for_round(r) if self.nodes is not None else ()
+        probe, t_probe = None, time.time()
+        if self.scorer is not None and not reducers:  # the reference gradients, before anyone sends (the
+            # members go on training and claiming meanwhile: the round's phase has not changed yet)
+            scored = self.ledger.group_members(r, self.started_at)
+            probe = self.scorer.probe(self.model, r, {worker_id: tokens for worker_id, _, tokens in scored})
+        t_scoring = time.time() - t_probe
+        members = self.ledger.group_members(r, self.started_at)
         # a worker whose contributions scored low weighs less (coordinator/scoring.py)
         standings = self.ledger.standings([worker_id for worker_id, _, _ in members])
         scales = {peer: max(MIN_SCALE, factor_of(standings.get(worker_id))) for worker_id, peer, _ in members}
         group = Group(r, {peer: (worker_id, tokens) for worker_id, peer, tokens in members}, reducers=reducers,
                       scales=scales)
-        probe, t_probe = None, time.time()
-        if self.scorer is not None and not reducers:  # the reference gradients, before anyone sends
-            probe = self.scorer.probe(self.model, r, {worker_id: tokens for worker_id, _, tokens in members})
-        t_scoring = time.time() - t_probe
         with self.lock:
             self.group, self.phase = group, Phase.AVERAGING
         self.ledger.set_round_state(r, RoundState.AVERAGING, group_size=len(members))
