@@ -27,6 +27,8 @@ trains an eighth of its steps <= 0.18, a freerider 0.
 What scoring cannot see, and replay (issue 24's second half) is for: a worker whose pseudo-gradient
 does as much for the loss as honest work of its claim would, without having done that work.
 Reducer nodes do not score (they hold no reference gradients): rounds they reduce score nobody.
+The leased references are held through the reduce, one per member: beyond LEASED_BYTES of them, a
+secret random draw of members gets one each round (the others are scored on the validation sample).
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ EVIDENCE = 3  # ... judged once it has this many
 FLAG_BELOW = 0.25  # a standing below this is flagged
 FULL_AT = 0.5  # credit and weight scale with the standing up to this
 MIN_SCALE = 0.01  # ... the weight down to this (a round of members weighing nothing would have no average)
+LEASED_BYTES = 2 << 30  # the members' leased references held at once, at most (fp32: 4 of gpt2 124M's)
 
 
 @dataclass(frozen=True)
@@ -152,11 +155,15 @@ class Scorer:
         if len(scored) < 2 or not self.val_shards:
             return None
         shards = self.ledger.claimed_shards(round_, list(scored))
+        # one reference per member is held through the reduce: past LEASED_BYTES, a random few members
+        # (a secret draw each round) get their leased sample, every member the validation one
+        budget = max(1, LEASED_BYTES // (4 * sum(v.numel() for v in model.state_dict().values())))
+        draw = sorted(scored, key=lambda w: secrets.randbits(32))[:budget]
         was_training = model.training
         model.eval()  # no dropout: the gradient of the loss itself
         try:
             leased, sample_tokens = {}, {}
-            for w, t in scored.items():
+            for w, t in ((w, scored[w]) for w in draw):
                 mine = [self.train_shards[i] for i in shards.get(w, ()) if 0 <= i < len(self.train_shards)]
                 if mine:
                     rows = self._rows(t)
