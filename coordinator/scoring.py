@@ -14,15 +14,18 @@ the backward pass the coordinator's share of the compute is about 2 x SAMPLE_FRA
 (more in small rounds, where MIN_SAMPLE is more than that fraction).
 
 A round's ratio for a member is its score over the median member's, the mean of the two samples'
-weighed by their tokens (clipped to CLIP: one noisy round cannot make or break a worker); a round with fewer than 2 scored
-members, or whose median is not a loss decrease, scores nobody. One round's ratio is noisy (an
-honest member's ranged from -1.99 to 2.5 on bench/honest.py's smallest configuration, late in
-training, where the gradient is small), so a worker is judged by its standing: the mean of its last
-WINDOW ratios (the ledger keeps them). With EVIDENCE ratios or more, a standing below FLAG_BELOW
-flags the contribution like any outlier (no credit, its leases go back, the flag counts towards
-quarantine); otherwise its credit, and its weight in later rounds, scale with the standing up to
-FULL_AT. Measured (bench/README.md "Credit for work done"): honest standings >= 0.37, a worker that
-trains an eighth of its steps <= 0.18, a freerider 0.
+weighed by their tokens (clipped to CLIP: one noisy round cannot make or break a worker). A member
+that claimed less than SMALL_CLAIM of the median member's tokens is not scored (one step's
+pseudo-gradient is noise per token: met in a test swarm, where a 124-token member became the
+median), and a round with fewer than 2 scored members, or whose median is not a loss decrease,
+scores nobody. One round's ratio is noisy (an honest member's ranged from -2 to 2.5 in a 4-worker
+swarm of 8-step rounds, late in training, where the gradient is small), so a worker is judged by
+its standing: the mean of its last WINDOW ratios (the ledger keeps them). From its EVIDENCE-th
+scored round, a standing below FLAG_BELOW flags the contribution like any outlier (no credit, its
+leases go back, the flag counts towards quarantine) and takes back the credit of the rounds the
+standing is the mean of; otherwise its credit, and its weight in later rounds, scale with the
+standing up to FULL_AT. Measured (bench/README.md "Credit for work done"): honest standings >= 0.43,
+a worker that sends a tenth of its work or zeros flagged at its third round with no credit.
 
 What scoring cannot see, and replay (issue 24's second half) is for: a worker whose pseudo-gradient
 does as much for the loss as honest work of its claim would, without having done that work.
@@ -51,6 +54,7 @@ SAMPLE_FRACTION = 0.02  # tokens sampled per token scored against, for each of t
 MIN_SAMPLE = 4096  # a sample's tokens, at least (smaller ones are noise: measured in tests/test_credit.py) ...
 MAX_SAMPLE = 1 << 17  # ... and at most (a backward pass each, at the coordinator)
 CLIP = (-1.0, 2.0)  # a round's ratio is clipped to this
+SMALL_CLAIM = 0.25  # a member that claimed less than this fraction of the round's median claim is not scored
 WINDOW = 5  # a worker's standing: the mean of its last WINDOW ratios ...
 EVIDENCE = 3  # ... judged once it has this many
 FLAG_BELOW = 0.25  # a standing below this is flagged
@@ -181,9 +185,12 @@ class Scorer:
         per_token: dict[str, tuple[float | None, float | None]] = {}
         ratios: dict[str, float] = {}
         if probe is not None and not probe.broken:
+            # a member that brought a small fraction of the typical member's tokens (one step after a
+            # resynchronization, say) is noise per token: it is neither scored nor a reference
+            typical = statistics.median([t for t in members.values() if t > 0] or [0])
             for w, t in members.items():
                 d = probe.dots.get(w)
-                if d is not None and t > 0:
+                if d is not None and t > 0 and t >= SMALL_CLAIM * typical:
                     per_token[w] = (d[0] / t if w in probe.leased else None, d[1] / t)
         if probe is not None and len(per_token) >= 2:
             medians: list[float] = []
