@@ -11,7 +11,9 @@ zeros; the safety gate is set aside (the simulated "training" is a random walk).
 number of reducer nodes), over the rounds in which all N workers were members:
 
 - the round time, and the parts of its end as the coordinator logs them: forming the group from the
-  ledger, its members asking for their places (matchmaking), the all-reduce, the outer step, the
+  ledger, scoring's reference gradients (off here: the simulated training is a random walk that
+  scoring would flag; bench/credit.py measures its cost), its members asking for their places
+  (matchmaking), the all-reduce, the outer step, the
   checkpoint and the ledger's commit (the evaluation runs beside the rounds, on a thread);
 - heartbeat and lease latency (50th and 99th percentile), as the workers see them;
 - the coordinator's CPU share (its process and its p2pd) and memory, and the status API's latency;
@@ -161,7 +163,9 @@ def measure(n, text, workdir, *, rounds, step_seconds, steps_per_round, per_proc
             "127.0.0.1:0", "--http", "127.0.0.1:0", "--batch-size", BATCH, "--tokens-per-round", tokens_per_round,
             "--max-tokens", 10**12, "--compression", compression, "--shard-tokens", 4096, "--join-burst", 10_000,
             "--joins-per-minute", 600_000, "--json-logs",
-            "--max-val-loss-rise", 1e6])], stderr=subprocess.PIPE, text=True, env=env)  # (the gate: not measured here)
+            "--max-val-loss-rise", 1e6, "--score-fraction", 0])], stderr=subprocess.PIPE, text=True, env=env)
+        # (the gate and scoring are not measured here: the simulated training is a random walk, which
+        # either would refuse; scoring's cost is bench/credit.py's)
         log = open(workdir / "coordinator.log", "w")
         join = secure = http = None
         for line in coord.stderr:

@@ -85,7 +85,8 @@ def test_scale_bench_measures_each_size(tmp_path, shakespeare_path):
     assert [s["workers"] for s in res["sizes"]] == [2, 3]
     for s in res["sizes"]:
         assert s["rounds_measured"] == 2 and s["every_round_included_every_worker"], s
-        assert set(s["parts_seconds"]) == {"group", "matchmaking", "all_reduce", "outer_step", "checkpoint", "commit"}
+        assert set(s["parts_seconds"]) == {"group", "scoring", "matchmaking", "all_reduce", "outer_step", "checkpoint",
+                                           "commit"}
         assert all(v >= 0 for v in s["parts_seconds"].values())
         assert s["heartbeat_ms"]["calls"] > 0 and s["lease_ms"]["calls"] > 0 and s["heartbeat_ms"]["p99"] > 0
         assert s["bytes_in_per_round"] > 0 and s["bytes_out_per_round"] > 0 and s["coordinator_rss_mb"] > 0

@@ -3,6 +3,7 @@ workers) joined by one hostile worker (bench/hostile_worker.py) per attack. The 
 leaves it out and flags it, the quarantine shuts it out, and the model trains as in a clean run."""
 
 import json
+import statistics
 import urllib.request
 
 import pytest
@@ -47,9 +48,10 @@ def run(tmp_path, attack=None):
     finally:
         for p in procs:
             p.kill()
-    # the best of the last 3 evaluated rounds: a round the epoch's end cut short (a few thousand tokens)
-    # can overshoot, whoever is in the swarm (met in a clean run and an attacked one alike)
-    return sd, min(v for _, v in done(sd)[-3:] if v is not None), workers
+    # the median of the last 5 evaluated rounds: a round the epoch's end cut short (a few thousand
+    # tokens) can overshoot, whoever is in the swarm, and the addition task's loss can halve in one
+    # round when the model finds the rule (met: clean 1.79 then 0.89, beside attacked runs at 1.33)
+    return sd, statistics.median([v for _, v in done(sd) if v is not None][-5:]), workers
 
 
 @pytest.fixture(scope="module")
