@@ -213,7 +213,10 @@ def receive(conn, child, timeout=900.0):
     return conn.recv()
 
 
-def run_config(node, conn, child, peer_ids, codec, aggregation, fraction, values, profile, size):
+def run_config(node, conn, child, peer_ids, codec, aggregation, fraction, values, profile, size, scoring=False):
+    """scoring: the reducer also takes every member's dot products with two reference vectors as
+    its parts arrive (coordinator/scoring.py's Probe; random references of the vector's size)."""
+    from gptswarm.coordinator.scoring import Probe
     from gptswarm.rounds.averaging import Group, RoundReducer
 
     prefix = f"bench-{codec}-{aggregation}-{len(peer_ids)}"
@@ -228,9 +231,14 @@ def run_config(node, conn, child, peer_ids, codec, aggregation, fraction, values
         for round_ in range(2):
             stages = Stages() if profile and round_ == 1 else None
             group = Group(round_, {p: (f"w{i}", w) for i, (p, w) in enumerate(zip(peer_ids, weights))})
-            cpu0, daemon0, wall0 = time.process_time(), cpu_seconds(p2pd), time.perf_counter()
             out = {}
-            thread = threading.Thread(target=lambda: out.update(r=reducer.reduce(group, 600.0)))
+            probe = None
+            if scoring:
+                gen = torch.Generator().manual_seed(round_)
+                probe = Probe({f"w{i}": torch.randn(values, generator=gen) for i in range(len(peer_ids))},
+                              torch.randn(values, generator=gen), {"": 1, **{f"w{i}": 1 for i in range(len(peer_ids))}})
+            cpu0, daemon0, wall0 = time.process_time(), cpu_seconds(p2pd), time.perf_counter()
+            thread = threading.Thread(target=lambda: out.update(r=reducer.reduce(group, 600.0, probe=probe)))
             thread.start()
             conn.send((group.group_id, weights, prefix, round_))
             replies = receive(conn, child)
@@ -337,6 +345,8 @@ def main(argv=None):
     p.add_argument("--aggregations", default="robust,mean")
     p.add_argument("--topk-fraction", type=float, default=0.03)
     p.add_argument("--profile", action="store_true", help="CPU by stage in the measured round")
+    p.add_argument("--scoring", action="store_true", help="also run each configuration with scoring's dot "
+                   "products (coordinator/scoring.py), as aggregation '<name>+scoring'")
     p.add_argument("--quick", action="store_true", help="one small block (0.8M values), N=2, 8bit: check the harness")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--table", metavar="JSON", help="print a results file as markdown tables, and run nothing")
@@ -367,10 +377,12 @@ def main(argv=None):
                     peer_ids = receive(here, child)
                     here.send((str(node.peer_id), node.maddrs()))
                     receive(here, child)
-                    for aggregation in args.aggregations.split(","):
+                    for aggregation, scoring in [(a, s) for a in args.aggregations.split(",")
+                                                 for s in ((False, True) if args.scoring else (False,))]:
                         rows = run_config(node, here, child, peer_ids, codec, aggregation, args.topk_fraction, values,
-                                          args.profile, size)
+                                          args.profile, size, scoring)
                         m = rows[-1]
+                        aggregation = aggregation + ("+scoring" if scoring else "")
                         results["runs"].append({"codec": codec, "aggregation": aggregation, "senders": n,
                                                 **m, "first_round": rows[0]})
                         print(f"{codec} {aggregation} N={n}: reducer {m['reducer_ns_per_value_sender']} ns/value/sender,"
