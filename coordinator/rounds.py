@@ -295,9 +295,9 @@ class RoundKeeper:
         members = {worker_id: weight for worker_id, weight in group.snapshot().values()}
         scores = self.scorer.judge(r, probe, members)
         for worker_id, score in scores.items():
-            if score.flagged and worker_id in outcome.included:
-                del outcome.included[worker_id]
-                outcome.rejected[worker_id] = f"flagged: {score.summary()}"
+            if score.flagged:
+                outcome.included.pop(worker_id, None)
+                outcome.rejected.setdefault(worker_id, f"flagged: {score.summary()}")
                 outcome.flagged.add(worker_id)
                 log.warning("round %d: %s flagged: %s", r, worker_id, score.summary())
         if not outcome.included:
