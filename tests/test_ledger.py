@@ -171,18 +171,21 @@ def test_a_claim_read_after_its_round_committed_changes_nothing(ledger):
 
 def test_scores_scale_credit_and_a_flag_takes_back_the_rounds_it_judged(ledger):
     a, b = join(ledger, "a"), join(ledger, "b")
-    for r in range(3):
-        # (ratio, leased, off, standing, factor, flagged): b does a tenth of the work
-        flagged = r == 2
+    for r in range(4):
+        # (ratio, leased, off, standing, factor, flagged): b does a tenth of the work; in round 2 it is
+        # alone (nobody scores it: its standing still scales its credit)
+        flagged = r == 3
         scores = {a: (1.0, 1e-3, 1e-3, 1.0, 1.0, False), b: (0.1, 1e-4, 1e-4, 0.1, 0.0 if flagged else 0.2, flagged)}
-        ledger.commit_round(r, included={a: 100} if flagged else {a: 100, b: 100},
+        if r == 2:
+            scores = {b: (None, None, None, 0.1, 0.2, False)}
+        ledger.commit_round(r, included={a: 100} if flagged else {a: 100, b: 100} if r != 2 else {b: 100},
                             excluded={b: "flagged: scored"} if flagged else {}, flagged={b} if flagged else set(),
                             theta_hash=f"h{r + 1}", averaging_seconds=1, scores=scores,
                             revoke=[b] if flagged else [], revoke_rounds=4)
     assert ledger.worker(a)["tokens_credited"] == 300 == ledger.worker(a)["tokens_contributed"]
-    assert ledger.worker(b)["tokens_contributed"] == 200 and ledger.worker(b)["tokens_credited"] == 0
+    assert ledger.worker(b)["tokens_contributed"] == 300 and ledger.worker(b)["tokens_credited"] == 0
     assert [r["credited"] for r in ledger.query("SELECT credited FROM contributions WHERE worker_id = ? "
-                                                "ORDER BY round", (b,))] == [0, 0, None]
+                                                "ORDER BY round", (b,))] == [0, 0, 0, None]
     assert ledger.standings([a, b]) == {a: 1.0, b: 0.1}
     assert ledger.score_history([b], 4) == {b: [0.1, 0.1, 0.1]}
     assert [e["kind"] for e in ledger.query("SELECT kind FROM events WHERE worker_id = ? AND kind = 'credit_revoked'",

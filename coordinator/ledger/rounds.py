@@ -110,7 +110,7 @@ class RoundBook(WorkerBook):
         the fraction of the members' values the robust rule left out; scores {worker_id: (ratio,
         leased, off, standing, factor)} (coordinator/scoring.py): an included worker's credit is its
         tokens times its factor (1 if unscored); revoke: workers flagged for their standing, whose
-        credit of their last revoke_rounds scored rounds before this one is taken back."""
+        credit since the first of their last revoke_rounds scored rounds before this one is taken back."""
         tokens = sum(included.values())
         now = self.clock()
         with self.tx() as db:
@@ -131,15 +131,20 @@ class RoundBook(WorkerBook):
             for wid, (ratio, leased, off, standing, *_) in scores.items():
                 db.execute("UPDATE contributions SET score = ?, score_leased = ?, score_off = ?, standing = ? "
                            "WHERE round = ? AND worker_id = ?", (ratio, leased, off, standing, round_, wid))
-            for wid in revoke:  # its standing judges the rounds it is the mean of: their credit goes too
-                rows = db.execute("SELECT round, credited FROM contributions WHERE worker_id = ? AND score IS NOT NULL "
-                                  "AND round < ? ORDER BY round DESC LIMIT ?", (wid, round_, revoke_rounds)).fetchall()
+            for wid in revoke:  # its standing judges the rounds it is the mean of: their credit goes too, and
+                # that of the rounds among them nobody could score it in (alone in its group, say)
+                scored = db.execute("SELECT MIN(round) FROM (SELECT round FROM contributions WHERE worker_id = ? AND "
+                                    "score IS NOT NULL AND round < ? ORDER BY round DESC LIMIT ?)",
+                                    (wid, round_, revoke_rounds)).fetchone()[0]
+                rows = db.execute("SELECT round, credited FROM contributions WHERE worker_id = ? AND round >= ? "
+                                  "AND round < ? AND credited > 0", (wid, round_ if scored is None else scored,
+                                                                     round_)).fetchall()
                 taken = sum(r["credited"] or 0 for r in rows)
                 db.executemany("UPDATE contributions SET credited = 0 WHERE round = ? AND worker_id = ?",
                                [(r["round"], wid) for r in rows])
                 db.execute("UPDATE workers SET tokens_credited = MAX(0, tokens_credited - ?) WHERE id = ?", (taken, wid))
                 if taken:
-                    self.event("credit_revoked", f"round {round_}: the credit of its last {len(rows)} scored round(s), "
+                    self.event("credit_revoked", f"round {round_}: the credit of its last {len(rows)} round(s), "
                                f"{taken} tokens, revoked: its standing is below the flag", wid, db)
             total = json.loads((db.execute("SELECT value FROM meta WHERE key = 'tokens_trained'").fetchone()
                                 or ["0"])[0])
