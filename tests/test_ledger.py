@@ -191,6 +191,7 @@ def test_scores_scale_credit_and_a_flag_takes_back_the_rounds_it_judged(ledger):
     assert [e["kind"] for e in ledger.query("SELECT kind FROM events WHERE worker_id = ? AND kind = 'credit_revoked'",
                                             (b,))] == ["credit_revoked"]
     assert {r["name"]: r["tokens_credited"] for r in ledger.credit_table()} == {"a": 300, "b": 0}
+    assert ledger.claimed_shards(4, []) == {} and ledger.claimed_shards(4, [a, b]) == {}
 
 
 def test_excluded_members_lose_their_leases_and_failed_rounds_credit_nothing(ledger):

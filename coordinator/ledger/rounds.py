@@ -42,6 +42,8 @@ class RoundBook(WorkerBook):
     def claimed_shards(self, round_: int, worker_ids: Collection[str]) -> dict[str, list[int]]:
         """{worker id: the shards (train indices) it claimed tokens on in round_, not yet credited}."""
         out: dict[str, list[int]] = {}
+        if not worker_ids:
+            return out
         marks = ",".join("?" * len(worker_ids))
         for r in self.query(f"SELECT worker_id, shard_idx FROM leases WHERE claim_round = ? AND claimed > 0 "
                             f"AND worker_id IN ({marks}) ORDER BY granted_at", (round_, *worker_ids)):
@@ -108,7 +110,7 @@ class RoundBook(WorkerBook):
         done, and so is its shard); excluded {worker_id: reason} gets nothing, and its leases go back;
         those of them in `flagged` count towards quarantine; round_ + 1 starts with theta_hash; left_out:
         the fraction of the members' values the robust rule left out; scores {worker_id: (ratio,
-        leased, off, standing, factor)} (coordinator/scoring.py): an included worker's credit is its
+        leased, off, standing, factor, flagged)} (coordinator/scoring.py): an included worker's credit is its
         tokens times its factor (1 if unscored); revoke: workers flagged for their standing, whose
         credit since the first of their last revoke_rounds scored rounds before this one is taken back."""
         tokens = sum(included.values())
