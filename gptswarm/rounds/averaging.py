@@ -54,8 +54,8 @@ class Group:
     standing; the ledger still credits the tokens).
 
     Threads: gRPC threads (a member asking for its place: weigh, ask) and the round loop (snapshot,
-    asked_times, final_weights) share members, asked and final, under self.lock; round, group_id and
-    reducers never change."""
+    asked_times, final_weights) share members, asked and final, under self.lock; round, group_id,
+    reducers and scales never change (set at construction)."""
 
     def __init__(self, round_: int, members: dict[str, tuple[str, int]], group_id: bytes | None = None,
                  reducers: tuple[ReducerNode, ...] = (), scales: dict[str, float] | None = None):
