@@ -30,6 +30,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 from multiprocessing import get_context
 from pathlib import Path
@@ -40,6 +41,8 @@ ATTACKS = ("lazy", "partial", "freeride", "offdata")
 SPEEDS = {2: (1.0, 1.0), 3: (1.0, 1.0, 1.0), 4: (0.5, 1.0, 1.0, 1.5)}
 BATCH = {64: 8, 256: 2}  # sequences per inner step (512 tokens either way)
 QUARANTINE = (2, 5)  # flagged in 2 of its last 5 rounds (the coordinator's defaults)
+REPLAY_DRAW = 0.2  # members drawn for a replay here: enough replays to measure (the cost is reported at ...
+REPLAY_FRACTION = 0.005  # ... the coordinator's default --replay-fraction)
 
 
 def configurations(quick=False):
@@ -71,7 +74,7 @@ class History:
         return {w: self.ratios.get(w, [])[:n] for w in worker_ids}
 
 
-def simulate(config, text, rounds):
+def simulate(config, text, rounds, records):
     import numpy as np
     import torch
     from hivemind.averaging.partition import TensorPartContainer
@@ -85,6 +88,15 @@ def simulate(config, text, rounds):
     from gptswarm.rounds.codecs import ErrorFeedback, decode
     from gptswarm.rounds.hivemind_ext import CODECS as CODEC_PAIRS
     from gptswarm.rounds.outer import outer_step, pseudo_gradient
+    from gptswarm.rounds.replay import (
+        SAMPLE,
+        TOLERANCE,
+        Recorder,
+        claims_match,
+        distance,
+        parse,
+        rerun,
+    )
     from gptswarm.rounds.theta import theta_views
 
     torch.set_num_threads(1)
@@ -115,14 +127,18 @@ def simulate(config, text, rounds):
         t = Trainer(m, TrainConfig(batch_size=batch, max_iters=rounds * sum(steps), learning_rate=1e-3, min_lr=1e-4,
                                    warmup_iters=100))
         workers[k] = dict(model=m, trainer=t, steps=n, feedback=ErrorFeedback(DEFAULT_TOPK) if codec == "topk" else None,
-                          claimed=0, credited={}, flags=[], quarantined=None, first_flag=None)
+                          claimed=0, credited={}, flags=[], quarantined=None, first_flag=None,
+                          recorder=Recorder(Path(records) / k), verified=set(), first_replay_failed=None,
+                          distances=[])
     send, _ = CODEC_PAIRS[codec](DEFAULT_TOPK)
     history = History()
     scorer = Scorer(shard_set=shard_set, train_shards=train, seq=block, names=names, ledger=history)
     val_batches = list(Batches(val, shard_set, block, 32, seed=7).next() for _ in range(8))
     rng = np.random.default_rng(0)
+    draws = np.random.default_rng(1)  # the replays' draw
     out = {"config": config, "rounds": rounds, "honest_flagged": 0, "val_loss": {}, "min_honest_standing": None,
-           "sample_tokens": 0, "trained_tokens": 0, "scoring_seconds": 0.0, "training_seconds": 0.0}
+           "sample_tokens": 0, "trained_tokens": 0, "scoring_seconds": 0.0, "training_seconds": 0.0,
+           "member_rounds": 0, "replays": 0, "replay_seconds": 0.0, "honest_replays_failed": 0}
     for r in range(rounds):
         contributions, members = {}, {}
         for k, w in workers.items():
@@ -133,13 +149,19 @@ def simulate(config, text, rounds):
             source = other.shards if (k == "bad" and attack == "offdata") else [train[shard]]
             data = Batches(source, shard_set, block, batch, seed=1000 * r + int(rng.integers(1000)))
             w["model"].load_state_dict(global_model.state_dict())
+            w["recorder"].start(w["trainer"])
+            w["lease"] = (f"{r}:{shard}", train[shard].tokens)
             t0 = time.perf_counter()
             for _ in range(w["steps"]):
+                w["recorder"].step(w["lease"][0], data)
                 w["trainer"].train_step(*data.next())
             out["training_seconds"] += time.perf_counter() - t0
+            out["member_rounds"] += 1
             grad = pseudo_gradient(theta, theta_views(w["model"]))
+            residual = dict(w["feedback"].residual) if w["feedback"] is not None else None
             if w["feedback"] is not None:
                 grad = w["feedback"].sparsify(grad)
+            w["recorder"].seal(r, w["trainer"], residual)
             if k == "bad" and attack in ("lazy", "partial", "freeride"):
                 grad = {n: v * {"lazy": 0.1, "partial": 0.5, "freeride": 0.0}[attack] for n, v in grad.items()}
             tokens = w["steps"] * batch * block
@@ -159,6 +181,22 @@ def simulate(config, text, rounds):
             out["sample_tokens"] += sum(probe.sample_tokens.values())
         scores = scorer.judge(r, probe, members)
         out["scoring_seconds"] += time.perf_counter() - t0
+        replayed = {}  # the credited members drawn: replayed from their records, as a replay job does
+        for k in members:
+            if scores[k].flagged or scores[k].factor <= 0 or draws.random() >= REPLAY_DRAW:
+                continue
+            w = workers[k]
+            t0 = time.perf_counter()
+            tensors, meta = parse(w["recorder"].path(r).read_bytes())
+            assert not claims_match(meta, {w["lease"][0]: members[k]}, batch * block)
+            again = rerun(tensors, meta, {n: theta[n].clone() for n in names}, model=GPT(model_cfg),
+                          train=w["trainer"].cfg, shard_set=shard_set, tokens=dict([w["lease"]]),
+                          sparsify_fraction=DEFAULT_TOPK if codec == "topk" else None, codec=send,
+                          part_sizes=[p.numel() for p in contributions[k]])
+            idx = torch.randperm(again.numel())[:SAMPLE]
+            replayed[k] = distance(torch.cat([p.reshape(-1) for p in contributions[k]])[idx], again[idx])
+            out["replay_seconds"] += time.perf_counter() - t0
+            out["replays"] += 1
         weights = {}
         for k, s in scores.items():
             w = workers[k]
@@ -175,6 +213,15 @@ def simulate(config, text, rounds):
             else:  # in the average, weighed by its standing before this round (the group's, at the round's end)
                 w["credited"][r] = members[k] * s.factor
                 weights[k] = members[k] * factor_of(w.get("standing"))
+            if k in replayed:
+                w["distances"].append(replayed[k])
+                if replayed[k] <= TOLERANCE:
+                    w["verified"].add(r)
+                else:  # every unverified credit goes, and it is quarantined (ledger/replays.py)
+                    out["honest_replays_failed"] += k != "bad"
+                    w["first_replay_failed"] = w["first_replay_failed"] or len(w["flags"])
+                    w["credited"] = {p: c if p in w["verified"] else 0 for p, c in w["credited"].items()}
+                    w["quarantined"] = w["quarantined"] or len(w["flags"])
             w["standing"] = s.standing
             if k != "bad" and s.standing is not None:
                 out["honest_flagged"] += s.flagged
@@ -197,22 +244,34 @@ def simulate(config, text, rounds):
         bad = workers["bad"]
         out["attacker"] = {"first_flag": bad["first_flag"], "quarantined_after": bad["quarantined"],
                            "claimed": bad["claimed"], "credited": round(sum(bad["credited"].values())),
-                           "credit_share": round(sum(bad["credited"].values()) / max(1, bad["claimed"]), 4)}
+                           "credit_share": round(sum(bad["credited"].values()) / max(1, bad["claimed"]), 4),
+                           "first_replay_failed": bad["first_replay_failed"],
+                           "replay_distances": [round(d, 4) for d in bad["distances"]]}
     honest_claims = [(w["claimed"], sum(w["credited"].values())) for k, w in workers.items() if k != "bad"]
     out["honest_credit_share"] = round(min(c / max(1, t) for t, c in honest_claims), 4)
     out["sample_share"] = round(out["sample_tokens"] / max(1, out["trained_tokens"]), 4)
     out["time_share"] = round(out["scoring_seconds"] / max(1e-9, out["training_seconds"]), 4)
+    honest_d = [d for k, w in workers.items() if k != "bad" for d in w["distances"]]
+    out["max_honest_replay_distance"] = max(honest_d) if honest_d else None
+    # one replay's CPU time over one member-round's training time, and what the product's default draw costs
+    per = (out["replay_seconds"] / max(1, out["replays"])) / max(1e-9, out["training_seconds"] / out["member_rounds"])
+    out["replay_over_round"] = round(per, 3)
+    out["replay_share"] = round(REPLAY_FRACTION * per, 5)
     return out
 
 
 def run_one(args):
     config, text, rounds = args
-    row = {"name": name_of(config), **simulate(config, text, min(rounds, config.get("rounds", rounds)))}
+    with tempfile.TemporaryDirectory(prefix="gptswarm-credit-") as records:
+        row = {"name": name_of(config), **simulate(config, text, min(rounds, config.get("rounds", rounds)), records)}
     a = row.get("attacker")
     print(f"[credit] {row['name']}: honest flagged {row['honest_flagged']}, lowest honest standing "
           f"{row['min_honest_standing']}" + (f", attacker first flagged at its round {a['first_flag']}, credited "
                                              f"{a['credit_share']:.1%} of its claims" if a else "")
-          + f", scoring {row['sample_share']:.1%} of the tokens, {row['time_share']:.1%} of the time", flush=True)
+          + f", scoring {row['sample_share']:.1%} of the tokens, {row['time_share']:.1%} of the time; "
+          f"{row['replays']} replays (honest failed {row['honest_replays_failed']}, largest honest distance "
+          f"{row['max_honest_replay_distance']}), one replay {row['replay_over_round']}x a member's round"
+          + (f", attacker's first failed replay at its round {a['first_replay_failed']}" if a else ""), flush=True)
     return row
 
 
@@ -220,18 +279,23 @@ def table(result):
     runs = result["runs"]
     clean = {r["name"]: r["val_loss"] for r in runs if not r["config"].get("attack")}
     lines = ["| configuration | honest flagged | lowest honest standing | honest credit (lowest) | attacker first "
-             "flagged (its round) | attacker credit / claims | val loss (vs. without it) | scoring: tokens / time |",
-             "|---|---|---|---|---|---|---|---|"]
+             "flagged (its round): score / replay | attacker credit / claims | val loss (vs. without it) | "
+             "scoring: tokens / time | replays: honest failed / largest honest distance / attacker's distances | "
+             "replay at the default fraction: time |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
         a = r.get("attacker")
         last = max(r["val_loss"], key=int)
         loss = r["val_loss"][last]
         base = clean.get(r["name"].rsplit(" + ", 1)[0], {}).get(last) if a else None
         vs = f" ({(loss - base) / base:+.1%})" if base else ""
+        dist = ", ".join(f"{d:.2f}" for d in a["replay_distances"]) if a else ""
         lines.append(f"| {r['name']} | {r['honest_flagged']} | {r['min_honest_standing']} | "
-                     f"{r['honest_credit_share']:.0%} | {a['first_flag'] if a else ''} | "
+                     f"{r['honest_credit_share']:.0%} | {a['first_flag'] if a else ''}"
+                     f"{' / ' + str(a['first_replay_failed']) if a else ''} | "
                      f"{format(a['credit_share'], '.1%') if a else ''} | {loss}{vs} | "
-                     f"{r['sample_share']:.1%} / {r['time_share']:.1%} |")
+                     f"{r['sample_share']:.1%} / {r['time_share']:.1%} | {r['honest_replays_failed']} / "
+                     f"{r['max_honest_replay_distance']} / {dist} | {r['replay_share']:.2%} |")
     return "\n".join(lines)
 
 

@@ -57,6 +57,7 @@ class OffData:
     def __init__(self, batches):
         self.batches = batches
         self.tokens_per_batch = batches.tokens_per_batch
+        self.generator = batches.generator  # what its record says it drew from: the leased shard's
 
     def next(self):
         x, y = self.batches.next()

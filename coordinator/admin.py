@@ -92,8 +92,8 @@ def reducer_credential(state_dir, name, revoke):
     click.echo(credential)
 
 
-CREDIT_COLUMNS = ("name", "id", "tokens_contributed", "tokens_credited", "rounds_included", "rounds_flagged",
-                  "standing", "quarantined_at")
+CREDIT_COLUMNS = ("name", "id", "tokens_contributed", "tokens_credited", "tokens_verified", "rounds_included",
+                  "rounds_flagged", "replays_passed", "replays_failed", "standing", "quarantined_at")
 
 
 @click.command()
@@ -106,9 +106,10 @@ def credits(state_dir, fmt, output):
     """Export the credit table for publishing: every worker that ever joined, with the tokens that
     rounds included from it (tokens_contributed), what its scores credited of them (tokens_credited:
     a contribution that did less for the loss per claimed token than the swarm's typical one is
-    credited less, or nothing when flagged), the rounds it was included and flagged in, its last
-    standing (1: typical; below 0.25: flagged) and when it was quarantined, if it is (Unix time).
-    Most credited first."""
+    credited less, or nothing when flagged), what of that credit replays verified (tokens_verified:
+    the rounds re-run from the worker's record that made what it sent), the rounds it was included
+    and flagged in, its replays passed and failed, its last standing (1: typical; below 0.25:
+    flagged) and when it was quarantined, if it is (Unix time). Most credited first."""
     import csv
     import io
     import json

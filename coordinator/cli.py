@@ -137,6 +137,15 @@ def wait_for_signal():
                    "this many tokens per token claimed (one of the data its worker was leased, one of validation "
                    "data): low scorers are credited and weighed less, and flagged. Costs the coordinator about "
                    "twice this fraction of the swarm's compute; 0 turns scoring off.")
+@click.option("--replay-fraction", type=float, default=PROC.replay_fraction, show_default=True,
+              help="Of each round's members, the fraction drawn (secretly, after they sent) to have their round "
+                   "re-run on this machine from the record they committed to: a replay that does not make what "
+                   "they sent takes back their unverified credit and quarantines them; one that does makes the "
+                   "round's credit verified. Costs this machine about this fraction of the swarm's compute (on "
+                   "its CPU: far more for GPU workers); 0 turns replays off.")
+@click.option("--replay-deadline", type=float, default=PROC.replay_deadline, show_default=True,
+              help="Seconds a worker drawn for a replay has to upload its record; without one, the round's credit "
+                   "is taken back.")
 @click.option("--lease-seconds", type=float, default=PROC.lease_seconds, show_default=True,
               help="A lease not extended by a heartbeat for this long expires and its shard is leased again.")
 @click.option("--join-burst", type=int, default=PROC.join_burst, show_default=True,
@@ -150,7 +159,8 @@ def coordinator(task, text, digits, tokenizer_kind, vocab_size, model, block_siz
                 session_ttl, tokens_per_round, inner_steps, round_growth, max_tokens, compression, topk_fraction, outer_lr,
                 outer_momentum, aggregation, batch_size, learning_rate, min_lr, warmup_iters, shard_tokens,
                 heartbeat_interval, sender_timeout, max_leases, averaging_timeout, round_timeout, quarantine_after,
-                quarantine_window, max_val_loss_rise, score_fraction, lease_seconds, join_burst, joins_per_minute,
+                quarantine_window, max_val_loss_rise, score_fraction, replay_fraction, replay_deadline, lease_seconds,
+                join_burst, joins_per_minute,
                 json_logs):
     """Run the coordinator of a swarm: prepare the data as shards, lease them to workers, end
     rounds and aggregate the workers' pseudo-gradients, keep theta_global and its checkpoints.
@@ -193,6 +203,8 @@ def coordinator(task, text, digits, tokenizer_kind, vocab_size, model, block_siz
                                  "--join-burst and --joins-per-minute must be positive")
     if not 0 <= score_fraction <= 1:
         raise click.BadParameter(f"--score-fraction must be between 0 and 1, not {score_fraction:g}")
+    if not 0 <= replay_fraction <= 1 or not replay_deadline > 0:
+        raise click.BadParameter("--replay-fraction must be between 0 and 1 and --replay-deadline positive")
     if plaintext and not is_loopback(split_address(listen)[0]):
         raise click.BadParameter(f"--plaintext is only for a loopback --listen (demos, tests), not {listen}: "
                                  "workers' tokens and sessions would cross the network in the clear")
@@ -209,6 +221,7 @@ def coordinator(task, text, digits, tokenizer_kind, vocab_size, model, block_siz
                                averaging_timeout=averaging_timeout, round_timeout=round_timeout,
                                quarantine_after=quarantine_after, quarantine_window=quarantine_window,
                                max_val_loss_rise=max_val_loss_rise, score_fraction=score_fraction,
+                               replay_fraction=replay_fraction, replay_deadline=replay_deadline,
                                tls_cert=tls_cert or "", tls_key=tls_key or "",
                                plaintext=plaintext, grpc_reflection=grpc_reflection, session_ttl=session_ttl,
                                join_burst=join_burst, joins_per_second=joins_per_minute / 60)

@@ -22,6 +22,8 @@ class CoordinatorConfig:
     round_timeout: float = 600.0  # a round with any tokens ends after this many seconds
     eval_tokens: int = 65536  # validation tokens per evaluation of theta_global
     score_fraction: float = 0.02  # tokens each contribution is scored on per token claimed (scoring.py); 0: off
+    replay_fraction: float = 0.005  # of each round's members, drawn for a replay (replays.py); 0: off
+    replay_deadline: float = 1800.0  # seconds a drawn worker has to upload its record
     # transport (gptswarm/transport.py): TLS with the state directory's own certificate unless these say otherwise
     tls_cert: str = ""  # PEM certificate (chain) to present instead of the self-signed one ...
     tls_key: str = ""  # ... and its private key

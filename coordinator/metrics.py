@@ -11,7 +11,13 @@ from gptswarm.coordinator.status import (
     snapshot,
     worker_rows,
 )
-from gptswarm.states import ReducerState, RoundState, ShardState, WorkerState
+from gptswarm.states import (
+    ReducerState,
+    ReplayState,
+    RoundState,
+    ShardState,
+    WorkerState,
+)
 
 HEALTH_STATES = ("healthy", "degraded", "warning", "stalled", "finished")
 
@@ -96,6 +102,8 @@ class SwarmCollector:
                                   "gptswarm_worker_standing)", labels=["worker"])
         credited = CounterMetricFamily("gptswarm_worker_tokens_credited", "Tokens each online worker's scores "
                                        "credited", labels=["worker"])
+        verified = CounterMetricFamily("gptswarm_worker_tokens_verified", "Of each online worker's credited tokens, "
+                                       "those of rounds a replay verified", labels=["worker"])
         for w in worker_rows(c, time.time()):  # online ones first, at most status.WORKERS_SHOWN
             if w["online"] and w["standing"] is not None:
                 standing.add_metric([w["name"]], w["standing"])
@@ -103,9 +111,18 @@ class SwarmCollector:
                 score.add_metric([w["name"]], w["score"])
             if w["online"]:
                 credited.add_metric([w["name"]], w["tokens_credited"])
+                verified.add_metric([w["name"]], w["tokens_verified"])
         yield standing
         yield score
         yield credited
+        yield verified
+        replays = CounterMetricFamily("gptswarm_replays", "Contributions drawn for a replay, by outcome (requested "
+                                      "and uploaded: under way; passed; failed: the worker is quarantined; unanswered; "
+                                      "lost: the coordinator's own failure)", labels=["outcome"])
+        counts = ledger.replay_counts()
+        for outcome in ReplayState:
+            replays.add_metric([outcome], counts.get(outcome, 0))
+        yield replays
         shards = GaugeMetricFamily("gptswarm_shards", "Shards of the current epoch by state", labels=["state"])
         for state in ShardState:
             shards.add_metric([state], snap["shards"][state])

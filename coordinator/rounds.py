@@ -33,6 +33,7 @@ from gptswarm.coordinator.status import NOT_LEARNING_ROUNDS, not_learning
 from gptswarm.mingpt_core.model import GPT
 from gptswarm.rounds.averaging import Group, Outcome, RoundReducer
 from gptswarm.rounds.outer import outer_step
+from gptswarm.rounds.replay import Taps
 from gptswarm.rounds.theta import (
     load_theta,
     point_latest,
@@ -46,6 +47,7 @@ from gptswarm.states import Phase, RoundState, ShardState
 if TYPE_CHECKING:
     from gptswarm.coordinator.ledger import Ledger
     from gptswarm.coordinator.reducers import ReducerNodes
+    from gptswarm.coordinator.replays import Replays
     from gptswarm.coordinator.run import RunSettings
 
 log = logging.getLogger("gptswarm.coordinator")
@@ -80,9 +82,10 @@ class RoundKeeper:
 
     def __init__(self, *, state_dir: Path, settings: RunSettings, config: Any, ledger: Ledger, model: GPT,
                  tokenizer: Any, momentum: dict, meta: dict, step_tokens: int, gate: SafetyGate,
-                 scorer: Scorer | None = None):
+                 scorer: Scorer | None = None, replays: Replays | None = None):
         self.state_dir, self.settings, self.config, self.ledger = state_dir, settings, config, ledger
         self.tokenizer, self.step_tokens, self.gate, self.scorer = tokenizer, step_tokens, gate, scorer
+        self.replays = replays
         self.reducer: RoundReducer | None = None  # set by start(): the hivemind peer comes up after the ledger
         self.nodes: ReducerNodes | None = None
         self.lock = threading.RLock()
@@ -232,6 +235,10 @@ class RoundKeeper:
             probe = self.scorer.probe(self.model, r, {worker_id: tokens for worker_id, _, tokens in scored})
         t_scoring = time.time() - t_probe
         members = self.ledger.group_members(r, self.started_at)
+        witness = None  # the members drawn for a replay, and the samples the reducer keeps of theirs
+        if self.replays is not None and not reducers:
+            witness = self.replays.witness([worker_id for worker_id, _, _ in members],
+                                           sum(v.numel() for v in self.theta.values()))
         # a worker whose contributions scored low weighs less (coordinator/scoring.py)
         standings = self.ledger.standings([worker_id for worker_id, _, _ in members])
         scales = {peer: max(MIN_SCALE, factor_of(standings.get(worker_id))) for worker_id, peer, _ in members}
@@ -247,9 +254,15 @@ class RoundKeeper:
             assert self.nodes is not None
             outcome = self.nodes.reduce(group, self.config.averaging_timeout)
         else:
-            outcome = self.reducer.reduce(group, self.config.averaging_timeout, probe=probe)
+            outcome = self.reducer.reduce(group, self.config.averaging_timeout,
+                                          probe=Taps(probe, witness) if probe or witness else None)
         seconds = time.time() - t0
         scores = self._scored(r, outcome, group, probe)
+        replayed = []
+        if witness is not None and outcome.ok and self.replays is not None:  # asked for before the commit, which
+            # makes RoundResult say so: the drawn members ask for the result once it is committed
+            credited = [w for w in outcome.included if (scores.get(w) or (0, 0, 0, 0, 1.0))[4] > 0]
+            replayed = self.replays.draw(r, witness, credited, group.commits(), self.theta)
         # where the round's end went: forming the group, its members asking for their places, the all-reduce
         asked = group.asked_times()
         last_asked = max(asked.values(), default=t0) if len(asked) == len(members) else t0 + seconds
@@ -275,6 +288,8 @@ class RoundKeeper:
                 detail = f"commit failed: {type(e).__name__}: {e}"
             else:
                 return self.check_learning()
+        if replayed and self.replays is not None:
+            self.replays.dropped(r)
         excluded = {w: outcome.rejected.get(w, detail) for w, _ in group.snapshot().values()}
         self.ledger.fail_round(r, excluded=excluded, detail=detail, averaging_seconds=seconds, state=state,
                                left_out=left_out)

@@ -20,6 +20,7 @@ from gptswarm.coordinator.gate import SafetyGate
 from gptswarm.coordinator.http import StatusServer
 from gptswarm.coordinator.ledger import Ledger
 from gptswarm.coordinator.reducers import ReducerNodes, ReducerRegistry
+from gptswarm.coordinator.replays import Replays
 from gptswarm.coordinator.rounds import RoundKeeper, RoundView
 from gptswarm.coordinator.scoring import Scorer
 from gptswarm.coordinator.service import make_server
@@ -107,10 +108,11 @@ class Coordinator:
                                on_val_loss=lambda loss: self.rounds.set_val_loss(loss))
         scorer = Scorer(shard_set=self.shard_set, train_shards=self.train_shards, seq=seq, names=list(theta_views(model)),
                         ledger=self.ledger, fraction=cfg.score_fraction) if cfg.score_fraction > 0 else None
+        step_tokens = int(self.settings.train.get("batch_size", 1)) * seq
+        self.replays = self._replays(step_tokens) if cfg.replay_fraction > 0 else None
         self.rounds = RoundKeeper(state_dir=self.state_dir, settings=self.settings, config=cfg, ledger=self.ledger,
                                   model=model, tokenizer=self.tokenizer, momentum=momentum, meta=meta,
-                                  step_tokens=int(self.settings.train.get("batch_size", 1)) * seq, gate=self.gate,
-                                  scorer=scorer)
+                                  step_tokens=step_tokens, gate=self.gate, scorer=scorer, replays=self.replays)
         self.ledger.add_shards([(s.sha256, len(s)) for s in self.train_shards])
         view = self.rounds.view()
         self.ledger.recover(view.round, view.theta_hash)
@@ -123,6 +125,22 @@ class Coordinator:
         self.server = self.service = self.http = self.tls = None
         self._online = (0, float("-inf"))  # workers online, and when counted (fast_beat_seconds)
         self.port = None
+
+    def _replays(self, step_tokens: int) -> Replays | None:
+        """The replays of this run (coordinator/replays.py): what a job needs to train a worker's round
+        as the worker did (its TrainConfig is the run's, its schedule spanning the run's budget as the
+        worker's does: worker/bootstrap.py)."""
+        s = self.settings
+        if float(s.model.get("dropout", 0.0)) > 0:
+            log.warning("replays are off: the run's model has dropout, whose random draws a record does not hold")
+            return None
+        shards = {k: v for k, v in self.shard_set.manifest().items() if k not in ("shards", "format", "dtype")}
+        run = {"model": s.model, "train": dict(s.train, max_iters=max(1, s.max_tokens // step_tokens)),
+               "compression": s.compression, "topk_fraction": s.topk_fraction, "tokens_per_step": step_tokens,
+               "shard_set": shards}
+        return Replays(state_dir=self.state_dir, ledger=self.ledger, fraction=self.config.replay_fraction,
+                       deadline=self.config.replay_deadline, run=run, record_bytes=16 * self.n_params + (64 << 20),
+                       train_shards=self.train_shards)
 
     # --- lifecycle ---
 
@@ -148,6 +166,8 @@ class Coordinator:
     def shutdown(self) -> None:
         self.rounds.close(timeout=self.config.averaging_timeout + 10)
         self.gate.close(timeout=120)  # the last round's evaluation is part of the run
+        if self.replays is not None:
+            self.replays.close()
         if self.http is not None:
             self.http.shutdown()
         if self.server is not None:
@@ -271,9 +291,10 @@ class Coordinator:
     def leave(self, worker_id: str) -> None:
         self.ledger.leave(worker_id)
 
-    def averaging_group(self, round_: int, worker: dict, claims: dict[str, int]) -> dict:
+    def averaging_group(self, round_: int, worker: dict, claims: dict[str, int], commit: str = "") -> dict:
         """This worker's place in round round_'s averaging (the AveragingGroup message's fields).
-        A member's final claims set its weight, before it can send a single part."""
+        A member's final claims set its weight, before it can send a single part; commit: the sha256
+        of its record of the round (rounds/replay.py)."""
         view = self.rounds.view()
         group = view.group
         if round_ < view.round:
@@ -286,7 +307,7 @@ class Coordinator:
                    "it held no lease in this round" if worker["eligible_round"] <= round_ else
                    "it joined while the round was under way")
             return {"state": Place.NOT_MEMBER, "detail": f"not in round {round_}'s averaging group: {why}"}
-        group.ask(worker["peer_id"])
+        group.ask(worker["peer_id"], commit)
         weight = self.ledger.claim(worker["id"], round_, claims) if claims else member[1]
         assert self.reducer is not None and self.node is not None
         self.reducer.set_weight(group, worker["peer_id"], weight)
@@ -344,4 +365,11 @@ class Coordinator:
             return {"state": RoundState.FAILED, "included": False, "theta_hash": view.theta_hash,
                     "detail": "unknown round: resynchronize from the latest checkpoint"}
         return {"state": rows[round_]["state"], "included": self.ledger.included(round_, worker_id),
-                "theta_hash": rows[round_ + 1]["theta_hash"] or "", "detail": rows[round_]["detail"] or ""}
+                "theta_hash": rows[round_ + 1]["theta_hash"] or "", "detail": rows[round_]["detail"] or "",
+                "replay": self.ledger.replay_requested(round_, worker_id)}
+
+    def upload_replay(self, worker_id: str, chunks: Any) -> tuple[bool, str]:
+        """A worker's record of a round drawn for a replay (coordinator/replays.py): (accepted, why not)."""
+        if self.replays is None:
+            return False, "this coordinator replays nothing"
+        return self.replays.receive(worker_id, chunks)

@@ -225,8 +225,24 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
 
     def GetAveragingGroup(self, request, context):
         w = self._worker(context)
+        commit = request.replay_commit
+        if commit and not (len(commit) == 64 and all(c in "0123456789abcdef" for c in commit)):
+            self._invalid(context, w, "replay_commit is not a sha256 in hex")
         return pb.AveragingGroup(**self.coord.averaging_group(self._count(context, w, request.round, "round"), w,
-                                                              self._lease_tokens(context, w, request.lease_tokens)))
+                                                              self._lease_tokens(context, w, request.lease_tokens),
+                                                              commit))
+
+    def UploadReplay(self, request_iterator, context):
+        w = self._worker(context)
+
+        def chunks():
+            for chunk in request_iterator:
+                self._count(context, w, chunk.round, "round")
+                yield chunk
+        accepted, detail = self.coord.upload_replay(w["id"], chunks())
+        if not accepted:
+            self.coord.refuse("replay_refused", detail, w["id"])
+        return pb.ReplayReceipt(accepted=accepted, detail=detail)
 
     # --- the operator's reducer nodes (coordinator/reducers.py): a credential of their own ---
 

@@ -31,6 +31,7 @@ def worker_rows(coord, now, limit=WORKERS_SHOWN, offset=0):
             "id": w["id"], "name": w["name"], "state": state, "reason": reason, "device": w["device"] or "",
             "tokens_per_second": round(w["tokens_per_second"] or 0.0, 1) if online else 0.0,
             "tokens_contributed": w["tokens_contributed"] or 0, "tokens_credited": w["tokens_credited"] or 0,
+            "tokens_verified": w["tokens_verified"] or 0,
             "score": _round(w["score"]), "standing": _round(w["standing"]), "bytes_sent": w["bytes_sent"] or 0,
             "last_seen": w["last_seen"], "seconds_since_seen": round(now - (w["last_seen"] or now), 1),
             "joined_at": w["joined_at"], "online": online,
@@ -119,7 +120,7 @@ def snapshot(coord, history=200, events=30, workers=WORKERS_SHOWN):
         "shards": {"epoch": coord.ledger.get_meta("epoch", 0), "total": sum(shards.values()), **shards},
         "rounds": rounds,
         "top_contributors": [{"name": w["name"], "tokens_contributed": w["tokens_contributed"],
-                              "tokens_credited": w["tokens_credited"]}
+                              "tokens_credited": w["tokens_credited"], "tokens_verified": w["tokens_verified"]}
                              for w in coord.ledger.top_contributors(10)],
         "events": [{"at": e["at"], "kind": e["kind"], "worker": e["name"], "detail": e["detail"]} for e in evs],
     }

@@ -71,3 +71,17 @@ class ReducerState(StrEnum):
     """One of the operator's reducer nodes, as the status page shows it: heard from lately (live), or not."""
     LIVE = "live"
     OFFLINE = WorkerState.OFFLINE.value
+
+
+class ReplayState(StrEnum):
+    """A contribution drawn for a replay (rounds/replay.py, coordinator/replays.py)."""
+    REQUESTED = "requested"  # its worker is asked for its record of the round
+    UPLOADED = "uploaded"  # the record is here, the one committed to: its replay waits or runs
+    PASSED = "passed"  # the record makes what was sent: the round's credit is verified
+    FAILED = RoundState.FAILED.value  # it does not, or the record is not the one committed to: its unverified
+    #                                   credit taken back, quarantined
+    UNANSWERED = "unanswered"  # no record by the deadline: the round's credit taken back
+    LOST = "lost"  # the coordinator's side failed (or restarted): nothing changes
+
+
+OPEN_REPLAYS = (ReplayState.REQUESTED, ReplayState.UPLOADED)

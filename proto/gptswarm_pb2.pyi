@@ -335,12 +335,14 @@ class ReleaseResponse(_message.Message):
     def __init__(self, released: _Optional[int] = ...) -> None: ...
 
 class AveragingGroupRequest(_message.Message):
-    __slots__ = ("round", "lease_tokens")
+    __slots__ = ("round", "lease_tokens", "replay_commit")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     LEASE_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    REPLAY_COMMIT_FIELD_NUMBER: _ClassVar[int]
     round: int
     lease_tokens: _containers.RepeatedCompositeFieldContainer[LeaseTokens]
-    def __init__(self, round: _Optional[int] = ..., lease_tokens: _Optional[_Iterable[_Union[LeaseTokens, _Mapping]]] = ...) -> None: ...
+    replay_commit: str
+    def __init__(self, round: _Optional[int] = ..., lease_tokens: _Optional[_Iterable[_Union[LeaseTokens, _Mapping]]] = ..., replay_commit: _Optional[str] = ...) -> None: ...
 
 class AveragingGroup(_message.Message):
     __slots__ = ("state", "group_id", "reducer_peer_id", "reducer_maddrs", "weight", "detail", "retry_after", "reducers")
@@ -369,16 +371,34 @@ class RoundResultRequest(_message.Message):
     def __init__(self, round: _Optional[int] = ...) -> None: ...
 
 class RoundResult(_message.Message):
-    __slots__ = ("state", "included", "theta_hash", "detail")
+    __slots__ = ("state", "included", "theta_hash", "detail", "replay")
     STATE_FIELD_NUMBER: _ClassVar[int]
     INCLUDED_FIELD_NUMBER: _ClassVar[int]
     THETA_HASH_FIELD_NUMBER: _ClassVar[int]
     DETAIL_FIELD_NUMBER: _ClassVar[int]
+    REPLAY_FIELD_NUMBER: _ClassVar[int]
     state: str
     included: bool
     theta_hash: str
     detail: str
-    def __init__(self, state: _Optional[str] = ..., included: _Optional[bool] = ..., theta_hash: _Optional[str] = ..., detail: _Optional[str] = ...) -> None: ...
+    replay: bool
+    def __init__(self, state: _Optional[str] = ..., included: _Optional[bool] = ..., theta_hash: _Optional[str] = ..., detail: _Optional[str] = ..., replay: _Optional[bool] = ...) -> None: ...
+
+class ReplayChunk(_message.Message):
+    __slots__ = ("round", "data")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    data: bytes
+    def __init__(self, round: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class ReplayReceipt(_message.Message):
+    __slots__ = ("accepted", "detail")
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    accepted: bool
+    detail: str
+    def __init__(self, accepted: _Optional[bool] = ..., detail: _Optional[str] = ...) -> None: ...
 
 class CheckpointRequest(_message.Message):
     __slots__ = ()

@@ -94,6 +94,11 @@ class CoordinatorStub:
                 request_serializer=gptswarm_dot_proto_dot_gptswarm__pb2.LeaveRequest.SerializeToString,
                 response_deserializer=gptswarm_dot_proto_dot_gptswarm__pb2.LeaveResponse.FromString,
                 _registered_method=True)
+        self.UploadReplay = channel.stream_unary(
+                '/gptswarm.v1.Coordinator/UploadReplay',
+                request_serializer=gptswarm_dot_proto_dot_gptswarm__pb2.ReplayChunk.SerializeToString,
+                response_deserializer=gptswarm_dot_proto_dot_gptswarm__pb2.ReplayReceipt.FromString,
+                _registered_method=True)
         self.RegisterReducer = channel.unary_unary(
                 '/gptswarm.v1.Coordinator/RegisterReducer',
                 request_serializer=gptswarm_dot_proto_dot_gptswarm__pb2.RegisterReducerRequest.SerializeToString,
@@ -198,6 +203,14 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UploadReplay(self, request_iterator, context):
+        """This worker's record of a round the coordinator asked to replay (RoundResult.replay), whose
+        sha256 it committed to in that round's AveragingGroupRequest (gptswarm/rounds/replay.py).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def RegisterReducer(self, request, context):
         """The operator's reducer nodes (`gptswarm reducer`), never a worker: each proves a credential of
         its own (made with `gptswarm reducer-credential` on the coordinator's machine; neither the swarm
@@ -284,6 +297,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.Leave,
                     request_deserializer=gptswarm_dot_proto_dot_gptswarm__pb2.LeaveRequest.FromString,
                     response_serializer=gptswarm_dot_proto_dot_gptswarm__pb2.LeaveResponse.SerializeToString,
+            ),
+            'UploadReplay': grpc.stream_unary_rpc_method_handler(
+                    servicer.UploadReplay,
+                    request_deserializer=gptswarm_dot_proto_dot_gptswarm__pb2.ReplayChunk.FromString,
+                    response_serializer=gptswarm_dot_proto_dot_gptswarm__pb2.ReplayReceipt.SerializeToString,
             ),
             'RegisterReducer': grpc.unary_unary_rpc_method_handler(
                     servicer.RegisterReducer,
@@ -625,6 +643,33 @@ class Coordinator:
             '/gptswarm.v1.Coordinator/Leave',
             gptswarm_dot_proto_dot_gptswarm__pb2.LeaveRequest.SerializeToString,
             gptswarm_dot_proto_dot_gptswarm__pb2.LeaveResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UploadReplay(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/gptswarm.v1.Coordinator/UploadReplay',
+            gptswarm_dot_proto_dot_gptswarm__pb2.ReplayChunk.SerializeToString,
+            gptswarm_dot_proto_dot_gptswarm__pb2.ReplayReceipt.FromString,
             options,
             channel_credentials,
             insecure,

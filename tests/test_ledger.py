@@ -372,3 +372,35 @@ def test_flags_count_towards_quarantine_only_in_rounds_that_stood(tmp_path):
     assert isinstance(led.lease(w, 5), str) and not led.group_members(5, 0)
     assert led.lift_quarantine(w) and led.quarantine_reason(w) is None and not led.lift_quarantine(w)
     led.close()
+
+
+def test_replays_verify_credit_or_take_it_back(ledger):
+    """A passed replay verifies its round's credit; a failed one takes back every unverified credit and
+    quarantines; an unanswered one takes back its round's; a lost one changes nothing; overdue
+    requests are found; a restart loses the open ones."""
+    a, b, c = join(ledger, "a"), join(ledger, "b"), join(ledger, "c")
+    for r in range(3):
+        ledger.commit_round(r, included={a: 100, b: 100, c: 100}, excluded={}, theta_hash=f"h{r + 1}",
+                            averaging_seconds=1)
+    ledger.request_replays(0, {a: "0" * 64, b: "1" * 64}, deadline=60)
+    ledger.request_replays(1, {a: "2" * 64, b: "3" * 64, c: "4" * 64}, deadline=60)
+    assert ledger.replay_requested(0, a) and not ledger.replay_requested(2, a)
+    assert ledger.replay_uploaded(0, a) and not ledger.replay_uploaded(0, a)  # once
+    ledger.end_replay(0, a, "passed", "bit-equal", distance=0.0, seconds=1.0)
+    ledger.end_replay(0, a, "failed", "too late: it ended")  # an ended replay stays as it ended
+    ledger.end_replay(0, b, "passed", "bit-equal", distance=0.0)
+    ledger.end_replay(1, b, "failed", "what it sent is 0.5 from what its record makes", distance=0.5)
+    ledger.end_replay(1, a, "unanswered", "no record")
+    assert ledger.worker(a)["tokens_verified"] == 100 and ledger.worker(a)["tokens_credited"] == 200
+    # b: its verified round 0 stays; rounds 1 and 2 (unverified) go; quarantined
+    assert ledger.worker(b)["tokens_verified"] == 100 and ledger.worker(b)["tokens_credited"] == 100
+    assert "replay of round 1 failed" in ledger.quarantine_reason(b)
+    assert ledger.replay_counts() == {"passed": 2, "failed": 1, "unanswered": 1, "requested": 1}
+    assert not ledger.overdue_replays()
+    ledger.clock_.t += 61
+    assert [(r["round"], r["worker_id"]) for r in ledger.overdue_replays()] == [(1, c)]
+    assert ledger.lose_open_replays("restarted") == 1 and ledger.worker(c)["tokens_credited"] == 300
+    table = {r["name"]: r for r in ledger.credit_table()}
+    assert (table["b"]["replays_passed"], table["b"]["replays_failed"], table["b"]["tokens_verified"]) == (1, 1, 100)
+    kinds = [e["kind"] for e in ledger.query("SELECT kind FROM events WHERE kind LIKE 'replay%' ORDER BY id")]
+    assert kinds == ["replay_passed", "replay_passed", "replay_failed", "replay_unanswered", "replays_lost"]

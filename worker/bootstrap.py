@@ -17,6 +17,7 @@ from gptswarm.proto import gptswarm_pb2 as pb
 from gptswarm.rounds.averaging import RoundContributor
 from gptswarm.rounds.codecs import ErrorFeedback
 from gptswarm.rounds.p2p import P2PNode
+from gptswarm.rounds.replay import Recorder
 from gptswarm.rounds.theta import theta_views
 from gptswarm.worker import run_config, session, throughput
 from gptswarm.worker.client import CoordinatorClient
@@ -43,6 +44,7 @@ class Setup:
     heartbeats: Heartbeats  # not started yet
     leases: Leases
     exchanger: Exchanger
+    recorder: Recorder  # our record of the round in training (rounds/replay.py), the round loop's alone
 
 
 def join(client: CoordinatorClient, node: P2PNode, shared: SharedState, *, pause: PausePolicy,
@@ -70,8 +72,9 @@ def join(client: CoordinatorClient, node: P2PNode, shared: SharedState, *, pause
     leases = Leases(client=client, shared=shared, pause=pause, shard_info=shard_info,
                     block_size=model.config.block_size, batch_size=trainer.cfg.batch_size, max_leases=cfg.max_leases,
                     beat=heartbeats.beat, sleep=sleep)
+    recorder = Recorder(state_dir / "replay")
     exchanger = Exchanger(client=client, shared=shared, contributor=contributor, cfg=cfg, feedback=feedback,
-                          stopping=stopping)
+                          stopping=stopping, records=recorder.directory)
     log.info("joined %s as %s (%s), run %s; our hivemind peer %s only dials out (nothing to open in your "
              "firewall)", client.address, worker_id, name, cfg.run_id, node.peer_id)
-    return Setup(cfg, spec, model, trainer, batch_tokens, heartbeats, leases, exchanger)
+    return Setup(cfg, spec, model, trainer, batch_tokens, heartbeats, leases, exchanger, recorder)

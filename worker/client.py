@@ -23,6 +23,7 @@ REFUSED = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.FAILED_PRECONDITION,
            grpc.StatusCode.ALREADY_EXISTS, grpc.StatusCode.PERMISSION_DENIED)  # the coordinator said no: one line
 MAX_BACKOFF = 30.0
 MAX_MESSAGE = 4 << 20  # the largest message the coordinator sends is a 1 MiB chunk
+UPLOAD_CHUNK = 1 << 19  # bytes per ReplayChunk (the coordinator takes messages of at most 1 MiB)
 
 
 class Stopped(Exception):
@@ -196,9 +197,17 @@ class CoordinatorClient:
             round=round_, tokens_per_second=tokens_per_second, state=state, reason=reason, lease_ids=lease_ids,
             bytes_sent=bytes_sent, loss=loss, lease_tokens=lease_tokens(claims)), timeout=5, retry=False)
 
-    def averaging_group(self, round_: int, claims: Mapping[str, int]) -> pb.AveragingGroup:
-        """Our place in round_'s averaging group; claims: our final claims on its leases (our weight)."""
-        return self.call("GetAveragingGroup", pb.AveragingGroupRequest(round=round_, lease_tokens=lease_tokens(claims)))
+    def averaging_group(self, round_: int, claims: Mapping[str, int], replay_commit: str = "") -> pb.AveragingGroup:
+        """Our place in round_'s averaging group; claims: our final claims on its leases (our weight);
+        replay_commit: the sha256 of our record of the round (rounds/replay.py)."""
+        return self.call("GetAveragingGroup", pb.AveragingGroupRequest(round=round_, lease_tokens=lease_tokens(claims),
+                                                                       replay_commit=replay_commit))
+
+    def upload_replay(self, round_: int, blob: bytes, *, timeout: float = 600.0) -> pb.ReplayReceipt:
+        """Our record of round_, which the coordinator asked for (one try: the stream is read once)."""
+        chunks = (pb.ReplayChunk(round=round_, data=blob[i:i + UPLOAD_CHUNK])
+                  for i in range(0, max(1, len(blob)), UPLOAD_CHUNK))
+        return self.call("UploadReplay", chunks, timeout=timeout, retry=False)
 
     def round_result(self, round_: int) -> pb.RoundResult:
         return self.call("GetRoundResult", pb.RoundResultRequest(round=round_))

@@ -8,6 +8,7 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Generic, TypeVar, cast
 
 import torch
@@ -17,6 +18,7 @@ from gptswarm.proto import gptswarm_pb2 as pb
 from gptswarm.rounds.averaging import Outcome, RoundContributor
 from gptswarm.rounds.codecs import ErrorFeedback
 from gptswarm.rounds.outer import outer_step, pseudo_gradient
+from gptswarm.rounds.replay import record_path
 from gptswarm.states import Place, RoundState, WorkerState
 from gptswarm.worker.client import CoordinatorClient
 from gptswarm.worker.state import SharedState
@@ -124,34 +126,41 @@ def refuse_reducers(group: pb.AveragingGroup, coordinator_peer_id: str) -> str:
 
 class Exchanger:
     """Starts the exchanges of a worker's rounds. cfg: the coordinator's RunConfig; feedback: a
-    top-k run's error feedback (None otherwise); stopping: set when the worker stops.
+    top-k run's error feedback (None otherwise); stopping: set when the worker stops; records: where
+    the worker's sealed records of its rounds are (rounds/replay.py; None: it keeps none).
 
     begin() and end() run on the round loop (feedback is theirs alone); the exchange begin() starts
     runs on its own thread and touches the client, the contributor, the OuterState handed to it, and
-    the shared state under its lock."""
+    the shared state under its lock; it starts the upload of a record (a Task of its own, which reads
+    a sealed record file the round loop no longer writes)."""
 
     def __init__(self, *, client: CoordinatorClient, shared: SharedState, contributor: RoundContributor,
-                 cfg: pb.RunConfig, feedback: ErrorFeedback | None, stopping: threading.Event) -> None:
+                 cfg: pb.RunConfig, feedback: ErrorFeedback | None, stopping: threading.Event,
+                 records: Path | None = None) -> None:
         self.client, self.shared, self.contributor, self.cfg = client, shared, contributor, cfg
-        self.feedback, self.stopping = feedback, stopping
+        self.feedback, self.stopping, self.records = feedback, stopping, records
 
-    def begin(self, r: int, outer: OuterState, *, local: Grads, contribution: Contribution) -> Exchange | None:
-        """Round r is averaging: take our place in its group, take our pseudo-gradient from theta_local
-        (local), and start the exchange, which owns `outer` from now on; None (outer stays ours) if we
-        stop or the round moved on without us."""
+    def begin(self, r: int, outer: OuterState, *, local: Grads, contribution: Contribution,
+              seal: Callable[[Grads | None], str] | None = None) -> Exchange | None:
+        """Round r is averaging: take our pseudo-gradient from theta_local (local), seal our record of
+        the round (seal(top-k residual) -> its sha256, rounds/replay.py), take our place in its group
+        with our final claims and that commitment, and start the exchange, which owns `outer` from now
+        on; None (outer stays ours) if we stop or the round moved on without us."""
         s = self.shared
         s.set(WorkerState.AVERAGING, f"averaging round {r} with the swarm")
-        group = self.group(r)
+        sent = {k: v.detach().to("cpu", torch.float32, copy=True) for k, v in local.items()}
+        grad = pseudo_gradient(outer.theta, sent)
+        residual = dict(self.feedback.residual) if self.feedback is not None else None
+        if self.feedback is not None:  # top-k: the largest values of it and of what we left out before
+            grad = self.feedback.sparsify(grad)
+        commit = seal(residual) if seal is not None else ""
+        group = self.group(r, commit)
         if group is None:
             return None
         if group.state != Place.MEMBER:
             log.warning("round %d: %s", r, group.detail)
             outcome = Outcome(False, error=group.detail)
             return Exchange(r, group, None, lambda: self._settle(r, outcome, outer, None))
-        sent = {k: v.detach().to("cpu", torch.float32, copy=True) for k, v in local.items()}
-        grad = pseudo_gradient(outer.theta, sent)
-        if self.feedback is not None:  # top-k: the largest values of it and of what we left out before
-            grad = self.feedback.sparsify(grad)
         grad, weight = contribution(grad, group.weight, r)
         if not all(torch.isfinite(g).all() for g in grad.values()):
             log.warning("round %d: our pseudo-gradient is not finite; the swarm will reject it", r)
@@ -173,11 +182,11 @@ class Exchanger:
         return settled, ending(ex.round, settled.outcome, result, agrees=settled.agrees,
                                ahead_seconds=ex.ahead_seconds, finishing=finishing)
 
-    def group(self, r: int) -> pb.AveragingGroup | None:
+    def group(self, r: int, commit: str = "") -> pb.AveragingGroup | None:
         """Our place in round r's averaging group, as the coordinator decided it; None if we stop or
         the round is over."""
         while not self.stopping.is_set():
-            group = self.client.averaging_group(r, self.shared.claims())  # our final claims: our weight
+            group = self.client.averaging_group(r, self.shared.claims(), commit)  # our final claims: our weight
             if group.state == Place.OVER:
                 return None
             if group.state == Place.MEMBER:
@@ -219,6 +228,8 @@ class Exchanger:
         if before is not None and result.state != RoundState.DONE:  # failed, or its theta was rejected
             outer = before
             log.warning("round %d %s: %s", r, result.state, result.detail)
+        if result.replay and result.included:
+            Task(lambda: self._upload(r), "replay-upload")  # a daemon: the training goes on meanwhile
         if result.included:
             with s.lock:
                 completed = list(s.completed)
@@ -227,6 +238,24 @@ class Exchanger:
             with s.lock:
                 s.completed = []
         return Settled(outcome, result, outer, outer.hash() == result.theta_hash)
+
+    def _upload(self, r: int) -> None:
+        """On a thread of its own: our record of round r, which the coordinator drew for a replay (no
+        record: an empty upload says so, and the round's credit goes)."""
+        path = record_path(self.records, r) if self.records is not None else None
+        try:
+            blob = path.read_bytes() if path is not None else b""
+        except OSError:
+            blob = b""
+        try:
+            receipt = self.client.upload_replay(r, blob)
+        except Exception as e:  # noqa: BLE001 (the coordinator's deadline decides; we go on training)
+            log.warning("round %d: could not upload our record for its replay: %s", r, e)
+            return
+        if receipt.accepted:
+            log.info("round %d: the coordinator replays it; our record (%d bytes) is uploaded", r, len(blob))
+        else:
+            log.warning("round %d: our record for its replay was refused: %s", r, receipt.detail)
 
     def _result(self, r: int) -> pb.RoundResult:
         while True:

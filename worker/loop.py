@@ -239,6 +239,8 @@ class Worker:
             return
         if steps_left <= 1:
             su.leases.prefetch()  # the next shard arrives while the last step of this one runs
+        if self.step is None:  # our record of the round (rounds/replay.py): this step's lease
+            su.recorder.step(shard.lease_id, shard.batches)
         x, y = shard.batches.next()
         t0 = time.perf_counter()
         try:
@@ -258,10 +260,13 @@ class Worker:
         """Round r is averaging: its exchange starts with theta_global handed to it (the loop trains
         ahead meanwhile)."""
         assert self.outer is not None
-        ex = self.setup.exchanger.begin(r, self.outer, local=theta_views(self.setup.model),
-                                        contribution=self.contribution)
+        su = self.setup
+        seal = None if self.step is not None else lambda residual: su.recorder.seal(r, su.trainer, residual)
+        ex = su.exchanger.begin(r, self.outer, local=theta_views(su.model), contribution=self.contribution, seal=seal)
         if ex is not None:  # else: stopping, or the round moved on without us (the loop resynchronizes)
             self.exchange, self.outer = ex, None
+            if ex.sent is not None and self.step is None:  # the steps trained ahead start from what we sent
+                su.recorder.start(su.trainer, base=ex.sent)
 
     def _train_ahead(self, ex: Exchange) -> None:
         """While our round's average is in flight: train for the next round, if we are in this
@@ -344,6 +349,11 @@ class Worker:
             view = self.shared.view
         tokens = view.tokens_trained if view is not None else self.tokens_trained
         su.trainer.step = tokens // su.batch_tokens
+        if self.step is None:  # our record of the next round: from here, or theta_global under the steps ahead
+            if carry_from is None:
+                su.recorder.start(su.trainer)
+            else:
+                su.recorder.rebase(su.trainer.step)
 
     def _sleep(self, seconds: float) -> None:
         self.stopping.wait(seconds)

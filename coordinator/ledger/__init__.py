@@ -1,14 +1,14 @@
 """The coordinator's ledger: one SQLite database (WAL) in the state directory, and the only code
 that knows its schema; everything else asks it named questions.
 
-Tables: workers, shards, leases, rounds, contributions, refusals, events, reducers, meta. Every change is one
+Tables: workers, shards, leases, rounds, contributions, replays, refusals, events, reducers, meta. Every change is one
 transaction, so a coordinator killed at any moment restarts with a consistent ledger.
 
 Its parts, each building on those before it: schema.py (the tables), store.py (the connection, its
 lock, `tx` and `query`, the meta counters), events.py (events and refusals), views.py (read-only
 questions, and LedgerView to ask them without a coordinator), leases.py (shards, leases, claims),
 workers.py (sessions, peers, quarantine), rounds.py (a round's start, commit, failure, rollback),
-reducers.py (the operator's reducer nodes' credentials).
+reducers.py (the operator's reducer nodes' credentials), replays.py (replays and what they verified).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from gptswarm.states import OPEN_LEASES
 from .events import EVENT_EVERY, MAX_SOURCES, STRANGERS, EventLog
 from .leases import LeaseBook
 from .reducers import ReducerBook
+from .replays import ReplayBook
 from .rounds import RoundBook
 from .schema import MIGRATIONS, SCHEMA, SCHEMA_VERSION
 from .store import Store
@@ -34,7 +35,7 @@ __all__ = ["EVENT_EVERY", "MAX_SOURCES", "MIGRATIONS", "ONLINE_HEARTBEATS", "ONL
            "SCHEMA_VERSION", "STRANGERS", "Ledger", "LedgerView", "digest"]
 
 
-class Ledger(ReducerBook, RoundBook, WorkerBook, LeaseBook, EventLog, Views, Store):
+class Ledger(ReplayBook, ReducerBook, RoundBook, WorkerBook, LeaseBook, EventLog, Views, Store):
     """lease_seconds: how long a lease lives without a heartbeat; heartbeat_interval: how often
     workers beat (it defines who is online); max_leases: active leases a worker may hold at once;
     max_tokens_per_second: the fastest a worker could possibly train (claims beyond are clamped);

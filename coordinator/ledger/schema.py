@@ -2,7 +2,7 @@
 MIGRATIONS bring a ledger made before SCHEMA_VERSION up to it (see Store._migrate). The states in the
 comments are gptswarm/states.py's."""
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS workers (
@@ -12,7 +12,8 @@ CREATE TABLE IF NOT EXISTS workers (
     tokens_contributed INTEGER DEFAULT 0, bytes_sent INTEGER DEFAULT 0, eligible_round INTEGER DEFAULT 0,
     active_since REAL, quarantined_at REAL, quarantine_reason TEXT,
     secret_hash TEXT,  -- proves the worker in a later Join (its session expired or was revoked)
-    tokens_credited INTEGER NOT NULL DEFAULT 0);  -- of tokens_contributed, what its scores credited (scoring.py)
+    tokens_credited INTEGER NOT NULL DEFAULT 0,  -- of tokens_contributed, what its scores credited (scoring.py)
+    tokens_verified INTEGER NOT NULL DEFAULT 0);  -- of tokens_credited, what passed a replay (rounds/replay.py)
 CREATE TABLE IF NOT EXISTS shards (
     idx INTEGER PRIMARY KEY, sha256 TEXT NOT NULL, tokens INTEGER NOT NULL,
     rank INTEGER NOT NULL DEFAULT 0,  -- lease order within the epoch (a seeded shuffle per epoch)
@@ -40,6 +41,13 @@ CREATE TABLE IF NOT EXISTS contributions (
     credited INTEGER,  -- of its tokens, what its score credited (coordinator/scoring.py)
     score REAL, score_leased REAL, score_off REAL,  -- the round's ratio to the median member; loss decrease per token
     standing REAL,  -- the mean of its last ratios, this one included
+    verified INTEGER,  -- its credit, once a replay of it passed (NULL: not replayed)
+    PRIMARY KEY (round, worker_id));
+CREATE TABLE IF NOT EXISTS replays (  -- contributions drawn for a replay (coordinator/replays.py)
+    round INTEGER NOT NULL, worker_id TEXT NOT NULL, commit_hash TEXT NOT NULL,
+    state TEXT NOT NULL,  -- requested | uploaded | passed | failed | unanswered | lost
+    requested_at REAL NOT NULL, deadline REAL NOT NULL, ended_at REAL,
+    distance REAL, seconds REAL, detail TEXT,  -- |sent - replayed| / |replayed| on the sample; the replay's CPU time
     PRIMARY KEY (round, worker_id));
 CREATE TABLE IF NOT EXISTS refusals (
     worker_id TEXT NOT NULL, kind TEXT NOT NULL, n INTEGER NOT NULL, last_at REAL, last_detail TEXT,
@@ -70,4 +78,7 @@ MIGRATIONS = ["ALTER TABLE workers ADD COLUMN active_since REAL",
               "ALTER TABLE contributions ADD COLUMN score REAL",
               "ALTER TABLE contributions ADD COLUMN score_leased REAL",
               "ALTER TABLE contributions ADD COLUMN score_off REAL",
-              "ALTER TABLE contributions ADD COLUMN standing REAL"]
+              "ALTER TABLE contributions ADD COLUMN standing REAL",
+              # version 6: replays
+              "ALTER TABLE workers ADD COLUMN tokens_verified INTEGER NOT NULL DEFAULT 0",
+              "ALTER TABLE contributions ADD COLUMN verified INTEGER"]

@@ -34,7 +34,7 @@ class Views(Store):
         and their last score and standing (coordinator/scoring.py) set."""
         cutoff = self.online_after()
         rows = self.query("SELECT w.id, w.name, w.device, w.state, w.reason, w.tokens_per_second, "
-                          "w.tokens_contributed, w.tokens_credited, w.last_seen, w.left_at, w.joined_at, w.bytes_sent, "
+                          "w.tokens_contributed, w.tokens_credited, w.tokens_verified, w.last_seen, w.left_at, w.joined_at, w.bytes_sent, "
                           "w.quarantine_reason, "
                           "(SELECT c.score FROM contributions c WHERE c.worker_id = w.id AND c.score IS NOT NULL "
                           " ORDER BY c.round DESC LIMIT 1) AS score, "
@@ -67,14 +67,17 @@ class Views(Store):
 
     def top_contributors(self, n: int) -> list[Row]:
         """The leaderboard: by credited tokens (what their scores credited of what they contributed)."""
-        return self.query("SELECT name, tokens_contributed, tokens_credited FROM workers WHERE tokens_contributed > 0 "
+        return self.query("SELECT name, tokens_contributed, tokens_credited, tokens_verified FROM workers "
+                          "WHERE tokens_contributed > 0 "
                           "ORDER BY tokens_credited DESC, joined_at LIMIT ?", (n,))
 
     def credit_table(self) -> list[Row]:
         """Every worker's credit, for the operator to publish (`gptswarm credits`): claimed tokens that
         rounds included, what their scores credited, rounds included and flagged, the standing."""
         return self.query(
-            "SELECT w.id, w.name, w.tokens_contributed, w.tokens_credited, "
+            "SELECT w.id, w.name, w.tokens_contributed, w.tokens_credited, w.tokens_verified, "
+            "(SELECT COUNT(*) FROM replays r WHERE r.worker_id = w.id AND r.state = 'passed') AS replays_passed, "
+            "(SELECT COUNT(*) FROM replays r WHERE r.worker_id = w.id AND r.state = 'failed') AS replays_failed, "
             "(SELECT COUNT(*) FROM contributions c WHERE c.worker_id = w.id AND c.included = 1) AS rounds_included, "
             "(SELECT COUNT(*) FROM contributions c WHERE c.worker_id = w.id AND c.flagged = 1) AS rounds_flagged, "
             "(SELECT c.standing FROM contributions c WHERE c.worker_id = w.id AND c.standing IS NOT NULL "

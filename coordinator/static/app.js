@@ -66,7 +66,8 @@ function renderWorkers(workers, now) {
     if (w.reason) st.append(el("span", w.reason, "reason"));
     const score = w.standing === null ? "—" : `${w.standing.toFixed(2)} (last ${w.score === null ? "—" : w.score.toFixed(2)})`;
     tr.append(st, el("td", w.device), el("td", fmt(w.tokens_per_second)), el("td", fmt(w.tokens_contributed)),
-              el("td", fmt(w.tokens_credited), "credited"), el("td", score, "score"),
+              el("td", fmt(w.tokens_credited), "credited"),
+              el("td", fmt(w.tokens_verified), "verified"), el("td", score, "score"),
               el("td", duration(now - w.last_seen) + " ago"));
     const refused = el("td", "", "refused");
     if (w.refused) refused.append(el("span", fmt(w.refused)), el("span", w.last_refusal, "reason"));
@@ -110,7 +111,7 @@ function render(s) {
   $("epoch").textContent = `epoch ${sh.epoch}`;
   $("shard-text").textContent = `${sh.done} done · ${sh.leased} leased · ${sh.pending} pending of ${sh.total}`;
   $("top").replaceChildren(...s.top_contributors.map((c) =>
-    el("li", `${c.name} — ${fmt(c.tokens_credited)} tokens credited of ${fmt(c.tokens_contributed)}`)));
+    el("li", `${c.name} — ${fmt(c.tokens_credited)} tokens credited (${fmt(c.tokens_verified)} verified) of ${fmt(c.tokens_contributed)}`)));
   $("events").replaceChildren(...s.events.map((e) => {
     const li = el("li");
     li.append(el("span", new Date(e.at * 1000).toLocaleTimeString(), "kind"), el("span", e.kind, "kind"),

@@ -54,7 +54,7 @@ class Group:
     standing; the ledger still credits the tokens).
 
     Threads: gRPC threads (a member asking for its place: weigh, ask) and the round loop (snapshot,
-    asked_times, final_weights) share members, asked and final, under self.lock; round, group_id,
+    asked_times, final_weights, commits) share members, asked, final and commits, under self.lock; round, group_id,
     reducers and scales never change (set at construction)."""
 
     def __init__(self, round_: int, members: dict[str, tuple[str, int]], group_id: bytes | None = None,
@@ -67,6 +67,7 @@ class Group:
         self._members = dict(members)  # peer id (base58) -> (worker_id, weight)
         self._asked: dict[str, float] = {}  # peer id -> when its member first asked for its place (time.time())
         self._final: set[str] = set()  # peer ids whose weight is final (weighed when their member asked)
+        self._commits: dict[str, str] = {}  # peer id -> the sha256 of its member's record of the round (replay.py)
 
     def member(self, peer_id: str) -> tuple[str, int] | None:
         """(worker_id, weight) of the member with this hivemind peer id, or None."""
@@ -93,9 +94,17 @@ class Group:
     def scale(self, peer_id: str) -> float:
         return self.scales.get(peer_id, 1.0)
 
-    def ask(self, peer_id: str) -> None:
+    def ask(self, peer_id: str, commit: str = "") -> None:
+        """Its member asked for its place (committing to its record of the round, if it sent one: the last word counts)."""
         with self.lock:
             self._asked.setdefault(peer_id, time.time())
+            if commit:
+                self._commits[peer_id] = commit
+
+    def commits(self) -> dict[str, str]:
+        """{worker id: the sha256 its member committed to}, a copy."""
+        with self.lock:
+            return {self._members[p][0]: c for p, c in self._commits.items() if p in self._members}
 
     def asked_times(self) -> dict[str, float]:
         with self.lock:
