@@ -123,6 +123,9 @@ class SwarmCollector:
         for outcome in ReplayState:
             replays.add_metric([outcome], counts.get(outcome, 0))
         yield replays
+        if c.replays is not None:
+            yield CounterMetricFamily("gptswarm_replays_skipped", "Rounds whose drawn members were not replayed: "
+                                      "too many rounds had replays open", value=c.replays.skipped_rounds())
         shards = GaugeMetricFamily("gptswarm_shards", "Shards of the current epoch by state", labels=["state"])
         for state in ShardState:
             shards.add_metric([state], snap["shards"][state])

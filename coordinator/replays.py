@@ -70,6 +70,10 @@ class Replays:
         self.thread = threading.Thread(target=self._loop, name="replays", daemon=True)
         self.thread.start()
 
+    def skipped_rounds(self) -> int:
+        with self.lock:
+            return self.skipped
+
     def close(self) -> None:
         self.stop.set()
         self.thread.join(timeout=5)
