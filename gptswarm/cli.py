@@ -54,9 +54,9 @@ def cli():
 @click.option("--n-head", type=int, help="Override the preset's number of attention heads.")
 @click.option("--n-embd", type=int, help="Override the preset's embedding width.")
 @click.option("--block-size", type=int, help="Context length in tokens (default: 256 for text, 3*digits for addition).")
-@click.option("--arch", type=click.Choice(ARCHS), default="gpt2", show_default=True,
+@click.option("--arch", type=click.Choice(ARCHS), default=None,
               help="gpt1: post-LayerNorm; gpt2: pre-LayerNorm + final LayerNorm; gpt3: gpt2 with "
-                   "alternating dense and locally banded attention.")
+                   "alternating dense and locally banded attention (default: gpt3 for the gpt3-* presets, else gpt2).")
 @click.option("--attn-window", type=int, default=0, help="gpt3 only: tokens each local layer sees (default block_size/4).")
 @click.option("--dropout", type=float, default=0.0, show_default=True, help="Dropout probability.")
 @click.option("--no-bias", is_flag=True, help="Linear layers and LayerNorms without biases.")
@@ -161,6 +161,40 @@ def export(directory, fmt, out, overwrite):
 
     export_hf(directory, out, overwrite)
     click.echo(f"exported {directory} to {out} (Hugging Face GPT2LMHeadModel)")
+
+
+@cli.command()
+@click.option("--model", required=True, type=click.Choice(list(PRESETS)), help="The model preset to plan for.")
+@click.option("--vram", type=float, metavar="GIB", help="The GPU memory the worker may use (its --max-vram), in GiB; "
+              "without it, the plan of the whole batch at once with AdamW.")
+@click.option("--block-size", type=int, default=1024, show_default=True, help="Context length in tokens.")
+@click.option("--vocab-size", type=int, default=50257, show_default=True, help="Vocabulary size (GPT-2's BPE: 50257).")
+@click.option("--batch-size", type=int, default=TRAIN.batch_size, show_default=True,
+              help="Sequences per inner optimizer step (the run's).")
+@click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16", show_default=True,
+              help="Activations' precision: what the device's autocast uses (float32 on a CPU).")
+@click.option("--topk", is_flag=True, help="The run uses top-k compression (the worker keeps its residual).")
+def plan(model, vram, block_size, vocab_size, batch_size, dtype, topk):
+    """Print the memory a worker needs to train a model, part by part (the training device's and the
+    host's), and how it fits under --vram: micro-batch, 8-bit optimizer state, activation
+    checkpointing, in that order (gptswarm/mingpt_core/plan.py). A model that does not fit even at
+    one sequence at a time is said to, with the largest preset that would."""
+    from gptswarm.mingpt_core.model import GPTConfig
+    from gptswarm.mingpt_core.plan import GIB, fit, largest_preset
+
+    if min(block_size, vocab_size, batch_size) < 1 or (vram is not None and not vram > 0):
+        raise click.BadParameter("--block-size, --vocab-size, --batch-size and --vram must be positive")
+    config = GPTConfig.from_preset(model, vocab_size, block_size)
+    value_bytes = 4 if dtype == "float32" else 2
+    cap = int(vram * GIB) if vram is not None else None
+    p = fit(config, batch_size=batch_size, cap=cap, value_bytes=value_bytes, topk=topk, lean=cap is not None)
+    for line in p.lines():
+        click.echo(line)
+    if cap is not None and not p.fits:
+        best = largest_preset(vocab_size=vocab_size, block_size=block_size, batch_size=batch_size, cap=cap,
+                              value_bytes=value_bytes, topk=topk)
+        click.echo(f"{model} does not fit in {vram:g} GiB even one sequence at a time; the largest preset that does: "
+                   f"{best or 'none'}")
 
 
 from gptswarm.coordinator.admin import credits, quarantine, reducer_credential, rollback  # noqa: E402

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, fields
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
 
 from gptswarm.errors import UserError
 
@@ -29,6 +30,13 @@ PRESETS = {
     "gpt2-medium": (24, 16, 1024),  # 350M
     "gpt2-large": (36, 20, 1280),  # 774M
     "gpt2-xl": (48, 25, 1600),  # 1558M
+    # GPT-3 (Brown et al. 2020, table 2.1): gpt3 blocks (dense and locally banded attention alternating).
+    # XL: the paper's 24 heads of 128 do not divide its width of 2048; 16 heads keep its head size of 128
+    "gpt3-small": (12, 12, 768),  # 125M
+    "gpt3-medium": (24, 16, 1024),  # 350M
+    "gpt3-large": (24, 16, 1536),  # 760M
+    "gpt3-xl": (24, 16, 2048),  # 1.3B
+    "gpt3-2.7b": (32, 32, 2560),  # 2.7B
 }
 
 
@@ -62,7 +70,7 @@ class GPTConfig:
         if name not in PRESETS:
             raise UserError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}")
         n_layer, n_head, n_embd = PRESETS[name]
-        kw = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd)
+        kw = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, arch="gpt3" if name.startswith("gpt3") else "gpt2")
         kw.update({k: v for k, v in overrides.items() if v is not None})
         return cls(vocab_size=vocab_size, block_size=block_size, **kw)
 
@@ -155,6 +163,7 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # weight tying (Press & Wolf 2017)
 
+        self.checkpointing = False  # activation checkpointing (a Trainer's choice: TrainConfig.checkpointing)
         self.apply(self._init_weights)
         # GPT-2: scale the residual projections by 1/sqrt(2 * n_layer), two residual adds per block
         for name, p in self.named_parameters():
@@ -183,7 +192,12 @@ class GPT(nn.Module):
         pos = torch.arange(T, dtype=torch.long, device=idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
         for block in self.transformer.h:
-            x = block(x)
+            if self.checkpointing and self.training and torch.is_grad_enabled():  # keep each block's input
+                # alone; its activations are computed again in the backward pass (the same values: no dropout
+                # state is involved unless dropout > 0, whose RNG state checkpoint() saves and restores)
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
         if "ln_f" in self.transformer:
             x = self.transformer.ln_f(x)
         logits = self.lm_head(x)  # (B, T, vocab)

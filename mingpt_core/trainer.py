@@ -16,9 +16,11 @@ import torch
 from tqdm import tqdm
 
 from gptswarm.errors import UserError
+from gptswarm.mingpt_core.optim8bit import AdamW8bit
 
 log = logging.getLogger("gptswarm.trainer")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+OPTIMIZERS = ("adamw", "adamw8bit")
 
 # dense bf16/fp16 tensor-core peak FLOP/s, for the MFU estimate
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12,
@@ -43,10 +45,14 @@ class TrainConfig:
     seed: int = 1337
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     compile: bool = False
+    optimizer: str = "adamw"  # adamw | adamw8bit (its moments in 8 bits, blockwise: optim8bit.py)
+    checkpointing: bool = False  # recompute each block's activations in the backward pass (less memory)
 
     def __post_init__(self):
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise UserError(f"unknown dtype {self.dtype!r}; choose auto, {', '.join(DTYPES)}")
+        if self.optimizer not in OPTIMIZERS:
+            raise UserError(f"unknown optimizer {self.optimizer!r}; choose {' or '.join(OPTIMIZERS)}")
         for name in ("max_iters", "batch_size", "eval_interval"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -118,7 +124,12 @@ class Trainer:
         self.model = model.to(self.device)
         self.dtype = resolve_dtype(self.device, cfg.dtype)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
-        self.optimizer = model.optimizer(cfg.learning_rate, cfg.weight_decay, (cfg.beta1, cfg.beta2))
+        if cfg.optimizer == "adamw8bit":
+            self.optimizer = AdamW8bit(model.param_groups(cfg.weight_decay), lr=cfg.learning_rate,
+                                       betas=(cfg.beta1, cfg.beta2))
+        else:
+            self.optimizer = model.optimizer(cfg.learning_rate, cfg.weight_decay, (cfg.beta1, cfg.beta2))
+        model.checkpointing = cfg.checkpointing
         self.forward = torch.compile(model) if cfg.compile else model
         self.step = 0
         self.tokens = 0

@@ -134,6 +134,9 @@ class Fuzzer:
 
     def call(self, method):
         request = self.fill(getattr(pb, method.input_type.name)())
+        if method.client_streaming:  # a stream of fuzzed messages (UploadReplay): none, one or several
+            request = iter([request] + [self.fill(getattr(pb, method.input_type.name)())
+                                        for _ in range(self.rng.choice([0, 0, 1, 5]))][:self.rng.choice([0, 1, 6])])
         fn = getattr(self.stub, method.name)
         self.calls += 1
         try:

@@ -395,6 +395,9 @@ def test_replays_verify_credit_or_take_it_back(ledger):
     # b: its verified round 0 stays; rounds 1 and 2 (unverified) go; quarantined
     assert ledger.worker(b)["tokens_verified"] == 100 and ledger.worker(b)["tokens_credited"] == 100
     assert "replay of round 1 failed" in ledger.quarantine_reason(b)
+    # a round that averaged while b's replay failed includes it: its values are in, its credit is not
+    ledger.commit_round(3, included={a: 100, b: 100}, excluded={}, theta_hash="h4", averaging_seconds=1)
+    assert ledger.worker(b)["tokens_credited"] == 100 and ledger.worker(a)["tokens_credited"] == 300
     assert ledger.replay_counts() == {"passed": 2, "failed": 1, "unanswered": 1, "requested": 1}
     assert not ledger.overdue_replays()
     ledger.clock_.t += 61

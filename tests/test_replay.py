@@ -37,7 +37,7 @@ TEXT = "the quick brown fox jumps over the lazy dog. " * 400
 BLOCK, BATCH = 32, 4
 
 
-def run_round(tmp_path, codec_name, ahead=3, after=4):
+def run_round(tmp_path, codec_name, ahead=3, after=4, **train_kw):
     """A worker's round as worker/loop.py runs it: 3 steps trained ahead from the previous round's
     theta_local, theta_global put under them, 4 more steps on a second lease (or ahead and after); sealed. Returns what
     the coordinator needs to replay it and the contribution the worker sent (through the codec)."""
@@ -47,7 +47,7 @@ def run_round(tmp_path, codec_name, ahead=3, after=4):
     torch.manual_seed(0)
     cfg = GPTConfig.from_preset("gpt-nano", len(chars), BLOCK)
     model = GPT(cfg)
-    train = TrainConfig(batch_size=BATCH, max_iters=1000, warmup_iters=2)
+    train = TrainConfig(batch_size=BATCH, max_iters=1000, warmup_iters=2, **train_kw)
     trainer = Trainer(model, train)
     feedback = ErrorFeedback(DEFAULT_TOPK) if codec_name == "topk" else None
     old = {k: v.clone() for k, v in theta_views(model).items()}  # the previous round's theta_global
@@ -110,6 +110,15 @@ def test_replay_is_bit_equal_on_the_same_threads(tmp_path, codec):
     for factor in (0.1, 0.5, 0.0, 0.9):
         assert distance(r["sent"] * factor, again) > 5 * TOLERANCE
     assert distance(-r["sent"], again) > 1.5
+
+
+def test_a_memory_lean_round_replays_bit_equal(tmp_path):
+    """8-bit AdamW state and activation checkpointing (the lean worker's, plan.py) are in the record: the
+    replay makes them again, bit for bit."""
+    r = run_round(tmp_path, "8bit", optimizer="adamw8bit", checkpointing=True)
+    assert torch.equal(replay(r), r["sent"])
+    tensors, meta = parse(r["path"].read_bytes())
+    assert meta["optimizer"] == "adamw8bit" and any(k.endswith("exp_avg_codes") for k in tensors)
 
 
 def test_replay_with_other_threads_is_within_tolerance(tmp_path):

@@ -49,14 +49,19 @@ class Setup:
 
 def join(client: CoordinatorClient, node: P2PNode, shared: SharedState, *, pause: PausePolicy,
          stopping: threading.Event, state_dir: Path, device: torch.device, name: str,
-         sleep: Callable[[float], object], speed: Speed | None = None) -> Setup:
+         sleep: Callable[[float], object], speed: Speed | None = None, max_vram: float = 0.0) -> Setup:
     """Join the run at client (connected) as `name`, with node's peer id; sleep(seconds): the
     worker's wait, which returns early when it stops; speed: what measures this machine's speed on
     the run's model (throughput.measure unless a harness gives its own)."""
     worker_id, cfg = session.join_or_resume(client, state_dir, name=name, device=throughput.describe_device(device),
                                             peer_id=str(node.peer_id))
-    spec = run_config.parse(cfg, device)
+    spec = run_config.parse(cfg, device, max_vram)  # refuses a model this machine cannot train, in one line
     model_config, train, shard_info = spec.model, spec.train, spec.shard_info
+    if device.type == "cuda":  # the memory plan (mingpt_core/plan.py): micro-batch, 8-bit moments, checkpointing
+        plan = spec.plan
+        train.micro_batch_size, train.optimizer, train.checkpointing = (plan.micro_batch, plan.optimizer,
+                                                                        plan.checkpointing)
+        log.info("memory plan on %s: %s", device, plan.lines()[0])
     contributor = RoundContributor(node, theta_views(GPT(model_config)), prefix=cfg.averaging_prefix,
                                    compression=cfg.compression, topk_fraction=cfg.topk_fraction)
     feedback = ErrorFeedback(cfg.topk_fraction) if cfg.compression == "topk" else None

@@ -148,7 +148,7 @@ class Worker:
         self.client.connect()
         self._setup = bootstrap.join(self.client, self.node, self.shared, pause=self.pause, stopping=self.stopping,
                                      state_dir=self.state_dir, device=self.device, name=self.name, sleep=self._sleep,
-                                     speed=self.speed)
+                                     speed=self.speed, max_vram=self.config.max_vram)
         self._sync_from_checkpoint()
         self._setup.heartbeats.start()
 

@@ -12,8 +12,9 @@ import torch
 
 from gptswarm.errors import UserError
 from gptswarm.mingpt_core.data import ShardSet
-from gptswarm.mingpt_core.model import GPT, GPTConfig
-from gptswarm.mingpt_core.trainer import TrainConfig
+from gptswarm.mingpt_core.model import PRESETS, GPTConfig
+from gptswarm.mingpt_core.plan import GIB, Plan, fit, largest_preset
+from gptswarm.mingpt_core.trainer import TrainConfig, resolve_dtype
 from gptswarm.proto import gptswarm_pb2 as pb
 from gptswarm.rounds import COMPRESSIONS
 
@@ -24,9 +25,6 @@ TRAIN_LIMITS = {"batch_size": 1 << 16, "micro_batch_size": 1 << 16, "warmup_iter
                 "lr_decay_iters": 1 << 40, "eval_interval": 1 << 40, "eval_tokens": 1 << 40}
 SHARD_KEYS = ("vocab_size", "layout", "example_len", "loss_start", "piece_tokens")
 SHARD_LIMITS = {"vocab_size": 1 << 16, "example_len": 1 << 17, "loss_start": 1 << 17, "piece_tokens": 1 << 40}
-# bytes per parameter: the CPU keeps theta, the outer momentum and a downloaded copy (fp32); the
-# training device keeps the model, its gradients and AdamW's two moments (fp32)
-HOST_BYTES, DEVICE_BYTES = 12, 16
 TEXT_FILE_LIMIT = 64 << 20  # config.json, tokenizer.json
 HEADER_SLACK = 1 << 20  # a safetensors file's header, beyond its tensors
 
@@ -37,6 +35,7 @@ class RunSpec:
     train: TrainConfig
     shard_info: ShardSet  # the run's shard layout (no shards)
     n_params: int
+    plan: Plan  # how this machine trains it: micro-batch, optimizer, checkpointing (mingpt_core/plan.py)
 
     def file_limit(self, name: str) -> int | None:
         """The most bytes the run's checkpoint file `name` may have (None: not a file of the format)."""
@@ -80,12 +79,6 @@ def _typed(values: dict, cls: type, what: str) -> None:
             raise UserError(f"the coordinator's {what} has {f.name} = {str(v)[:40]!r}, not a {kind.__name__}")
 
 
-def count_params(config: GPTConfig) -> int:
-    """The model's parameter count, without allocating it (on the meta device)."""
-    with torch.device("meta"):
-        return GPT(config).num_params(non_embedding=False)
-
-
 def memory_available(device: torch.device) -> tuple[int, int | None]:
     """(bytes of host memory available, bytes free on the training device or None for the CPU)."""
     host = psutil.virtual_memory().available
@@ -94,8 +87,10 @@ def memory_available(device: torch.device) -> tuple[int, int | None]:
     return host, None
 
 
-def parse(cfg: pb.RunConfig, device: torch.device) -> RunSpec:
-    """The RunSpec of a RunConfig; UserError if it is out of bounds or does not fit this machine."""
+def parse(cfg: pb.RunConfig, device: torch.device, max_vram: float = 0.0) -> RunSpec:
+    """The RunSpec of a RunConfig; UserError if it is out of bounds or does not fit this machine (the
+    GPU's free memory, or max_vram GiB of it if less; the host's available memory), saying the
+    largest preset that would."""
     model_dict, train_dict = _json(cfg.model_config_json, "model config"), _json(cfg.train_config_json,
                                                                                    "training config")
     shard_dict = _json(cfg.shards_json, "shard layout")
@@ -117,13 +112,40 @@ def parse(cfg: pb.RunConfig, device: torch.device) -> RunSpec:
         raise UserError(f"the coordinator's run has top-k fraction {cfg.topk_fraction}, outside (0, 1]")
     if model.vocab_size > LIMITS["vocab_size"]:
         raise UserError(f"the run's vocabulary ({model.vocab_size}) does not fit its uint16 shards")
-    n_params = count_params(model)
     host, free = memory_available(device)
-    need_host = HOST_BYTES * n_params + (DEVICE_BYTES * n_params if free is None else 0)
-    gib = 1 << 30
-    if need_host > host or (free is not None and DEVICE_BYTES * n_params > free):
-        have = host if free is None else free
-        raise UserError(f"the run's model ({n_params:,} parameters) needs about "
-                        f"{max(need_host, DEVICE_BYTES * n_params if free is not None else 0) / gib:.1f} GiB on "
-                        f"{device}, more than the {have / gib:.1f} GiB this machine has free: it cannot train here")
-    return RunSpec(model, train, shard_info, n_params)
+    if free is not None and max_vram:
+        free = min(free, int(max_vram * GIB))
+    value_bytes = 4 if resolve_dtype(device, train.dtype) == torch.float32 else 2
+    topk = cfg.compression == "topk"
+    batch = train.batch_size
+    plan = fit(model, batch_size=batch, cap=free, value_bytes=value_bytes, topk=topk, lean=free is not None,
+               fused=device.type == "cuda")
+    need_host = plan.host_total + (plan.device_total if free is None else 0)  # a CPU trains in host memory
+    if plan.fits and need_host <= host:
+        return RunSpec(model, train, shard_info, plan.n_params, plan)
+    if not plan.fits:
+        assert free is not None
+        best = largest_preset(vocab_size=model.vocab_size, block_size=model.block_size, batch_size=batch, cap=free,
+                              value_bytes=value_bytes, topk=topk)
+        need, have, where = plan.device_total, free, f"{device}" + (" under --max-vram" if max_vram else "")
+    else:
+        best = _largest_on_host(model, batch, host, device_too=free is None, value_bytes=value_bytes, topk=topk)
+        need, have, where = need_host, host, "this machine's memory"
+    how = ("even one sequence at a time with 8-bit optimizer state and activation checkpointing" if free is not None
+           else "as it trains here")
+    raise UserError(f"the run's model ({plan.n_params:,} parameters) needs about {need / GIB:.1f} GiB of {where} "
+                    f"{how}, more than the {have / GIB:.1f} GiB free: it cannot train here (the largest preset that "
+                    f"could: {best or 'none'}; `gptswarm plan --model NAME --vram GIB` tells what each needs)")
+
+
+def _largest_on_host(model: GPTConfig, batch: int, host: int, *, device_too: bool, value_bytes: int,
+                     topk: bool) -> str | None:
+    """The largest preset (at this run's vocabulary and context) whose host memory (and, on a CPU, its
+    training memory) fits in `host` bytes."""
+    best, size = None, -1
+    for name in PRESETS:
+        p = fit(GPTConfig.from_preset(name, model.vocab_size, model.block_size), batch_size=batch, cap=None,
+                value_bytes=value_bytes, topk=topk, lean=False)
+        if p.host_total + (p.device_total if device_too else 0) <= host and p.n_params > size:
+            best, size = name, p.n_params
+    return best

@@ -121,8 +121,11 @@ class RoundBook(WorkerBook):
                        (now, RoundState.DONE, tokens, len(included), averaging_seconds, loss, val_loss, bytes_sent,
                         left_out, round_))
             scores = scores or {}
+            quarantined = {r[0] for r in db.execute("SELECT id FROM workers WHERE quarantined_at IS NOT NULL")}
             for wid, t in included.items():
                 credited = round(t * scores[wid][4]) if wid in scores else t  # (ratio, leased, off, standing, factor, ...)
+                if wid in quarantined:  # quarantined while its round averaged (a replay of an earlier one failed):
+                    credited = 0  # its values are in, its credit is not
                 db.execute("INSERT INTO contributions (round, worker_id, tokens, included, reason, credited) "
                            "VALUES (?, ?, ?, 1, '', ?) ON CONFLICT (round, worker_id) DO UPDATE SET "
                            "tokens = excluded.tokens, included = 1, credited = excluded.credited", (round_, wid, t, credited))

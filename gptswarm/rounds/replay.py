@@ -41,7 +41,8 @@ from safetensors.torch import save as save_tensors
 
 from gptswarm.mingpt_core.data import Batches, Shard
 from gptswarm.mingpt_core.model import GPT
-from gptswarm.mingpt_core.trainer import DTYPES, TrainConfig, Trainer
+from gptswarm.mingpt_core.optim8bit import BLOCK
+from gptswarm.mingpt_core.trainer import DTYPES, OPTIMIZERS, TrainConfig, Trainer
 from gptswarm.rounds.codecs import decode, sparsify
 from gptswarm.rounds.outer import pseudo_gradient
 from gptswarm.rounds.theta import theta_views
@@ -110,7 +111,8 @@ class Recorder:
             tensors[f"residual.{name}"] = v.detach().to("cpu", torch.float32).contiguous()
         meta = dict(m, version=VERSION, round=round_, micro_batch=trainer.cfg.micro_batch_size,
                     dtype=str(trainer.dtype).removeprefix("torch."), threads=torch.get_num_threads(),
-                    device=trainer.device.type)
+                    device=trainer.device.type, optimizer=trainer.cfg.optimizer,
+                    checkpointing=bool(trainer.cfg.checkpointing))
         blob = save_tensors(tensors, metadata={"replay": json.dumps(meta)})
         path = self.path(round_)
         tmp = path.with_suffix(".tmp")
@@ -150,6 +152,8 @@ def parse(blob: bytes) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         raise ReplayError("a record whose steps do not name its leases")
     if not meta["rebase_at"] <= len(steps) or meta.get("dtype") not in DTYPES:
         raise ReplayError("a record with a rebase beyond its steps or an unknown dtype")
+    if meta.get("optimizer") not in OPTIMIZERS or not isinstance(meta.get("checkpointing"), bool):
+        raise ReplayError("a record with an unknown optimizer")
     return tensors, meta
 
 
@@ -190,7 +194,8 @@ def rerun(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any], theta_gl
         base[n] = b
         with torch.no_grad():
             params[n].copy_(b)
-    cfg = TrainConfig.from_dict(dict(train.to_dict(), dtype=meta["dtype"], micro_batch_size=meta["micro_batch"]))
+    cfg = TrainConfig.from_dict(dict(train.to_dict(), dtype=meta["dtype"], micro_batch_size=meta["micro_batch"],
+                                     optimizer=meta["optimizer"], checkpointing=meta["checkpointing"]))
     trainer = Trainer(model, cfg, device="cpu")
     _load_optimizer(trainer, tensors)
     trainer.step = meta["start_step"]
@@ -231,19 +236,41 @@ def _residual(tensors: Mapping[str, torch.Tensor], name: str, like: torch.Tensor
 
 
 def _load_optimizer(trainer: Trainer, tensors: Mapping[str, torch.Tensor]) -> None:
+    """The record's optimizer state into the trainer's optimizer (AdamW's or AdamW8bit's), every tensor
+    checked against the shape and dtype that optimizer keeps for that parameter."""
     sd = trainer.optimizer.state_dict()
     shapes = [p.shape for g in trainer.optimizer.param_groups for p in g["params"]]
+    coded = trainer.cfg.optimizer == "adamw8bit"
     state: dict[int, dict[str, torch.Tensor]] = {}
     for name, v in tensors.items():
         if name.startswith("optim."):
             _, i, k = name.split(".", 2)
-            if not i.isdigit() or int(i) >= len(shapes) or k not in ("step", "exp_avg", "exp_avg_sq") \
-                    or (k != "step" and v.shape != shapes[int(i)]) or not v.dtype.is_floating_point:
+            if not i.isdigit() or int(i) >= len(shapes) or not _fits(k, v, shapes[int(i)], coded):
                 raise ReplayError(f"a record whose optimizer state {name} does not fit the model")
             state.setdefault(int(i), {})[k] = v
-    if any(len(s) != 3 for s in state.values()):
+    if any(set(s) not in ({"step", "exp_avg", "exp_avg_sq"}, set(CODED)) for s in state.values()):
         raise ReplayError("a record with a partial optimizer state")
     trainer.optimizer.load_state_dict({"state": state, "param_groups": sd["param_groups"]})
+
+
+CODED = ("step", "exp_avg_codes", "exp_avg_scales", "exp_avg_sq_codes", "exp_avg_sq_scales")  # AdamW8bit's
+
+
+def _fits(key: str, v: torch.Tensor, shape: torch.Size, coded: bool) -> bool:
+    """Is v what the optimizer (AdamW8bit if coded, else AdamW) keeps as `key` for a parameter of `shape`?"""
+    n = shape.numel()
+    blocks = -(-n // BLOCK)
+    if key == "step":
+        return v.numel() == 1 and v.dtype.is_floating_point
+    if key in ("exp_avg", "exp_avg_sq"):  # AdamW8bit keeps a small parameter's moments flat, in fp32
+        return v.dtype.is_floating_point and (v.shape == (n,) and v.dtype == torch.float32 if coded else v.shape == shape)
+    if not coded:
+        return False
+    if key in ("exp_avg_codes", "exp_avg_sq_codes"):
+        return v.shape == (blocks, BLOCK) and v.dtype == torch.uint8
+    if key in ("exp_avg_scales", "exp_avg_sq_scales"):
+        return v.shape == (blocks,) and v.dtype == torch.float32
+    return False
 
 
 def distance(sent: torch.Tensor, replayed: torch.Tensor) -> float:
