@@ -50,10 +50,11 @@ class Replays:
     train_shards: the run's training shards (a job gets those its leases cut).
 
     Threads: witness() and draw() run on the round loop; receive() on gRPC threads; the runner
-    thread runs the jobs and the deadlines. `queue` (uploaded jobs) and `drawn` (open rounds) are
-    read and written under self.lock; a job's directory is written by draw() before the ledger
-    asks for its record, then read by the runner alone; the upload is written by receive() alone
-    and handed over through the queue."""
+    thread runs the jobs and the deadlines; close() on the coordinator's. `queue` (uploaded jobs),
+    `skipped` and `proc` (the job under way, killed by close()) are read and written under
+    self.lock; a job's directory is written by draw() before the ledger asks for its record, then
+    read by the runner alone; the upload is written by receive() alone and handed over through the
+    queue."""
 
     def __init__(self, *, state_dir: Path, ledger: Ledger, fraction: float, deadline: float, run: Mapping[str, Any],
                  record_bytes: int, train_shards: list | None = None) -> None:
@@ -63,12 +64,18 @@ class Replays:
         self.record_bytes = record_bytes
         self.lock = threading.Lock()
         self.queue: list[tuple[int, str]] = []
+        self.proc: subprocess.Popen | None = None  # the job under way
         self.skipped = 0  # rounds in which members would have been drawn but MAX_OPEN rounds were open
         self.stop = threading.Event()
         shutil.rmtree(self.dir, ignore_errors=True)  # the jobs of a coordinator that stopped are gone ...
         ledger.lose_open_replays("the coordinator restarted before the replay")  # ... and said so
+        self.thread: threading.Thread | None = None
+
+    def start(self) -> Replays:
+        """Run the jobs and the deadlines (on a thread of their own), until close()."""
         self.thread = threading.Thread(target=self._loop, name="replays", daemon=True)
         self.thread.start()
+        return self
 
     def skipped_rounds(self) -> int:
         with self.lock:
@@ -76,7 +83,12 @@ class Replays:
 
     def close(self) -> None:
         self.stop.set()
-        self.thread.join(timeout=5)
+        with self.lock:
+            proc = self.proc
+        if proc is not None:
+            proc.kill()  # a job under way ends as lost (nobody's fault)
+        if self.thread is not None:
+            self.thread.join(timeout=5)
 
     # --- the round loop ---
 
@@ -196,14 +208,28 @@ class Replays:
         cmd = [sys.executable, "-m", "gptswarm.coordinator.replay_job", str(job)]
         if hasattr(os, "nice"):
             cmd = ["nice", "-n", "10", *cmd]
+        stderr = ""
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=JOB_TIMEOUT)
+            with subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) as proc:
+                with self.lock:
+                    self.proc = proc
+                    if self.stop.is_set():  # close() came first
+                        proc.kill()
+                try:
+                    _, stderr = proc.communicate(timeout=JOB_TIMEOUT)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    stderr = "it ran past its time"
             result = json.loads((job / "result.json").read_text()) if proc.returncode == 0 else None
-        except (subprocess.TimeoutExpired, OSError, ValueError) as e:
-            proc, result = None, None
-            log.warning("replay of %s's round %d: %s", worker_id, round_, e)
+        except (OSError, ValueError) as e:
+            result, stderr = None, str(e)
+        finally:
+            with self.lock:
+                self.proc = None
+        if self.stop.is_set():
+            return  # closing: the ledger's open replays are lost at the next start
         if result is None:
-            why = (proc.stderr.strip().splitlines() or ["?"])[-1][:300] if proc is not None else "it did not finish"
+            why = (stderr.strip().splitlines() or ["it did not finish"])[-1][:300]
             self._end(round_, worker_id, ReplayState.LOST, f"the replay job failed on the coordinator: {why}")
             return
         seconds = result.get("cpu_seconds", time.time() - t0)

@@ -159,6 +159,8 @@ class Coordinator:
         contributor = RoundContributor(self.node, self.rounds.theta, prefix=self.averaging_prefix,
                                        compression=self.settings.compression, topk_fraction=self.settings.topk_fraction)
         self.rounds.start(self.reducer, ReducerNodes(self.reducer_nodes, contributor, self.rounds.theta))
+        if self.replays is not None:
+            self.replays.start()
         log.info("coordinator of run %s: gRPC on port %d, hivemind peer %s at %s, round %d", self.settings.run_id,
                  self.port, self.node.peer_id, ", ".join(self.node.maddrs()) or "?", self.rounds.view().round)
         return self

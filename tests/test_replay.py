@@ -237,7 +237,7 @@ def test_uploads_are_checked_against_the_commitment_and_bounded(tmp_path):
            for n in ("good", "liar", "huge", "empty")]
     led.commit_round(0, included={w: 100 for w in ids}, excluded={}, theta_hash="h1", averaging_seconds=1)
     replays = Replays(state_dir=tmp_path, ledger=led, fraction=1.0, deadline=60, run={}, record_bytes=1000)
-    replays.close()  # no runner: what receive() queues stays queued
+    # not started: no runner, so what receive() queues stays queued
     witness = replays.witness(ids, 10)
     witness.bind([None, *ids], [10])
     for i in range(len(ids)):

@@ -76,8 +76,10 @@ def state_dir_option(f: F) -> F:
 @click.option("--max-hours", envvar="GPTSWARM_MAX_HOURS", type=float,
               help="Finish the round in progress and leave after this many hours.")
 @click.option("--max-vram", envvar="GPTSWARM_MAX_VRAM", type=float, metavar="GIB",
-              help="Use at most this much GPU memory; the micro-batch shrinks to fit (it also does on its own "
-                   "when the card runs out of memory).")
+              help="Use at most this much GPU memory: the run's model is fitted under it by smaller micro-batches, "
+                   "8-bit optimizer state and activation checkpointing, in that order (`gptswarm plan` shows how), "
+                   "and a model that cannot fit is refused at join. The micro-batch also shrinks on its own when "
+                   "the card runs out of memory.")
 @click.option("--json-logs", envvar="GPTSWARM_JSON_LOGS", is_flag=True,
               help="Log one JSON object per line (progress included), for running as a service.")
 @click.option("--threads", envvar="GPTSWARM_THREADS", type=int, help="CPU threads for training on the CPU (default: all).")

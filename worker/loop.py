@@ -335,6 +335,8 @@ class Worker:
     def _sync_from_checkpoint(self) -> None:
         self.shared.set(WorkerState.SYNCING, "downloading theta_global from the coordinator")
         ckpt = sync.from_checkpoint(self.client, self.setup.spec, sleep=self._sleep)
+        if self.device.type == "cuda":  # theta_global stays on the host, page-locked: it goes to the GPU each round
+            ckpt.outer.theta = {k: v.pin_memory() for k, v in ckpt.outer.theta.items()}
         self.outer, self.tokens_trained = ckpt.outer, ckpt.tokens_trained
         self.shared.next_round(ckpt.round, keep_ahead=False)
         self._load_theta()
