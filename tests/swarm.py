@@ -1,6 +1,7 @@
 """Real swarm processes for the end-to-end tests: `gptswarm coordinator` and `gptswarm worker`
 started through the installed console script, on loopback."""
 
+import json
 import os
 import re
 import signal
@@ -10,6 +11,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 from gptswarm import transport
@@ -140,3 +142,12 @@ def wait_until(fn, timeout=60, what="condition"):
             return v
         time.sleep(0.2)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+def status_and_metrics(coord):
+    """What a coordinator process's status page says of its workers ({name: row}), and its /metrics text."""
+    page = coord.wait_for(r"status page: (http://\S+)").group(1)
+    with urllib.request.urlopen(page + "api/v1/status", timeout=10) as r:
+        shown = {w["name"]: w for w in json.loads(r.read())["workers"]}
+    with urllib.request.urlopen(page + "metrics", timeout=10) as r:
+        return shown, r.read().decode()

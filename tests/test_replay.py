@@ -4,14 +4,20 @@ re-run as the coordinator re-runs it: bit-equal with the same threads, near with
 for a contribution that is not the record's; records that lie about their leases are refused."""
 
 import hashlib
-import json
 import subprocess
 import sys
-import urllib.request
 
 import pytest
 import torch
-from swarm import coordinator, hostile_worker, join_address, ledger, wait_until, worker
+from swarm import (
+    coordinator,
+    hostile_worker,
+    join_address,
+    ledger,
+    status_and_metrics,
+    wait_until,
+    worker,
+)
 
 from gptswarm.mingpt_core.data import Batches, Shard, text_shards
 from gptswarm.mingpt_core.model import GPT, GPTConfig
@@ -192,11 +198,7 @@ def test_a_real_swarm_verifies_honest_rounds_and_quarantines_a_worker_its_replay
         procs.append(hostile_worker(join, "cheat", "partial"))
         wait_until(lambda: ledger(sd, "SELECT 1 FROM workers WHERE name = 'cheat' AND quarantined_at IS NOT NULL"),
                    240, "the cheat's quarantine")
-        page = coord.wait_for(r"status page: (http://\S+)").group(1)
-        with urllib.request.urlopen(page + "api/v1/status", timeout=10) as r:
-            shown = {w["name"]: w for w in json.loads(r.read())["workers"]}
-        with urllib.request.urlopen(page + "metrics", timeout=10) as r:
-            metrics = r.read().decode()
+        shown, metrics = status_and_metrics(coord)
     finally:
         for p in procs:
             p.kill()

@@ -27,7 +27,8 @@ def run(tmp_path, attack=None):
     attacker joins a running swarm), and the run goes on for ROUNDS rounds, or 3 past the hostile
     worker's quarantine. Returns (state dir, the val loss of its last rounds, the status page's workers)."""
     sd = tmp_path / "state"
-    coord = coordinator(sd)
+    coord = coordinator(sd, "--replay-fraction", "0")  # the robust rule's judgement alone (a replay would
+    # quarantine an attacker it drew whatever its flags: tests/test_replay.py)
     procs = [coord]
     try:
         join = join_address(coord)
