@@ -139,7 +139,10 @@ class Replays:
     # --- gRPC threads ---
 
     def receive(self, worker_id: str, chunks: Iterable[Any]) -> tuple[bool, str]:
-        """A worker's upload of its record: (accepted, why not)."""
+        """A worker's upload of its record: (accepted, why not). Refused before a byte is read from a
+        worker that no replay waits for (an upload stream holds a server thread while it lasts)."""
+        if not self.ledger.replays_waiting(worker_id):
+            return False, "no replay waits for a record of yours"
         try:
             return self._receive(worker_id, chunks)
         except OSError as e:  # its job ended meanwhile (the deadline), or our disk

@@ -35,6 +35,11 @@ class ReplayBook(WorkerBook):
         row = self.replay_row(round_, worker_id)
         return row is not None and row["state"] == "requested"
 
+    def replays_waiting(self, worker_id: str) -> bool:
+        """Does any replay wait for this worker's record?"""
+        return bool(self.query("SELECT 1 FROM replays WHERE worker_id = ? AND state = 'requested' LIMIT 1",
+                               (worker_id,)))
+
     def replay_uploaded(self, round_: int, worker_id: str) -> bool:
         """The record arrived (requested -> uploaded); False if the replay was not waiting for it."""
         with self.tx() as db:

@@ -49,6 +49,7 @@ CREATE TABLE IF NOT EXISTS replays (  -- contributions drawn for a replay (coord
     requested_at REAL NOT NULL, deadline REAL NOT NULL, ended_at REAL,
     distance REAL, seconds REAL, detail TEXT,  -- |sent - replayed| / |replayed| on the sample; the replay's CPU time
     PRIMARY KEY (round, worker_id));
+CREATE INDEX IF NOT EXISTS replays_open ON replays (state, worker_id);
 CREATE TABLE IF NOT EXISTS refusals (
     worker_id TEXT NOT NULL, kind TEXT NOT NULL, n INTEGER NOT NULL, last_at REAL, last_detail TEXT,
     PRIMARY KEY (worker_id, kind));

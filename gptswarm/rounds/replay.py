@@ -51,7 +51,7 @@ VERSION = 1
 SAMPLE = 4096  # values of a drawn member's contribution kept to compare with its replay
 TOLERANCE = 0.02  # a replay passes within this relative distance (L2, on the sample) of what was sent
 MAX_STEPS = 1 << 20  # steps one record may hold
-KEEP = 4  # sealed records a worker keeps (the coordinator asks within a round or two)
+KEEP = 2  # sealed records a worker keeps (round r's is asked for once r commits, before r + 2 is sealed)
 
 
 class ReplayError(ValueError):
