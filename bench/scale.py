@@ -163,7 +163,8 @@ def measure(n, text, workdir, *, rounds, step_seconds, steps_per_round, per_proc
             "127.0.0.1:0", "--http", "127.0.0.1:0", "--batch-size", BATCH, "--tokens-per-round", tokens_per_round,
             "--max-tokens", 10**12, "--compression", compression, "--shard-tokens", 4096, "--join-burst", 10_000,
             "--joins-per-minute", 600_000, "--json-logs",
-            "--max-val-loss-rise", 1e6, "--score-fraction", 0])], stderr=subprocess.PIPE, text=True, env=env)
+            "--max-val-loss-rise", 1e6, "--score-fraction", 0, "--replay-fraction", 0])], stderr=subprocess.PIPE,
+            text=True, env=env)
         # (the gate and scoring are not measured here: the simulated training is a random walk, which
         # either would refuse; scoring's cost is bench/credit.py's)
         log = open(workdir / "coordinator.log", "w")

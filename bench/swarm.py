@@ -109,7 +109,10 @@ def run_swarm(text, tokens, sd, tokens_per_round=48_000, compression="fp16", out
             "--compression", compression, "--topk-fraction", topk_fraction, "--aggregation", aggregation,
             *(["--outer-lr", outer_lr] if outer_lr is not None else []),
             *(["--outer-momentum", outer_momentum] if outer_momentum is not None else []),
-            "--sender-timeout", sender_timeout, "--shard-tokens", shard_tokens])]), stderr=subprocess.PIPE, text=True,
+            "--sender-timeout", sender_timeout, "--shard-tokens", shard_tokens,
+            # the averaging's own bytes and seconds: a rare replay's upload (bench.credit measures replays) would
+            # share a shaped link with them at random
+            "--replay-fraction", 0])]), stderr=subprocess.PIPE, text=True,
             env=env)
         join = None
         log = open(sd / "coordinator.log", "w")

@@ -1,6 +1,6 @@
 """One replay, in a process of its own (coordinator/replays.py starts it, niced):
 
-    python -m gptswarm.coordinator.replay_job JOB_DIR
+    python -m gptswarm.coordinator.replay_job JOB_DIR [COORDINATOR_PID]
 
 JOB_DIR holds job.json (the run, the round, the worker's claims and the parts' sizes), the shards
 its leases cut (shard-N.npy), sample.pt
@@ -12,7 +12,9 @@ threads are the worker's (the same threads make the same sums, bit for bit), at 
 """
 
 import json
+import os
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -64,7 +66,19 @@ def run(job: Path) -> dict:
             "cpu_seconds": round(time.process_time() - t0, 3), "steps": len(meta["steps"])}
 
 
+def die_with_parent(parent: int) -> None:
+    """End this process when the coordinator that started it (pid `parent`) is gone, killed even
+    with SIGKILL, and even before this process got here: a job outliving it would train for nothing."""
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(3)
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
 def main() -> None:
+    if len(sys.argv) > 2:
+        die_with_parent(int(sys.argv[2]))
     job = Path(sys.argv[1])
     result = run(job)
     (job / "result.json").write_text(json.dumps(result))

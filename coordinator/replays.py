@@ -208,7 +208,7 @@ class Replays:
     def _replay(self, round_: int, worker_id: str) -> None:
         job = self.dir / f"round-{round_:06d}" / worker_id
         t0 = time.time()
-        cmd = [sys.executable, "-m", "gptswarm.coordinator.replay_job", str(job)]
+        cmd = [sys.executable, "-m", "gptswarm.coordinator.replay_job", str(job), str(os.getpid())]  # it ends with us
         if hasattr(os, "nice"):
             cmd = ["nice", "-n", "10", *cmd]
         stderr = ""

@@ -263,3 +263,20 @@ def test_uploads_are_checked_against_the_commitment_and_bounded(tmp_path):
     assert states == {good: "uploaded", liar: "failed", huge: "failed", empty: "unanswered"}
     assert led.quarantine_reason(liar) and led.quarantine_reason(huge) and not led.quarantine_reason(empty)
     assert led.worker(empty)["tokens_credited"] == 0 and led.worker(good)["tokens_credited"] == 100
+
+
+def test_a_replay_job_ends_with_its_coordinator(tmp_path):
+    """A replay job whose coordinator is killed (SIGKILL: no close() to kill it) ends by itself."""
+    import psutil
+
+    child = ("import os, sys, time; from gptswarm.coordinator.replay_job import die_with_parent; "
+             "die_with_parent(int(sys.argv[1])); time.sleep(120)")
+    parent = (f"import os, subprocess, sys; p = subprocess.Popen([sys.executable, '-c', {child!r}, str(os.getpid())]); "
+              "print(p.pid, flush=True); import time; time.sleep(120)")
+    proc = subprocess.Popen([sys.executable, "-c", parent], stdout=subprocess.PIPE, text=True)
+    pid = int(proc.stdout.readline())
+    assert psutil.pid_exists(pid)
+    proc.kill()
+    proc.wait()
+    wait_until(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE, 10,
+               "the orphaned job's end")

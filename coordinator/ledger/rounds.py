@@ -137,13 +137,17 @@ class RoundBook(WorkerBook):
                 db.execute("UPDATE contributions SET score = ?, score_leased = ?, score_off = ?, standing = ? "
                            "WHERE round = ? AND worker_id = ?", (ratio, leased, off, standing, round_, wid))
             for wid in revoke:  # its standing judges the rounds it is the mean of: their credit goes too, and
-                # that of the rounds among them nobody could score it in (alone in its group, say)
-                scored = db.execute("SELECT MIN(round) FROM (SELECT round FROM contributions WHERE worker_id = ? AND "
-                                    "score IS NOT NULL AND round < ? ORDER BY round DESC LIMIT ?)",
-                                    (wid, round_, revoke_rounds)).fetchone()[0]
+                # that of the rounds among them nobody could score it in (alone in its group, say); where those
+                # are all its scored rounds, that of every round before them too (none was ever scored), but
+                # never a round a replay verified
+                scored = db.execute("SELECT MIN(round), COUNT(*) FROM (SELECT round FROM contributions WHERE "
+                                    "worker_id = ? AND score IS NOT NULL AND round < ? ORDER BY round DESC LIMIT ?)",
+                                    (wid, round_, revoke_rounds)).fetchone()
+                since = scored[0] if scored[0] is not None and scored[1] >= revoke_rounds else -1
+                since = round_ if scored[0] is None and not revoke_rounds else since
                 rows = db.execute("SELECT round, credited FROM contributions WHERE worker_id = ? AND round >= ? "
-                                  "AND round < ? AND credited > 0", (wid, round_ if scored is None else scored,
-                                                                     round_)).fetchall()
+                                  "AND round < ? AND credited > 0 AND verified IS NULL",
+                                  (wid, since, round_)).fetchall()
                 taken = sum(r["credited"] or 0 for r in rows)
                 db.executemany("UPDATE contributions SET credited = 0 WHERE round = ? AND worker_id = ?",
                                [(r["round"], wid) for r in rows])
